@@ -1,0 +1,211 @@
+"""SHA-RNN: Single Headed Attention RNN (Merity 2019, "Stop Thinking With Your Head").
+
+Faithful to the author's reference code (github.com/Smerity/sha-rnn, model.py, Nov 2019); the shared
+fidelity fixture checks the logits to 1e-4. Where the paper and that code differ we follow the code
+and say so. Axis order is time-major everywhere, as in the reference: (T, B, C).
+
+    bytes -> Embedding -> dropouti -> N x Block -> dropout -> tied output layer -> logits
+    Block: h = drop(LSTM(ln_start(h)))                      # the LSTM output REPLACES h (residual=False)
+           if attention:  mem_in = ln_mem(h); h = ln_mid(h)
+                          h = h + drop(Attn(h, cat(memory, mem_in)))
+           h, x = ln_ff(h), ln_xff(h);  h = h + drop(Boom(x))
+
+Carried state (LSTM (h, c) and attention memory) is passed in and out explicitly (`CarryState`).
+The model holds only parameters it uses: the reference's `lnout`, `qkvs`, `r_gate` (and `lnmem`,
+`lnmid` in blocks without attention) are never read, so they are left out (see `sharnn.convert`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sharnn.config import ModelConfig
+from sharnn.state import CarryState, LSTMState
+
+# Every LayerNorm in the reference uses eps=1e-12 (apex FusedLayerNorm); torch's 1e-5 moves logits ~2e-3.
+LN_EPS = 1e-12
+
+
+def layer_norm(d: int) -> nn.LayerNorm:
+    return nn.LayerNorm(d, eps=LN_EPS)
+
+
+def fast_gelu(x: Tensor) -> Tensor:
+    """The sigmoid approximation of GELU used by the reference: x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class Overparam(nn.Module):
+    """sigmoid(f) * tanh(c) with [c, f] = Linear(d, 2d)(x): over-parameterises the value gate."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.proj = nn.Linear(d, 2 * d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c, f = self.proj(x).chunk(2, dim=-1)
+        return torch.sigmoid(f) * torch.tanh(c)
+
+
+class Boom(nn.Module):
+    """Feed-forward without a down projection: Linear(d, d_ff) -> GELU -> sum of d_ff // d chunks."""
+
+    def __init__(self, d: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.n_chunks = d_ff // d  # the reference truncates d_ff to a multiple of d
+        self.proj = nn.Linear(d, d_ff)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        T, B, C = x.shape
+        z = self.drop(fast_gelu(self.proj(x)))
+        z = z[..., : self.n_chunks * C].view(T, B, self.n_chunks, C)  # (T, B, n_chunks, C)
+        return z.sum(dim=-2)
+
+
+def lstm_dtype(lstm: nn.LSTM, x: Tensor) -> torch.dtype:
+    """The autocast dtype inside an autocast region, else the LSTM weights' dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return lstm.weight_ih_l0.dtype
+
+
+@lru_cache(maxsize=32)
+def causal_mask(T: int, mem_len: int, device: torch.device) -> Tensor:
+    """(T, mem_len + T) bool, True = may attend: all of memory and segment positions <= t."""
+    seg = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(T, mem_len, dtype=torch.bool, device=device), seg], dim=1)
+
+
+class SingleHeadAttention(nn.Module):
+    """One head, no key/value projections; keys and values are the (normalised) hidden states.
+
+    q = sigmoid(q_gate) * LayerNorm(Linear(h)),  k = sigmoid(k_gate) * keys,
+    v = Overparam(sigmoid(v_gate)) * keys,       softmax(q k^T / sqrt(d) + causal mask) v
+    """
+
+    def __init__(self, d: int, dropout: float):
+        super().__init__()
+        self.q_gate = nn.Parameter(torch.zeros(d))
+        self.k_gate = nn.Parameter(torch.zeros(d))
+        self.v_gate = nn.Parameter(torch.zeros(d))
+        self.query = nn.Linear(d, d)
+        self.query_ln = layer_norm(d)
+        self.v_overparam = Overparam(d)
+        self.dropout = dropout
+
+    def forward(self, h: Tensor, keys: Tensor) -> Tensor:
+        T, B, C = h.shape
+        drop = self.dropout if self.training else 0.0
+        # The reference computes this LayerNorm in float32 (it casts before qln), also under mixed precision.
+        q = F.layer_norm(self.query(h).float(), (C,), self.query_ln.weight.float(),
+                         self.query_ln.bias.float(), LN_EPS)
+        q = torch.sigmoid(self.q_gate.float()) * q
+        k = torch.sigmoid(self.k_gate) * keys
+        v = self.v_overparam(torch.sigmoid(self.v_gate)) * keys
+        q, v = F.dropout(q, drop, self.training), F.dropout(v, drop, self.training)
+        q = q.to(k.dtype)
+        # (T, B, C) -> (B, 1, T, C): one head
+        q, k, v = (t.transpose(0, 1).unsqueeze(1) for t in (q, k, v))
+        mask = causal_mask(T, keys.shape[0] - T, h.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, 1, T, C)
+        return out.squeeze(1).transpose(0, 1)  # (T, B, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, use_attn: bool):
+        super().__init__()
+        d = cfg.d_model
+        self.ln_start = layer_norm(d)
+        self.lstm = nn.LSTM(d, d)
+        self.attn = SingleHeadAttention(d, cfg.dropouth) if use_attn else None
+        if use_attn:
+            self.ln_mem = layer_norm(d)
+            self.ln_mid = layer_norm(d)
+        self.ln_ff = layer_norm(d)
+        self.ln_xff = layer_norm(d)
+        self.boom = Boom(d, cfg.d_ff, cfg.dropouth)
+        self.drop = nn.Dropout(cfg.dropouth)
+        self.mem_len = cfg.mem_len
+
+    def forward(self, h: Tensor, hidden: LSTMState | None, memory: Tensor | None
+                ) -> tuple[Tensor, LSTMState, Tensor | None]:
+        h = self.ln_start(h)
+        # Run the LSTM in one dtype for input, state and weights: CPU autocast does not cast nn.LSTM's
+        # input (oneDNN then fails), and carried state may arrive in another precision than the weights.
+        dtype = lstm_dtype(self.lstm, h)
+        if hidden is not None:
+            hidden = (hidden[0].to(dtype), hidden[1].to(dtype))
+        x, hidden = self.lstm(h.to(dtype), hidden)
+        # The paper draws a residual around the LSTM; the reference code runs residual=False: x replaces h
+        # (cast back to the stream's dtype, as the reference's x.float()).
+        h = self.drop(x).to(h.dtype)
+
+        new_memory = None
+        if self.attn is not None:
+            mem_in = self.ln_mem(h)
+            h = self.ln_mid(h)
+            keys = mem_in if memory is None else torch.cat([memory.to(mem_in.dtype), mem_in], dim=0)
+            new_memory = keys[-self.mem_len:]  # (<= M, B, C)
+            h = h + self.drop(self.attn(h, keys))
+
+        h, x = self.ln_ff(h), self.ln_xff(h)
+        h = h + self.drop(self.boom(x))
+        return h, hidden, new_memory
+
+
+class SHARNN(nn.Module):
+    """The SHA-RNN language model over bytes. Time-major: inputs (T, B) int64, logits (T, B, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i in cfg.attn_layers) for i in range(cfg.n_layer))
+        self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # the output weight is embed.weight (tied)
+        self.drop_in = nn.Dropout(cfg.dropouti)
+        self.drop_out = nn.Dropout(cfg.dropout)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # As the reference: N(0, (0.1/sqrt(d))^2) for Linear and Embedding weights, zero Linear biases.
+        # LayerNorms keep (1, 0): the reference's apex LayerNorm escaped its init; LSTMs keep torch's default.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.1 / math.sqrt(self.cfg.d_model))
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def initial_state(self) -> CarryState:
+        return CarryState.empty(self.cfg.n_layer)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: Tensor, state: CarryState | None = None, targets: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None, CarryState]:
+        """x: (T, B) bytes. Returns (logits (T, B, V), mean cross-entropy or None, next state)."""
+        T, B = x.shape
+        state = state if state is not None else self.initial_state()
+        # Cut every memory to its last M - T positions so keys (memory + segment) never exceed M.
+        # The reference writes m[-(M - T):], which keeps everything when T == M; we treat M - T <= 0 as empty.
+        keep = self.cfg.mem_len - T
+        memory = [None if m is None or keep <= 0 else m[-keep:] for m in state.memory]
+
+        h = self.drop_in(self.embed(x))  # (T, B, C)
+        new_hidden, new_memory = [], []
+        for block, hid, mem in zip(self.blocks, state.hidden, memory):
+            h, hid, mem = block(h, hid, mem)
+            new_hidden.append(hid)
+            new_memory.append(mem)
+        h = self.drop_out(h)
+
+        logits = F.linear(h, self.embed.weight, self.out_bias)  # (T, B, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(T * B, -1).float(), targets.reshape(T * B))
+        return logits, loss, CarryState(hidden=new_hidden, memory=new_memory)
