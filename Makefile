@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_DATA ?= data/demo
+DEMO_RUN  ?= runs/demo
+
+.PHONY: demo test setup clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, exactly pinned: here it is a local CPU wheel; elsewhere the same pin is the CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Train the tiny SHA-RNN on the Python standard library's own source (no download), a few minutes on CPU.
+demo: setup
+	$(BIN)/sharnn-prepare demo --out $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)
+	$(BIN)/sharnn-train --preset tiny --data $(DEMO_DATA) --out $(DEMO_RUN)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) data runs

@@ -1,0 +1,236 @@
+"""Training configuration: typed dataclasses, named presets, YAML files and command-line overrides.
+
+Resolution order: preset -> YAML file (--config) -> command-line flags (--field value, --model.field value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tyro
+import yaml
+
+from sharnn.config import ModelConfig, model_preset
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Per-rank values say so; everything else is global."""
+
+    data: str = ""
+    """Prepared corpus directory (made by `sharnn-prepare`)."""
+    out: str = "runs/sharnn"
+    """Run directory: metrics.jsonl, tensorboard/, checkpoints/, config.yaml."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture. On resume it is taken from the checkpoint."""
+
+    batch_size: int = 16
+    """Streams per rank (micro-batch). The global batch is batch_size x world size x grad_accum."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    bptt: int = 1024
+    """Segment length for truncated backpropagation through time (the maximum, when vary_bptt)."""
+    vary_bptt: bool = True
+    """Draw each segment's length as the reference does (bptt, or bptt/2 with p=0.05, plus N(0, 5))."""
+    epochs: float = 32
+    """Stop after this many passes over the training split (whichever of epochs / max_steps comes first)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: no step limit)."""
+
+    optimizer: Literal["lamb", "adamw"] = "lamb"
+    """'lamb' is the paper's minimum-trust LAMB; 'adamw' is torch's AdamW (works at every ZeRO stage)."""
+    lr: float = 2e-3
+    """Peak learning rate, before lr_scaling."""
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    """How lr follows the global batch relative to lr_reference_batch: unchanged, x sqrt(ratio), x ratio."""
+    lr_reference_batch: int = 16
+    """The global batch at which lr was tuned (the paper: 16 streams on one GPU)."""
+    warmup_steps: int = 800
+    """Linear warmup from 0 over this many optimizer steps, then constant (the paper's schedule)."""
+    cooldown_steps: int = 0
+    """If > 0, decay linearly to 0 over the last cooldown_steps of max_steps."""
+    weight_decay: float = 1.2e-6
+    min_trust: float = 0.25
+    """LAMB's minimum trust ratio."""
+    clip: float = 0.25
+    """Clip the global gradient norm to this (0: no clipping)."""
+    state_reset_prob: float = 0.025
+    """After each step, forget LSTM state and (independently) memory with this probability (reference)."""
+
+    precision: Precision = "fp32"
+    """fp32, bf16 (autocast / DeepSpeed bf16) or fp16 (with loss scaling)."""
+    seed: int = 5512
+
+    eval_every: int = 1000
+    """Validate every N optimizer steps (and at every epoch end). 0: only at epoch ends and the end."""
+    eval_streams: int = 16
+    """Validation streams, independent of the world size (the paper: 16)."""
+    test_streams: int = 8
+    """Test streams (the paper: 8)."""
+    eval_bptt: int | None = None
+    """Evaluation segment length (None: bptt)."""
+    eval_max_segments: int | None = None
+    """Cap the validation segments per evaluation (None: the whole split). For quick runs only."""
+    test_at_end: bool = True
+    """Evaluate the best checkpoint on the test split at the end."""
+    sample_bytes: int = 256
+    """Bytes of generated text logged at each validation (0: none)."""
+
+    log_every: int = 10
+    """Log train metrics every N optimizer steps."""
+    save_every: int = 1000
+    """Write a checkpoint every N optimizer steps (0: only at the end / on signals)."""
+    keep_last: int = 3
+    """Checkpoints kept besides the best one."""
+    resume: str | None = None
+    """'auto' (latest checkpoint of --out, if any), a run directory, or a checkpoint directory."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """Non-finite gradient norm: stop with a message, or skip the step (DDP / single process only)."""
+    timeout_s: int = 600
+    """Seconds a collective (rendezvous, all-reduce) may wait for a missing peer before failing."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        positive = ("batch_size", "grad_accum", "bptt", "eval_streams", "test_streams", "log_every",
+                    "keep_last", "lr_reference_batch", "timeout_s")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.bptt < 5:
+            raise ValueError(f"bptt must be >= 5 (the shortest random segment), got {self.bptt}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps}): "
+                             "the run would end before reaching the peak learning rate")
+        if self.cooldown_steps and self.max_steps is None:
+            raise ValueError("cooldown_steps needs max_steps: the decay is placed at the end of the run")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0 or self.clip < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0, clip and weight_decay >= 0")
+        if not 0.0 <= self.state_reset_prob < 1.0:
+            raise ValueError(f"state_reset_prob must be in [0, 1), got {self.state_reset_prob}")
+
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * world_size * self.grad_accum
+
+    def effective_lr(self, world_size: int) -> float:
+        """The peak lr after the explicit batch scaling rule."""
+        ratio = self.global_batch(world_size) / self.lr_reference_batch
+        return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_scaling]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, peak_lr: float, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, constant, optional cooldown."""
+    lr = peak_lr * min(step + 1, cfg.warmup_steps) / cfg.warmup_steps if cfg.warmup_steps else peak_lr
+    if cfg.cooldown_steps and cfg.max_steps is not None:
+        left = cfg.max_steps - step
+        lr *= min(1.0, left / cfg.cooldown_steps)
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------- presets
+def paper() -> TrainConfig:
+    """The author's single-GPU enwik8 recipe for the single-head SHA-RNN (Merity 2019)."""
+    return TrainConfig(model=model_preset("paper"), batch_size=16, bptt=1024, epochs=32, lr=2e-3,
+                       warmup_steps=800, weight_decay=1.2e-6, min_trust=0.25, clip=0.25, seed=5512,
+                       precision="bf16", eval_streams=16, test_streams=8)
+
+
+def paper_stage2() -> TrainConfig:
+    """The paper's second stage: continue from stage 1's best weights at lr 1e-3, seed 125, 5 epochs."""
+    return dataclasses.replace(paper(), lr=1e-3, seed=125, epochs=5, warmup_steps=0)
+
+
+def paper_all() -> TrainConfig:
+    """Attention in every block; batch 8 (as the paper, for memory)."""
+    return dataclasses.replace(paper(), model=model_preset("paper-all"), batch_size=8)
+
+
+def lstm() -> TrainConfig:
+    """The SHA-LSTM baseline: no attention."""
+    return dataclasses.replace(paper(), model=model_preset("lstm"))
+
+
+def small() -> TrainConfig:
+    """Between tiny and paper: seconds per step on a CPU; used by benchmarks."""
+    return dataclasses.replace(paper(), model=model_preset("small"), bptt=128, precision="fp32",
+                               eval_every=200, save_every=200, warmup_steps=100)
+
+
+def tiny() -> TrainConfig:
+    """Minutes on a 2-core CPU: the README demo and the tests."""
+    return TrainConfig(model=model_preset("tiny"), batch_size=8, bptt=64, epochs=1, max_steps=300,
+                       lr=3e-3, warmup_steps=20, eval_every=100, eval_streams=8, test_streams=4,
+                       eval_max_segments=40, save_every=100, log_every=10, precision="fp32", seed=1234,
+                       sample_bytes=160)
+
+
+PRESETS = {"paper": paper, "paper-stage2": paper_stage2, "paper-all": paper_all, "lstm": lstm,
+           "small": small, "tiny": tiny}
+
+
+def preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise SystemExit(f"error: unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+# ------------------------------------------------------------------------------------------ command line
+def _merge(base: TrainConfig, overrides: dict, source: str) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise SystemExit(f"error: {source}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    if "model" in overrides:
+        model = dataclasses.asdict(base.model) | dict(overrides["model"] or {})
+        overrides = overrides | {"model": model}
+    try:
+        return TrainConfig(**(base.to_dict() | overrides))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {source}: {e}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Returns the resolved config and the flags that are not config fields (preset, config, dry_run)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny", help=f"named config: {', '.join(PRESETS)}")
+    pre.add_argument("--config", type=Path, help="YAML file of field values applied on top of the preset")
+    pre.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                     help="print the resolved config, world size, global batch and parameter count; exit")
+    flags, rest = pre.parse_known_args(argv)
+    base = preset(flags.preset)
+    if flags.config is not None:
+        if not flags.config.is_file():
+            raise SystemExit(f"error: --config {flags.config}: no such file")
+        try:
+            overrides = yaml.safe_load(flags.config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SystemExit(f"error: --config {flags.config}: not valid YAML: {e}") from None
+        if not isinstance(overrides, dict):
+            raise SystemExit(f"error: --config {flags.config}: expected a mapping of field: value")
+        base = _merge(base, overrides, str(flags.config))
+    try:
+        cfg = tyro.cli(TrainConfig, default=base, args=rest, use_underscores=True,
+                       prog="accelerate launch -m train",
+                       description="Train SHA-RNN. Flags override --preset, then --config (YAML).")
+    except ValueError as e:  # raised by __post_init__ checks
+        raise SystemExit(f"error: {e}") from None
+    return cfg, flags
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,59 @@
+"""Pieces of the loop that are reused or tested on their own: evaluation and the precision check."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sharnn.data import ByteSplit, EvalStreams
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, split: ByteSplit, n_streams: int, seg_len: int,
+             max_segments: int | None = None) -> float:
+    """Bits per byte over `n_streams` streams of `split`, split among the ranks, state carried.
+
+    Every rank calls this (it all-reduces). The number does not depend on the world size: the streams are
+    the same for any world size, each rank scores its share, and the sums are added. bpc = sum of per-byte
+    losses / bytes predicted / ln 2 (the reference divides by the stream length, one more than the bytes
+    predicted: a relative difference of 1/L).
+    """
+    was_training = model.training
+    model.eval()
+    streams = EvalStreams(split, n_streams, seg_len, accelerator.process_index, accelerator.num_processes)
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, bytes)
+    state = None
+    with accelerator.autocast():
+        for i, (x, y) in enumerate(streams):
+            if max_segments is not None and i >= max_segments:
+                break
+            x, y = x.to(accelerator.device).t(), y.to(accelerator.device).t()  # (T, b): time-major
+            _, loss, state = model(x, state, targets=y)
+            totals += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), dtype=torch.float64,
+                                                                           device=totals.device)])
+    model.train(was_training)
+    totals = accelerator.reduce(totals, reduction="sum")
+    return (totals[0] / totals[1]).item() / math.log(2)
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """Run a small LSTM forward and backward in the chosen precision; return a line saying what runs.
+
+    bf16/fp16 support for nn.LSTM differs between devices and CUDA/oneDNN versions: fail at start-up with a
+    clear message rather than 20 minutes into a run.
+    """
+    if precision == "fp32":
+        return "precision fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    lstm = torch.nn.LSTM(64, 64).to(device)
+    x = torch.randn(8, 2, 64, device=device)
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            y, _ = lstm(x.to(dtype))
+        y.float().sum().backward()
+    except RuntimeError as e:
+        raise SystemExit(f"error: --precision {precision}: nn.LSTM does not run in {precision} on "
+                         f"{device.type} here ({str(e).splitlines()[0]}). Use --precision fp32"
+                         f"{'' if precision == 'bf16' else ' or bf16'}.") from None
+    return f"precision {precision}: LSTM forward/backward checked on {device.type} (output {y.dtype})"
