@@ -1,0 +1,568 @@
+"""sharnn-prepare: turn raw bytes into a prepared corpus directory that ``sharnn.data.open_split`` memory-maps.
+
+    sharnn-prepare enwik8 [--zip PATH] --out DIR     standard enwik8 split: 90M / 5M / 5M bytes
+    sharnn-prepare files PATH... --out DIR           any files/directories, concatenated; last bytes are valid/test
+    sharnn-prepare demo --out DIR                    the Python standard library's own *.py sources, first 8 MiB
+
+Layout of the output (see ``sharnn/data.py``): ``DIR/{train,valid,test}`` each hold one ``datasets.Dataset``
+saved with ``save_to_disk``, one ``bytes`` column of type binary holding rows of ``ROW_BYTES`` bytes (the last row
+of a split may be shorter), so each split's rows concatenated in order are exactly that split's bytes:
+
+    >>> ds = datasets.load_from_disk("DIR/valid"); b"".join(ds["bytes"])[:100]
+
+``DIR/manifest.json`` records the source, each split's byte count and sha256, the row layout and the versions.
+A corpus is written into a temporary sibling directory and renamed into place at the end, so a failure or an
+interrupt leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import http.client
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import datasets
+import numpy as np
+import pyarrow as pa
+from datasets.table import InMemoryTable
+from tqdm import tqdm
+
+from sharnn.data import BYTES_COLUMN, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, CorpusError, open_split
+
+log = logging.getLogger(__name__)
+
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+ENWIK8_URL_ENV = "SHARNN_ENWIK8_URL"
+"""Environment variable that overrides the download address (a mirror, or a local server in tests)."""
+ENWIK8_MEMBER = "enwik8"
+ENWIK8_BYTES = 100_000_000
+ENWIK8_ZIP_BYTES = 36_445_475
+# sha256 of enwik8.zip and of the extracted enwik8 as published by several independent projects (download
+# scripts and benchmark READMEs that pin them). The archive digest is only checked on download: mirrors may
+# re-pack the zip; the extracted bytes are what must match.
+ENWIK8_ZIP_SHA256 = "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"
+ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
+
+ROW_BYTES = 64 * 1024
+"""Bytes per dataset row. 64 KiB keeps the row count small (1,526 rows for 100 MB) and a row a handy unit to
+look at, while reads go through whole Arrow record batches anyway (see ``sharnn.data.ByteSplit``)."""
+ROWS_PER_ARROW_CHUNK = 1024
+DEMO_BYTES = 8 * 2**20
+"""The demo corpus is the first 8 MiB of the concatenated standard-library sources."""
+MIN_SPLIT_BYTES = 1024
+"""Every split must hold at least this many bytes."""
+DEFAULT_HELD_OUT_FRACTION = 0.05
+"""Default valid and test share of ``files``/``demo`` corpora, as enwik8's 5M / 5M of 100M."""
+_COPY_BLOCK = 16 * 2**20
+_SOURCE_FILE = "_source.bin"  # scratch file inside the staging directory, removed before the rename
+
+
+class PrepareError(Exception):
+    """Bad input: the message says what is wrong and what to do. ``main`` prints it as ``error: ...``."""
+
+
+@dataclass
+class PrepareResult:
+    """What a ``prepare_*`` call did."""
+
+    out: Path
+    manifest: dict
+    unchanged: bool
+    """True when ``out`` already held the identical corpus and nothing was written."""
+
+
+def _tool_version() -> str:
+    try:
+        return importlib.metadata.version("sharnn")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that was not pip-installed
+        import sharnn
+        return getattr(sharnn, "__version__", "unknown")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split rules
+
+
+def enwik8_split_sizes(total: int) -> tuple[int, int, int]:
+    """(train, valid, test) byte counts for enwik8's rule: the last 5% is test, the 5% before it valid.
+
+    For the real file (100,000,000 bytes) this is the standard 90,000,000 / 5,000,000 / 5,000,000; smaller
+    stand-ins scale down the same way.
+    """
+    held_out = total // 20
+    return total - 2 * held_out, held_out, held_out
+
+
+def held_out_split_sizes(total: int, valid_bytes: int | None = None,
+                         test_bytes: int | None = None) -> tuple[int, int, int]:
+    """(train, valid, test) byte counts for ``files``: the last ``test_bytes`` are test, the ``valid_bytes`` before
+    them valid (default 5% each, as enwik8), the rest train. Raises ``PrepareError`` if a split gets under
+    ``MIN_SPLIT_BYTES``."""
+    default_held_out = int(total * DEFAULT_HELD_OUT_FRACTION)
+    valid = default_held_out if valid_bytes is None else valid_bytes
+    test = default_held_out if test_bytes is None else test_bytes
+    sizes = (total - valid - test, valid, test)
+    _check_split_sizes(total, sizes)
+    return sizes
+
+
+def _check_split_sizes(total: int, sizes: tuple[int, int, int]) -> None:
+    small = [f"{name} {n:,}" for name, n in zip(SPLITS, sizes) if n < MIN_SPLIT_BYTES]
+    if small:
+        raise PrepareError(
+            f"the input has {total:,} bytes, which gives splits train {sizes[0]:,} / valid {sizes[1]:,} / test "
+            f"{sizes[2]:,} bytes, but every split needs at least {MIN_SPLIT_BYTES:,} bytes (too small: "
+            f"{', '.join(small)}). Give more input or smaller --valid-bytes / --test-bytes.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _sha256(data: np.ndarray, desc: str = "") -> str:
+    h = hashlib.sha256()
+    with tqdm(total=len(data), unit="B", unit_scale=True, desc=desc or "sha256", disable=None, leave=False) as bar:
+        for pos in range(0, len(data), 64 * 2**20):
+            block = data[pos:pos + 64 * 2**20]
+            h.update(memoryview(block))
+            bar.update(len(block))
+    return h.hexdigest()
+
+
+def _rows_table(data: np.ndarray, row_bytes: int) -> pa.Table:
+    """A one-column binary table over ``data`` (zero-copy): rows of ``row_bytes``, the last one shorter."""
+    n_rows = -(-len(data) // row_bytes)
+    chunks = []
+    for row0 in range(0, n_rows, ROWS_PER_ARROW_CHUNK):
+        row1 = min(n_rows, row0 + ROWS_PER_ARROW_CHUNK)
+        byte0, byte1 = row0 * row_bytes, min(len(data), row1 * row_bytes)
+        offsets = np.minimum(np.arange(row0, row1 + 1, dtype=np.int64) * row_bytes, byte1) - byte0
+        chunks.append(pa.Array.from_buffers(pa.binary(), row1 - row0,
+                                            [None, pa.py_buffer(offsets.astype(np.int32)),
+                                             pa.py_buffer(data[byte0:byte1])]))
+    return pa.table({BYTES_COLUMN: pa.chunked_array(chunks, type=pa.binary())})
+
+
+def write_split(data: np.ndarray, path: Path, sha256: str, row_bytes: int = ROW_BYTES) -> dict:
+    """Save ``data`` (1-D uint8, may be a memmap) as a ``datasets.Dataset`` at ``path``; returns its manifest entry.
+
+    ``sha256`` is the digest of ``data``; it doubles as the dataset fingerprint, which spares ``datasets`` from
+    hashing the whole table itself.
+    """
+    features = datasets.Features({BYTES_COLUMN: datasets.Value("binary")})
+    info = datasets.DatasetInfo(description="sharnn byte corpus split: the rows of column 'bytes', concatenated "
+                                            "in order, are the split's bytes", features=features)
+    ds = datasets.Dataset(InMemoryTable(_rows_table(data, row_bytes)), info=info, fingerprint=sha256[:32])
+    # datasets' own progress bar only on a terminal, like ours (tqdm disable=None).
+    quiet = not sys.stderr.isatty() and not datasets.utils.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        ds.save_to_disk(str(path))
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    return {"n_bytes": int(len(data)), "n_rows": len(ds), "sha256": sha256}
+
+
+def _check_out(out: Path) -> dict | None:
+    """Refuse output paths we must not write to; return the manifest if ``out`` already holds a corpus."""
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file, not a directory; choose a directory path (it is created)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
+            return manifest  # a corpus, possibly of another format version: replaceable with --overwrite
+    raise PrepareError(f"--out {out} is a non-empty directory that is not a sharnn corpus (no {MANIFEST_NAME}); "
+                       f"refusing to write into it. Choose a new or empty directory.")
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out``; removed on exit (after a successful rename it no longer exists).
+
+    Parent directories created for ``out`` are removed again if nothing was written.
+    """
+    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the corpus gets the permissions of a plain mkdir
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only succeeds while empty, i.e. when nothing was written
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Move the finished corpus in ``tmp`` to ``out``, replacing what ``out`` held (already checked replaceable)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / "corpus")
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _same_corpus(manifest: dict, splits: dict) -> bool:
+    old = manifest.get("splits", {})
+    return manifest.get("format_version") == FORMAT_VERSION and set(old) == set(splits) and all(
+        old[name].get("sha256") == splits[name]["sha256"] and old[name].get("n_bytes") == splits[name]["n_bytes"]
+        for name in splits)
+
+
+def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, int], source: dict,
+                 existing: dict | None, overwrite: bool, row_bytes: int = ROW_BYTES) -> PrepareResult:
+    """Write ``data`` cut into (train, valid, test) ``sizes`` as a corpus in staging dir ``tmp``, then move it to ``out``.
+
+    ``existing`` is the manifest already at ``out`` (from ``_check_out``): an identical corpus is left alone
+    (unless ``overwrite``), a different one is replaced only with ``overwrite``. Every split is read back and
+    compared with the source's sha256 before the rename.
+    """
+    if sum(sizes) != len(data):
+        raise ValueError(f"split sizes {sizes} do not add up to the {len(data)} bytes of data")
+    _check_split_sizes(len(data), sizes)
+    bounds = np.cumsum((0,) + tuple(sizes))
+    parts = {name: data[bounds[k]:bounds[k + 1]] for k, name in enumerate(SPLITS)}
+    digests = {name: _sha256(part, f"sha256 {name}") for name, part in parts.items()}
+    if existing is not None:
+        same = _same_corpus(existing, {n: {"sha256": digests[n], "n_bytes": len(parts[n])} for n in SPLITS})
+        if same and not overwrite:
+            return PrepareResult(out=out, manifest=existing, unchanged=True)
+        if not same and not overwrite:
+            raise PrepareError(f"--out {out} already holds a different corpus (source: "
+                               f"{existing.get('source', {}).get('kind', '?')}); pass --overwrite to replace it, "
+                               f"or choose another --out.")
+    splits = {}
+    for name, part in parts.items():
+        log.info("writing %s: %s bytes", name, f"{len(part):,}")
+        splits[name] = write_split(part, tmp / name, digests[name], row_bytes)
+    (tmp / _SOURCE_FILE).unlink(missing_ok=True)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool": "sharnn-prepare",
+        "tool_version": _tool_version(),
+        "datasets_version": datasets.__version__,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "total_bytes": int(len(data)),
+        "layout": {"column": BYTES_COLUMN, "dtype": "binary", "row_bytes": row_bytes,
+                   "contract": "each split's rows, concatenated in order, are exactly that split's bytes; "
+                               "the last row may be shorter"},
+        "splits": splits,
+    }
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    _check_written(tmp, manifest)
+    _commit(tmp, out)
+    return PrepareResult(out=out, manifest=manifest, unchanged=False)
+
+
+def _check_written(corpus_dir: Path, manifest: dict) -> None:
+    for name, info in manifest["splits"].items():
+        if open_split(corpus_dir, name).sha256() != info["sha256"]:
+            raise PrepareError(f"internal error: split {name!r} read back from {corpus_dir} does not match its "
+                               f"source bytes; please report this")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def collect_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Regular files named by ``paths`` in the given order; directories expand recursively, sorted by path."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file()]
+            files.extend(sorted(found, key=lambda p: p.relative_to(path).parts))
+        elif not path.exists():
+            raise PrepareError(f"no such file or directory: {path}")
+        else:
+            raise PrepareError(f"{path} is neither a regular file nor a directory")
+    return files
+
+
+def _concat_files(files: Sequence[Path], dest: Path, max_bytes: int | None = None) -> int:
+    """Concatenate ``files`` into ``dest`` (at most ``max_bytes``); returns the byte count written."""
+    total = 0
+    limit = max_bytes if max_bytes is not None else float("inf")
+    with open(dest, "wb") as out, tqdm(unit="B", unit_scale=True, desc="reading files", disable=None,
+                                       leave=False) as bar:
+        for path in files:
+            if total >= limit:
+                break
+            with open(path, "rb") as f:
+                while total < limit:
+                    block = f.read(int(min(_COPY_BLOCK, limit - total)))
+                    if not block:
+                        break
+                    out.write(block)
+                    total += len(block)
+                    bar.update(len(block))
+    return total
+
+
+def _map(path: Path) -> np.ndarray:
+    """Read-only memory map of a whole file as uint8 (the page cache holds it, not this process)."""
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrite: bool,
+                        valid_bytes: int | None, test_bytes: int | None, max_bytes: int | None) -> PrepareResult:
+    existing = _check_out(out)
+    with _staging(out) as tmp:
+        n_bytes = _concat_files(files, tmp / _SOURCE_FILE, max_bytes)
+        if n_bytes == 0:
+            raise PrepareError(f"the input is empty: {len(files)} file(s), 0 bytes. Pass files that hold data.")
+        data = _map(tmp / _SOURCE_FILE)
+        sizes = held_out_split_sizes(n_bytes, valid_bytes, test_bytes)
+        source = dict(source, n_files=len(files), n_bytes=n_bytes)
+        return write_corpus(tmp, out, data, sizes, source, existing, overwrite)
+
+
+def prepare_files(paths: Sequence[str | Path], out: str | Path, valid_bytes: int | None = None,
+                  test_bytes: int | None = None, overwrite: bool = False) -> PrepareResult:
+    """Prepare a corpus from local files/directories (see ``collect_files``), bytes concatenated in order."""
+    files = collect_files(paths)
+    source = {"kind": "files", "inputs": [str(Path(p).absolute()) for p in paths]}
+    return _prepare_from_files(files, Path(out), source, overwrite, valid_bytes, test_bytes, None)
+
+
+def demo_files() -> list[Path]:
+    """The standard library's ``*.py`` files, sorted, without site-packages and test directories."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    found = [p for p in stdlib.rglob("*.py") if p.is_file() and not skip.intersection(p.relative_to(stdlib).parts)]
+    return sorted(found, key=lambda p: p.relative_to(stdlib).parts)
+
+
+def prepare_demo(out: str | Path, overwrite: bool = False, max_bytes: int = DEMO_BYTES) -> PrepareResult:
+    """Prepare the demo corpus: the first ``max_bytes`` of this Python's standard-library sources."""
+    files = demo_files()
+    source = {"kind": "demo", "python": platform.python_version(), "stdlib": sysconfig.get_paths()["stdlib"],
+              "max_bytes": max_bytes}
+    return _prepare_from_files(files, Path(out), source, overwrite, None, None, max_bytes)
+
+
+def download(url: str, dest: Path, timeout: float) -> None:
+    """Fetch ``url`` into ``dest``; network failures become a ``PrepareError`` that says to use ``--zip``."""
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f:
+            length = response.headers.get("Content-Length")
+            with tqdm(total=int(length) if length else None, unit="B", unit_scale=True, desc="download",
+                      disable=None, leave=False) as bar:
+                while block := response.read(2**20):
+                    f.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        raise PrepareError(f"could not download enwik8 from {url} ({reason}). This machine may be offline or the "
+                           f"site unreachable: download {ENWIK8_URL} elsewhere, copy it here and pass "
+                           f"--zip PATH.")
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _enwik8_from_zip(zip_path: Path, dest: Path, expected_bytes: int) -> None:
+    """Extract member ``enwik8`` of ``zip_path`` into ``dest`` (zipfile checks its CRC-32 while reading)."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            try:
+                member = archive.getinfo(ENWIK8_MEMBER)
+            except KeyError:
+                names = archive.namelist()
+                raise PrepareError(f"{zip_path} has no member {ENWIK8_MEMBER!r} (it has: "
+                                   f"{', '.join(names[:5]) or 'nothing'}{' ...' if len(names) > 5 else ''}); "
+                                   f"pass the enwik8.zip from {ENWIK8_URL}")
+            if member.file_size != expected_bytes:
+                raise PrepareError(f"member {ENWIK8_MEMBER!r} of {zip_path} has {member.file_size:,} bytes, expected "
+                                   f"{expected_bytes:,}; this is not enwik8: pass the enwik8.zip from {ENWIK8_URL}")
+            with archive.open(member) as src, open(dest, "wb") as f, \
+                    tqdm(total=member.file_size, unit="B", unit_scale=True, desc="unzip", disable=None,
+                         leave=False) as bar:
+                while block := src.read(_COPY_BLOCK):
+                    f.write(block)
+                    bar.update(len(block))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as e:
+        raise PrepareError(f"{zip_path} is a corrupt or truncated zip archive ({e}); download {ENWIK8_URL} "
+                           f"again and pass it with --zip")
+
+
+def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | None = None,
+                   overwrite: bool = False, timeout: float = 60.0, expected_bytes: int = ENWIK8_BYTES,
+                   expected_sha256: str | None = ENWIK8_SHA256) -> PrepareResult:
+    """Prepare enwik8 with its standard split (``enwik8_split_sizes``).
+
+    ``path`` is ``enwik8.zip`` or the raw extracted ``enwik8``; without it the archive is downloaded from
+    ``url`` (default ``$SHARNN_ENWIK8_URL`` or ``ENWIK8_URL``) and its size and sha256 are checked. Always checked:
+    the extracted bytes number ``expected_bytes`` and, unless ``expected_sha256`` is None, hash to it.
+    ``expected_bytes``/``expected_sha256`` exist for stand-ins and tests.
+    """
+    out = Path(out)
+    source: dict = {"kind": "enwik8"}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise PrepareError(f"no such file: {path}; download {ENWIK8_URL} and pass its path with --zip")
+        if not path.is_file():
+            raise PrepareError(f"{path} is not a file; pass enwik8.zip or the extracted enwik8 file with --zip")
+        source["path"] = str(path.absolute())
+    existing = _check_out(out)
+    with _staging(out) as tmp:
+        if path is None:
+            url = url or os.environ.get(ENWIK8_URL_ENV) or ENWIK8_URL
+            path = tmp / "enwik8.zip"
+            download(url, path, timeout)
+            size = path.stat().st_size
+            if size != ENWIK8_ZIP_BYTES:
+                raise PrepareError(f"the archive downloaded from {url} has {size:,} bytes, expected "
+                                   f"{ENWIK8_ZIP_BYTES:,}; download {ENWIK8_URL} elsewhere and pass --zip PATH")
+            digest = _file_sha256(path)
+            if digest != ENWIK8_ZIP_SHA256:
+                raise PrepareError(f"the archive downloaded from {url} has sha256 {digest}, expected "
+                                   f"{ENWIK8_ZIP_SHA256}; download {ENWIK8_URL} elsewhere and pass --zip PATH")
+            source["url"] = url
+        if zipfile.is_zipfile(path):
+            raw = tmp / _SOURCE_FILE
+            _enwik8_from_zip(path, raw, expected_bytes)
+            source["archive_sha256"] = _file_sha256(path)
+        else:
+            raw = path
+            size = raw.stat().st_size
+            if size != expected_bytes:
+                raise PrepareError(f"{raw} is neither a readable zip archive (corrupt or truncated?) nor a raw "
+                                   f"enwik8 file of {expected_bytes:,} bytes (it has {size:,}); pass the "
+                                   f"enwik8.zip from {ENWIK8_URL}")
+        data = _map(raw)
+        digest = _sha256(data, "sha256 enwik8")
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise PrepareError(f"the enwik8 bytes from {path} have sha256 {digest}, expected {expected_sha256}; "
+                               f"this is not the standard enwik8: pass the enwik8.zip from {ENWIK8_URL} "
+                               f"(or --no-checksum for a deliberate stand-in)")
+        source.update(sha256=digest, n_bytes=len(data))
+        return write_corpus(tmp, out, data, enwik8_split_sizes(len(data)), source, existing, overwrite)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _byte_count(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of bytes, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharnn-prepare", description="Prepare a byte corpus (train/valid/test) for sharnn training.",
+        epilog="Each subcommand writes DIR/{train,valid,test} (datasets saved with save_to_disk) and "
+               "DIR/manifest.json. Run `sharnn-prepare COMMAND -h` for its options.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="corpus directory to create (must be new, empty, or hold a sharnn corpus)")
+    common.add_argument("--overwrite", action="store_true",
+                        help="replace a different corpus already in --out (never a non-corpus directory)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    enwik8 = sub.add_parser("enwik8", parents=[common], help="enwik8 with the standard 90M/5M/5M split",
+                            description="enwik8 with the standard split: first 90,000,000 bytes train, next "
+                                        "5,000,000 valid, last 5,000,000 test. Checks the extracted file's size "
+                                        f"({ENWIK8_BYTES:,} bytes) and sha256; a download is also checked for "
+                                        f"the archive's size ({ENWIK8_ZIP_BYTES:,} bytes) and sha256.")
+    where = enwik8.add_mutually_exclusive_group()
+    where.add_argument("--zip", dest="path", type=Path, metavar="PATH",
+                       help="local enwik8.zip or extracted enwik8 file (default: download it)")
+    where.add_argument("--file", dest="path", type=Path, metavar="PATH", help="same as --zip")
+    enwik8.add_argument("--url", default=None,
+                        help=f"download address when no --zip is given (default: ${ENWIK8_URL_ENV} or {ENWIK8_URL})")
+    enwik8.add_argument("--timeout", type=float, default=60.0, help="download timeout in seconds (default 60)")
+    enwik8.add_argument("--no-checksum", action="store_true",
+                        help="do not check the extracted file's sha256 (its size is still checked); for stand-ins")
+
+    files = sub.add_parser("files", parents=[common], help="any local files or directories, concatenated",
+                           description="Concatenate files (directories recursively, sorted by path) in the given "
+                                       "order; the last --test-bytes become test, the --valid-bytes before them "
+                                       "valid, the rest train.")
+    files.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories")
+    files.add_argument("--valid-bytes", type=_byte_count, default=None, metavar="N",
+                       help="valid split size in bytes (default 5%% of the input)")
+    files.add_argument("--test-bytes", type=_byte_count, default=None, metavar="N",
+                       help="test split size in bytes (default 5%% of the input)")
+
+    sub.add_parser("demo", parents=[common], help="built-in demo corpus: Python standard library sources",
+                   description=f"The first {DEMO_BYTES // 2**20} MiB of this Python's standard-library *.py files "
+                               "(sorted, no tests), split like `files`. Needs no download.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sharnn-prepare`` and ``python -m sharnn.prepare``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "enwik8":
+            result = prepare_enwik8(args.out, args.path, url=args.url, overwrite=args.overwrite,
+                                    timeout=args.timeout, expected_sha256=None if args.no_checksum else ENWIK8_SHA256)
+        elif args.command == "files":
+            result = prepare_files(args.paths, args.out, valid_bytes=args.valid_bytes, test_bytes=args.test_bytes,
+                                   overwrite=args.overwrite)
+        else:
+            result = prepare_demo(args.out, overwrite=args.overwrite)
+    except (PrepareError, CorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    sizes = ", ".join(f"{name} {info['n_bytes']:,}" for name, info in result.manifest["splits"].items())
+    if result.unchanged:
+        print(f"{result.out} already holds this corpus (identical sha256): {sizes} bytes; nothing to do",
+              file=sys.stderr)
+    else:
+        print(f"wrote {result.out}: {sizes} bytes", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
