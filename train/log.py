@@ -30,17 +30,16 @@ def flat_hparams(d: dict, prefix: str = "") -> dict:
 class RunLogger:
     """Writes scalars, histograms and text to TensorBoard and one JSON object per step to metrics.jsonl."""
 
-    def __init__(self, accelerator, run_dir: Path, config: dict, resume_step: int | None):
+    def __init__(self, accelerator, run_dir: Path, config: dict, start_step: int):
         self.accelerator = accelerator
         self.metrics_path = run_dir / "metrics.jsonl"
-        if resume_step is not None:
-            self._truncate_after(resume_step)
+        self._truncate_after(start_step)
         accelerator.init_trackers("tensorboard", config=flat_hparams(config))
         self.writer = accelerator.get_tracker("tensorboard", unwrap=True)
         self.metrics = open(self.metrics_path, "a", buffering=1)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop records past the checkpoint: those steps are about to be run again."""
+        """Drop records past the starting step (all of them on a fresh start): those steps are run again."""
         if not self.metrics_path.exists():
             return
         keep = [line for line in self.metrics_path.read_text().splitlines()

@@ -33,7 +33,7 @@ from sharnn.optim import LAMB
 from train import checkpoint
 from train.config import TrainConfig, dump_yaml, lr_at, parse_args
 from train.log import NullLogger, RunLogger
-from train.step import check_precision, evaluate
+from train.step import backward_and_step, check_precision, evaluate
 
 log = logging.getLogger("sharnn")
 ACCEL_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resume: using the checkpoint's model config {saved}", file=sys.stderr)
         cfg.model = sharnn.ModelConfig.from_dict(saved)
 
+    if ckpt is None and cfg.resume != "auto" and checkpoint.complete_checkpoints(run_dir) and not flags.dry_run:
+        raise SystemExit(f"error: --out {run_dir} already holds a run with checkpoints; continue it with "
+                         "--resume auto, or choose a new --out")
     accelerator = build_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     peak_lr = cfg.effective_lr(world)
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         loader.load_state_dict(ts.loader)
         say(f"resumed from {ckpt} at step {ts.step}")
     logger = (RunLogger if accelerator.is_main_process else NullLogger)(
-        accelerator, run_dir, cfg.to_dict(), ts.step if ckpt is not None else None)
+        accelerator, run_dir, cfg.to_dict(), ts.step if ckpt is not None else 0)
     say(f"sharnn {sharnn.__version__} ({git_sha()}), torch {torch.__version__}, world size {world} "
         f"({accelerator.distributed_type}), global batch {cfg.global_batch(world)}, lr {peak_lr:g}, "
         f"parameters: {raw_model.num_params()}")
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=ts.step, disable=not accelerator.is_main_process, unit="step",
                dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, grad_norm = torch.zeros((), device=device), torch.tensor(float("nan"))
     n_bytes, t_last, steps_since_log, val_bpc, exit_reason = 0, time.perf_counter(), 0, float("nan"), "finished"
     while not done():
         # set lr for this optimizer step
@@ -237,22 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             x, y = batch.inputs.to(device, non_blocking=True).t(), batch.targets.to(device, non_blocking=True).t()
             with accelerator.accumulate(model):
                 _, loss, carry = model(x, carry, targets=y)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # DDP: clips and returns the pre-clip norm. DeepSpeed: already clipped by gradient_clipping
-                    # in its config when backward stepped the engine; this only reads the norm.
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
-                    grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else float("nan"))
-                    # host sync once per step: the global norm is the same on all ranks, so all decide alike
-                    if not math.isfinite(grad_norm.item()) and accelerator.distributed_type != DistributedType.DEEPSPEED:
-                        if cfg.on_nonfinite == "stop":
-                            raise SystemExit(f"error: non-finite gradient norm at step {ts.step + 1} (loss "
-                                             f"{loss.item():.4g}); the last good checkpoint is intact. Lower "
-                                             "--lr, use --precision fp32, or --on_nonfinite skip.")
-                        optimizer.zero_grad()
-                        say(f"skipping step {ts.step + 1}: non-finite gradient norm")
-                optimizer.step()
-                optimizer.zero_grad()
+                norm = backward_and_step(accelerator, model, optimizer, loss, cfg.clip, cfg.on_nonfinite, ts.step + 1)
+                grad_norm = norm if norm is not None else grad_norm
             carry = carry.detach()
             loss_sum += loss.detach().float()
             n_bytes += y.numel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate.utils import DistributedType
 
 from sharnn.data import ByteSplit, EvalStreams
 
@@ -57,3 +58,53 @@ def check_precision(precision: str, device: torch.device) -> str:
                          f"{device.type} here ({str(e).splitlines()[0]}). Use --precision fp32"
                          f"{'' if precision == 'bf16' else ' or bf16'}.") from None
     return f"precision {precision}: LSTM forward/backward checked on {device.type} (output {y.dtype})"
+
+
+def backward_and_step(accelerator, model, optimizer, loss: torch.Tensor, clip: float,
+                      on_nonfinite: str, step: int) -> torch.Tensor | None:
+    """Backward; at an optimizer step also clip and step. Returns the pre-clip global gradient norm at
+    optimizer steps (None on accumulation micro-steps). The norm is all-reduced, hence the same on every
+    rank, so every rank takes the same decision on a non-finite one."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _deepspeed_backward_and_step(accelerator, model, loss, step)
+    accelerator.backward(loss)
+    if not accelerator.sync_gradients:
+        return None
+    norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), clip or float("inf")))
+    if not math.isfinite(norm.item()):  # host sync, once per optimizer step
+        if on_nonfinite == "stop":
+            raise NonFiniteError(step, norm.item())
+        accelerator.print(f"skipping step {step}: non-finite gradient norm {norm.item()}")
+        optimizer.zero_grad()
+        return norm
+    optimizer.step()
+    optimizer.zero_grad()
+    return norm
+
+
+def _deepspeed_backward_and_step(accelerator, engine, loss: torch.Tensor, step: int) -> torch.Tensor | None:
+    # accelerator.backward would run engine.backward and engine.step back to back; we need the gradient norm
+    # in between where DeepSpeed does not record it (ZeRO-0 in fp32). Clipping is the engine's own
+    # (`gradient_clipping` in ds_config.json, filled from --clip).
+    engine.set_gradient_accumulation_boundary(accelerator.sync_gradients)
+    engine.backward(loss)
+    if not accelerator.sync_gradients:
+        return None
+    norm = None
+    if engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if not math.isfinite(norm.item()):
+            raise NonFiniteError(step, norm.item())
+    engine.step()
+    if norm is None:
+        norm = torch.as_tensor(float(engine.get_global_grad_norm()))
+        if not math.isfinite(norm.item()) and not engine.fp16_enabled():  # fp16: the loss scaler skips it
+            raise NonFiniteError(step, norm.item())
+    return norm
+
+
+class NonFiniteError(SystemExit):
+    def __init__(self, step: int, norm: float):
+        super().__init__(f"error: non-finite gradient norm ({norm}) at step {step}; the last good checkpoint is "
+                         "intact. Lower --lr, use --precision fp32, or (DDP / one process) --on_nonfinite skip.")
