@@ -336,8 +336,8 @@ def _map(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrite: bool,
-                        valid_bytes: int | None, test_bytes: int | None, max_bytes: int | None) -> PrepareResult:
+def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrite: bool, valid_bytes: int | None,
+                        test_bytes: int | None, max_bytes: int | None, row_bytes: int = ROW_BYTES) -> PrepareResult:
     existing = _check_out(out)
     with _staging(out) as tmp:
         n_bytes = _concat_files(files, tmp / _SOURCE_FILE, max_bytes)
@@ -346,15 +346,18 @@ def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrit
         data = _map(tmp / _SOURCE_FILE)
         sizes = held_out_split_sizes(n_bytes, valid_bytes, test_bytes)
         source = dict(source, n_files=len(files), n_bytes=n_bytes)
-        return write_corpus(tmp, out, data, sizes, source, existing, overwrite)
+        return write_corpus(tmp, out, data, sizes, source, existing, overwrite, row_bytes)
 
 
 def prepare_files(paths: Sequence[str | Path], out: str | Path, valid_bytes: int | None = None,
-                  test_bytes: int | None = None, overwrite: bool = False) -> PrepareResult:
-    """Prepare a corpus from local files/directories (see ``collect_files``), bytes concatenated in order."""
+                  test_bytes: int | None = None, overwrite: bool = False, row_bytes: int = ROW_BYTES) -> PrepareResult:
+    """Prepare a corpus from local files/directories (see ``collect_files``), bytes concatenated in order.
+
+    ``row_bytes`` only changes how the bytes are cut into dataset rows (tests use small rows for many chunks).
+    """
     files = collect_files(paths)
     source = {"kind": "files", "inputs": [str(Path(p).absolute()) for p in paths]}
-    return _prepare_from_files(files, Path(out), source, overwrite, valid_bytes, test_bytes, None)
+    return _prepare_from_files(files, Path(out), source, overwrite, valid_bytes, test_bytes, None, row_bytes)
 
 
 def demo_files() -> list[Path]:
