@@ -295,15 +295,16 @@ def _check_written(corpus_dir: Path, manifest: dict) -> None:
 
 
 def collect_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Regular files named by ``paths`` in the given order; directories expand recursively, sorted by path."""
+    """Regular files named by ``paths``, in the given order; a directory expands to all files below it, sorted by
+    path components (as ``sorted`` sorts ``Path`` objects: ``a/b/c``, ``a/z``, ``a.txt``), hidden files included.
+    """
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file()]
-            files.extend(sorted(found, key=lambda p: p.relative_to(path).parts))
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
         elif not path.exists():
             raise PrepareError(f"no such file or directory: {path}")
         else:
@@ -361,11 +362,14 @@ def prepare_files(paths: Sequence[str | Path], out: str | Path, valid_bytes: int
 
 
 def demo_files() -> list[Path]:
-    """The standard library's ``*.py`` files, sorted, without site-packages and test directories."""
+    """The standard library's ``*.py`` files, sorted by path, without site-packages and test directories."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    found = [p for p in stdlib.rglob("*.py") if p.is_file() and not skip.intersection(p.relative_to(stdlib).parts)]
-    return sorted(found, key=lambda p: p.relative_to(stdlib).parts)
+    found = []
+    for parent, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = [d for d in dirnames if d not in skip]  # prune: site-packages can be large
+        found.extend(Path(parent, f) for f in filenames if f.endswith(".py"))
+    return sorted(p for p in found if p.is_file())
 
 
 def prepare_demo(out: str | Path, overwrite: bool = False, max_bytes: int = DEMO_BYTES) -> PrepareResult:

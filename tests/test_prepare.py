@@ -1,0 +1,387 @@
+"""sharnn-prepare: the corpus contract, the enwik8 split, files/demo sources, and every kind of bad input.
+
+CLI tests call ``main([...])`` in-process; one test runs ``python -m sharnn.prepare`` for the exit code. Nothing
+here touches the internet: downloads go to a closed local port or a local HTTP server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import zipfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from sharnn import prepare
+from sharnn.data import SPLITS, open_split, read_manifest
+from sharnn.prepare import (ENWIK8_BYTES, ROW_BYTES, demo_files, enwik8_split_sizes, held_out_split_sizes, main,
+                            prepare_enwik8, prepare_files)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def split_bytes_via_datasets(corpus: Path, split: str) -> bytes:
+    """What a user sees with plain `datasets`: the split's rows, concatenated."""
+    return b"".join(datasets.load_from_disk(str(corpus / split))["bytes"])
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def run_main(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_failed_cleanly(code: int, err: str, parent: Path, before: list[str], *needles: str) -> None:
+    """Non-zero exit, an `error:` line saying what is wrong, no traceback, nothing new left in `parent`."""
+    assert code != 0
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert listing(parent) == before  # no corpus, no staging directory
+
+
+# --- split rules ----------------------------------------------------------------------------------------------------
+
+def test_enwik8_split_rule():
+    assert enwik8_split_sizes(100_000_000) == (90_000_000, 5_000_000, 5_000_000)
+    assert enwik8_split_sizes(20_000) == (18_000, 1_000, 1_000)
+    assert enwik8_split_sizes(20_019) == (18_019, 1_000, 1_000)
+    assert held_out_split_sizes(100_000) == (90_000, 5_000, 5_000)
+    assert held_out_split_sizes(100_000, valid_bytes=2_000, test_bytes=3_000) == (95_000, 2_000, 3_000)
+
+
+# --- enwik8 ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def enwik8_stand_in(tmp_path_factory):
+    """A raw 100,000,000-byte stand-in for enwik8 (random bytes) and the corpus prepared from it by the CLI."""
+    root = tmp_path_factory.mktemp("enwik8")
+    raw = root / "enwik8"
+    data = random_bytes(ENWIK8_BYTES, seed=1)
+    raw.write_bytes(data)
+    assert main(["enwik8", "--file", str(raw), "--out", str(root / "corpus"), "--no-checksum"]) == 0
+    return raw, data, root / "corpus"
+
+
+def test_enwik8_standard_split_on_a_100mb_stand_in(enwik8_stand_in):
+    raw, data, corpus = enwik8_stand_in
+    manifest = read_manifest(corpus)
+    assert {name: manifest["splits"][name]["n_bytes"] for name in SPLITS} == \
+        {"train": 90_000_000, "valid": 5_000_000, "test": 5_000_000}
+    want = {"train": data[:90_000_000], "valid": data[90_000_000:95_000_000], "test": data[95_000_000:]}
+    for name in SPLITS:
+        assert manifest["splits"][name]["sha256"] == hashlib.sha256(want[name]).hexdigest()
+        split = open_split(corpus, name)
+        assert split.read(0, 1000).tobytes() == want[name][:1000]
+        assert split.read(len(split) - 1000, 1000).tobytes() == want[name][-1000:]
+    assert split_bytes_via_datasets(corpus, "valid") == want["valid"]
+    assert manifest["source"]["kind"] == "enwik8" and manifest["source"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_enwik8_checks_the_payload_sha256(enwik8_stand_in, tmp_path, capsys):
+    raw, _, _ = enwik8_stand_in
+    code, err = run_main(capsys, "enwik8", "--zip", raw, "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, [], "sha256", prepare.ENWIK8_SHA256, "not the standard enwik8")
+
+
+def test_enwik8_from_a_small_zip_with_the_scaled_rule(tmp_path):
+    data = random_bytes(40_000, seed=2)
+    archive = make_zip(tmp_path / "enwik8.zip", {"enwik8": data})
+    result = prepare_enwik8(tmp_path / "c", archive, expected_bytes=len(data),
+                            expected_sha256=hashlib.sha256(data).hexdigest())
+    assert not result.unchanged
+    assert [split_bytes_via_datasets(tmp_path / "c", name) for name in SPLITS] == \
+        [data[:36_000], data[36_000:38_000], data[38_000:]]
+    assert result.manifest["source"]["archive_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert listing(tmp_path) == ["c", "enwik8.zip"]  # the extracted scratch copy is gone
+
+
+def test_enwik8_zip_of_the_wrong_size(tmp_path, capsys):
+    archive = make_zip(tmp_path / "enwik8.zip", {"enwik8": random_bytes(20_000)})
+    code, err = run_main(capsys, "enwik8", "--zip", archive, "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["enwik8.zip"], "20,000 bytes", "expected 100,000,000")
+
+
+def test_enwik8_zip_without_the_member(tmp_path, capsys):
+    archive = make_zip(tmp_path / "enwik8.zip", {"readme.txt": b"hello", "data/enwik9": b"x"})
+    code, err = run_main(capsys, "enwik8", "--zip", archive, "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["enwik8.zip"], "no member 'enwik8'", "readme.txt")
+
+
+def test_enwik8_corrupt_zip(tmp_path, capsys):
+    data = random_bytes(30_000)
+    good = make_zip(tmp_path / "good.zip", {"enwik8": data}).read_bytes()
+    start = good.index(b"enwik8") + len(b"enwik8") + 100  # inside the member's compressed data
+    bad = bytearray(good)
+    bad[start:start + 64] = bytes(64)
+    (tmp_path / "bad.zip").write_bytes(bytes(bad))
+    (tmp_path / "truncated.zip").write_bytes(good[:len(good) // 2])
+    before = listing(tmp_path)
+    prepare_kwargs = dict(expected_bytes=len(data), expected_sha256=None)
+    with pytest.raises(prepare.PrepareError, match="corrupt or truncated zip"):
+        prepare_enwik8(tmp_path / "c", tmp_path / "bad.zip", **prepare_kwargs)
+    with pytest.raises(prepare.PrepareError, match="corrupt or truncated"):
+        prepare_enwik8(tmp_path / "c", tmp_path / "truncated.zip", **prepare_kwargs)
+    assert listing(tmp_path) == before
+    code, err = run_main(capsys, "enwik8", "--zip", tmp_path / "truncated.zip", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, before, "truncated")
+
+
+def test_enwik8_missing_path(tmp_path, capsys):
+    code, err = run_main(capsys, "enwik8", "--zip", tmp_path / "nope.zip", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, [], "no such file", "nope.zip")
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/enwik8.zip"  # nothing listens there once the socket is closed
+
+
+def test_enwik8_download_offline_is_a_clear_error(tmp_path, capsys):
+    url = closed_port_url()
+    code, err = run_main(capsys, "enwik8", "--url", url, "--timeout", "5", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, [], f"could not download enwik8 from {url}", "--zip PATH",
+                          prepare.ENWIK8_URL)
+
+
+def test_enwik8_download_address_from_the_environment(tmp_path, capsys, monkeypatch):
+    url = closed_port_url()
+    monkeypatch.setenv(prepare.ENWIK8_URL_ENV, url)
+    code, err = run_main(capsys, "enwik8", "--timeout", "5", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, [], f"from {url}")
+
+
+def test_enwik8_download_checks_the_archive_size(tmp_path, capsys):
+    payload = make_zip(tmp_path / "served.zip", {"enwik8": b"not quite"}).read_bytes()
+    (tmp_path / "served.zip").unlink()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/enwik8.zip"
+        code, err = run_main(capsys, "enwik8", "--url", url, "--out", tmp_path / "c")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert_failed_cleanly(code, err, tmp_path, [], f"has {len(payload):,} bytes", "expected 36,445,475")
+
+
+# --- files and demo -------------------------------------------------------------------------------------------------
+
+def test_round_trip_contract_rows_concatenate_to_the_split_bytes(tmp_path, capsys):
+    data = random_bytes(3 * ROW_BYTES + 12_345, seed=3)
+    (tmp_path / "in.bin").write_bytes(data)
+    code, _ = run_main(capsys, "files", tmp_path / "in.bin", "--out", tmp_path / "c", "--valid-bytes", 5_000,
+                       "--test-bytes", "7_000")
+    assert code == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    n_train = len(data) - 12_000
+    want = {"train": data[:n_train], "valid": data[n_train:n_train + 5_000], "test": data[n_train + 5_000:]}
+    for name in SPLITS:
+        ds = datasets.load_from_disk(str(tmp_path / "c" / name))
+        rows = ds["bytes"]
+        assert b"".join(rows) == want[name]
+        assert all(len(r) == ROW_BYTES for r in rows[:-1]) and 0 < len(rows[-1]) <= ROW_BYTES
+        info = manifest["splits"][name]
+        assert info == {"n_bytes": len(want[name]), "n_rows": len(rows),
+                        "sha256": hashlib.sha256(want[name]).hexdigest()}
+    assert manifest["format"] == "sharnn-byte-corpus" and manifest["format_version"] == 1
+    assert manifest["layout"]["row_bytes"] == ROW_BYTES and manifest["tool_version"]
+    assert manifest["source"]["kind"] == "files" and manifest["source"]["n_bytes"] == len(data)
+    assert listing(tmp_path) == ["c", "in.bin"]
+
+
+def test_files_reads_directories_recursively_in_sorted_order(tmp_path):
+    tree = {"d/b.txt": b"B" * 3000, "d/a/z.txt": b"Z" * 3000, "d/a/b/c.txt": b"C" * 3000, "d/a.txt": b"A" * 3000,
+            "d/empty/.keep": b"", "solo.txt": b"S" * 3000}
+    for name, content in tree.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    prepare_files([tmp_path / "solo.txt", tmp_path / "d"], tmp_path / "c", valid_bytes=1024, test_bytes=1024)
+    # Sorted by path components, as sorted(Path): a directory's files stay together (d/a/... before d/a.txt).
+    want = tree["solo.txt"] + tree["d/a/b/c.txt"] + tree["d/a/z.txt"] + tree["d/a.txt"] + tree["d/b.txt"]
+    got = b"".join(split_bytes_via_datasets(tmp_path / "c", name) for name in SPLITS)
+    assert got == want
+    assert split_bytes_via_datasets(tmp_path / "c", "test") == want[-1024:]
+    assert read_manifest(tmp_path / "c")["source"]["n_files"] == 6
+
+
+def test_demo_is_the_first_8_mib_of_the_stdlib_sources(tmp_path, capsys):
+    files = demo_files()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts = [f.relative_to(stdlib).parts for f in files]
+    assert files and all(f.suffix == ".py" for f in files) and parts == sorted(parts)
+    assert not any({"site-packages", "test", "tests"} & set(p) for p in parts)
+    code, _ = run_main(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 0
+    manifest = read_manifest(tmp_path / "demo")
+    want = b"".join(f.read_bytes() for f in files)[:prepare.DEMO_BYTES]
+    assert manifest["total_bytes"] == len(want) == prepare.DEMO_BYTES  # this stdlib has more than 8 MiB
+    assert b"".join(split_bytes_via_datasets(tmp_path / "demo", name) for name in SPLITS) == want
+    assert manifest["source"]["kind"] == "demo"
+    before = tree_digest(tmp_path / "demo")
+    code, err = run_main(capsys, "demo", "--out", tmp_path / "demo")  # deterministic: the same corpus again
+    assert code == 0 and "already holds this corpus" in err
+    assert tree_digest(tmp_path / "demo") == before  # not rewritten
+
+
+# --- bad input for files / output directories -----------------------------------------------------------------------
+
+def test_files_missing_path(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(random_bytes(50_000))
+    code, err = run_main(capsys, "files", tmp_path / "a.txt", tmp_path / "missing.txt", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["a.txt"], "no such file or directory", "missing.txt")
+
+
+def test_files_empty_input(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "emptydir").mkdir()
+    before = listing(tmp_path)
+    for inputs in ([tmp_path / "empty.txt"], [tmp_path / "emptydir"], [tmp_path / "empty.txt", tmp_path / "emptydir"]):
+        code, err = run_main(capsys, "files", *inputs, "--out", tmp_path / "c")
+        assert_failed_cleanly(code, err, tmp_path, before, "input is empty")
+
+
+def test_files_splits_too_small(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(random_bytes(10_000))
+    before = listing(tmp_path)
+    code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", tmp_path / "c")  # 5% = 500 bytes
+    assert_failed_cleanly(code, err, tmp_path, before, "at least 1,024 bytes", "valid 500", "--valid-bytes")
+    code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", tmp_path / "c", "--valid-bytes", 5000,
+                         "--test-bytes", 5000)
+    assert_failed_cleanly(code, err, tmp_path, before, "train 0")
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error, exit code 2
+        main(["files", str(tmp_path / "a.txt"), "--out", str(tmp_path / "c"), "--valid-bytes", "-5"])
+    assert exit_info.value.code == 2
+    assert "non-negative" in capsys.readouterr().err
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(random_bytes(50_000))
+    (tmp_path / "out").write_bytes(b"precious")
+    code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", tmp_path / "out", "--overwrite")
+    assert_failed_cleanly(code, err, tmp_path, ["a.txt", "out"], "is a file")
+    assert (tmp_path / "out").read_bytes() == b"precious"
+
+
+def test_out_is_a_non_corpus_directory(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(random_bytes(50_000))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_bytes(b"precious")
+    for extra in ([], ["--overwrite"]):  # never deleted, not even with --overwrite
+        code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", tmp_path / "out", *extra)
+        assert_failed_cleanly(code, err, tmp_path, ["a.txt", "out"], "not a sharnn corpus")
+        assert listing(tmp_path / "out") == ["notes.txt"]
+
+
+def test_out_may_be_an_empty_directory_or_need_new_parents(tmp_path):
+    (tmp_path / "a.txt").write_bytes(random_bytes(50_000))
+    (tmp_path / "empty").mkdir()
+    prepare_files([tmp_path / "a.txt"], tmp_path / "empty")
+    prepare_files([tmp_path / "a.txt"], tmp_path / "new" / "deeper" / "c")
+    for corpus in (tmp_path / "empty", tmp_path / "new" / "deeper" / "c"):
+        assert listing(corpus) == ["manifest.json", "test", "train", "valid"]
+
+
+def test_failure_removes_new_parent_directories(tmp_path, capsys):
+    code, err = run_main(capsys, "files", tmp_path / "missing", "--out", tmp_path / "new" / "c")
+    assert_failed_cleanly(code, err, tmp_path, [], "no such file")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    code, err = run_main(capsys, "files", tmp_path / "empty.txt", "--out", tmp_path / "new" / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["empty.txt"], "empty")  # staging happened, then was undone
+
+
+def test_existing_corpus_identical_different_and_overwrite(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(random_bytes(50_000, seed=1))
+    (tmp_path / "b.txt").write_bytes(random_bytes(50_000, seed=2))
+    out = tmp_path / "c"
+    assert run_main(capsys, "files", tmp_path / "a.txt", "--out", out)[0] == 0
+    original = tree_digest(out)
+
+    code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", out)  # identical: exit 0, untouched
+    assert code == 0 and "already holds this corpus" in err
+    assert tree_digest(out) == original
+
+    code, err = run_main(capsys, "files", tmp_path / "b.txt", "--out", out)  # different: refused
+    assert_failed_cleanly(code, err, tmp_path, ["a.txt", "b.txt", "c"], "different corpus", "--overwrite")
+    assert tree_digest(out) == original
+
+    code, err = run_main(capsys, "files", tmp_path / "b.txt", "--out", out, "--overwrite")  # replaced
+    assert code == 0 and listing(tmp_path) == ["a.txt", "b.txt", "c"]
+    assert b"".join(split_bytes_via_datasets(out, name) for name in SPLITS) == (tmp_path / "b.txt").read_bytes()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_write_leaves_nothing_behind(tmp_path, capsys, monkeypatch, existing):
+    (tmp_path / "a.txt").write_bytes(random_bytes(50_000, seed=1))
+    (tmp_path / "b.txt").write_bytes(random_bytes(50_000, seed=2))
+    out = tmp_path / "c"
+    if existing:
+        prepare_files([tmp_path / "a.txt"], out)
+    before, original = listing(tmp_path), tree_digest(out) if existing else None
+    real_write_split = prepare.write_split
+    calls = []
+
+    def write_then_interrupt(*args, **kwargs):
+        calls.append(real_write_split(*args, **kwargs))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "write_split", write_then_interrupt)
+    code, err = run_main(capsys, "files", tmp_path / "b.txt", "--out", out, "--overwrite")
+    assert code == 130 and len(calls) == 2
+    assert_failed_cleanly(1, err, tmp_path, before, "interrupted")
+    if existing:
+        assert tree_digest(out) == original  # the old corpus is intact
+
+
+def test_python_dash_m_exit_code_and_message(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "sharnn.prepare", "files", str(tmp_path / "missing"), "--out",
+                           str(tmp_path / "c")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: no such file or directory") and "Traceback" not in proc.stderr
+    assert listing(tmp_path) == []
