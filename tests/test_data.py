@@ -41,10 +41,11 @@ def ref_get_batch(source: torch.Tensor, i: int, seq_len: int):
 
 
 def ref_seq_len(bptt: int, seed: int, epoch: int, step: int) -> int:
-    """main.py's draw, with np.random replaced by a generator seeded from (seed, epoch, step)."""
-    rng = np.random.default_rng([seed, epoch, step])
-    base = bptt if rng.random() < 0.95 else bptt / 2.
-    seq_len = max(5, int(rng.normal(base, 5)))
+    """main.py's draw, with np.random replaced by generators seeded from (seed, epoch, block of 256 steps)."""
+    rng = np.random.default_rng([seed, epoch, step // 256])
+    uniform, normal = rng.random(256)[step % 256], rng.standard_normal(256)[step % 256]
+    bptt_ = bptt if uniform < 0.95 else bptt / 2.
+    seq_len = max(5, int(bptt_ + 5 * normal))
     return min(seq_len, bptt)
 
 
