@@ -9,12 +9,12 @@ A prepared corpus (written by ``sharnn-prepare``, see ``sharnn/prepare.py``) is 
 ``open_split`` memory-maps one split and exposes it as a ``ByteSplit``: reads copy only the bytes asked for,
 straight out of zero-copy views of the Arrow buffers, so a rank never holds a whole split in private memory.
 
-Training follows Smerity/sha-rnn (``utils.batchify``, ``utils.get_batch``, the ``train()`` loop of ``main.py``):
-the split is cut into S contiguous streams and every batch row continues exactly where the same row of the
-previous batch stopped, so LSTM state and attention memory carry over. Under data parallelism there are
-S = world_size * batch_size streams and rank r owns streams r*B .. r*B+B-1, so W ranks with batch B read exactly
-the bytes that one process with batch W*B reads. Tensors here are batch-major ``[B, T]``; the model's time-major
-``(T, B)`` order is the trainer's business (one ``.t()``).
+Training follows Smerity/sha-rnn (``utils.batchify``, ``utils.get_batch``, the ``train()`` loop of
+``main.py``): the split is cut into S contiguous streams and every batch row continues exactly where the same
+row of the previous batch stopped, so LSTM state and attention memory carry over. Under data parallelism there
+are S = world_size * batch_size streams and rank r owns streams r*B .. r*B+B-1, so W ranks with batch B read
+exactly the bytes that one process with batch W*B reads. Tensors here are batch-major ``[B, T]``; the model's
+time-major ``(T, B)`` order is the trainer's business (one ``.t()``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _prepare_hint(corpus_dir: Path) -> str:
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:
-    """Read and check ``corpus_dir/manifest.json``; raise ``CorpusError`` naming the fix if it is not a corpus."""
+    """Read and check ``corpus_dir/manifest.json``; a ``CorpusError`` names the fix if it is not a corpus."""
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise CorpusError(f"corpus directory {corpus_dir} does not exist; {_prepare_hint(corpus_dir)}")
@@ -65,7 +65,8 @@ def read_manifest(corpus_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorpusError(f"cannot read {path} ({e}); re-create the corpus with sharnn-prepare ... --overwrite")
+        raise CorpusError(f"cannot read {path} ({e}); re-create the corpus with "
+                          f"sharnn-prepare ... --overwrite")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorpusError(f"{path} is not a sharnn corpus manifest; {_prepare_hint(corpus_dir)}")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -78,8 +79,8 @@ def read_manifest(corpus_dir: str | Path) -> dict:
 def _binary_chunk_view(arr: pa.Array) -> np.ndarray:
     """Zero-copy uint8 view of the bytes of all rows of one Arrow binary chunk, in row order.
 
-    Arrow stores row i of a binary array at ``data[offsets[i]:offsets[i + 1]]`` with non-decreasing offsets, so
-    the rows of a chunk, concatenated, are one contiguous slice of its data buffer.
+    Arrow stores row i of a binary array at ``data[offsets[i]:offsets[i + 1]]`` with non-decreasing offsets,
+    so the rows of a chunk, concatenated, are one contiguous slice of its data buffer.
     """
     if pa.types.is_binary(arr.type):
         offset_dtype = np.dtype(np.int32)
@@ -98,7 +99,7 @@ def _binary_chunk_view(arr: pa.Array) -> np.ndarray:
 
 
 class ByteSplit:
-    """A read-only byte sequence stored as consecutive chunks (zero-copy views of memory-mapped Arrow buffers).
+    """A read-only byte sequence stored as consecutive chunks (zero-copy views of memory-mapped Arrow data).
 
     Build one with ``open_split`` (a prepared corpus) or ``ByteSplit.from_bytes`` (in memory, for tests).
     ``read`` and ``gather`` return fresh arrays holding only the requested bytes; reads may cross chunk
@@ -106,11 +107,11 @@ class ByteSplit:
     """
 
     def __init__(self, chunks: Sequence[np.ndarray], name: str = "", dataset: datasets.Dataset | None = None):
-        """``chunks``: 1-D uint8 arrays whose concatenation is the split (not copied; empty ones are skipped)."""
+        """``chunks``: 1-D uint8 arrays whose concatenation is the split (not copied; empty ones skipped)."""
         self._chunks = []
         for chunk in chunks:
             if chunk.dtype != np.uint8 or chunk.ndim != 1:
-                raise ValueError(f"chunks must be 1-D uint8 arrays, got {chunk.dtype} with shape {chunk.shape}")
+                raise ValueError(f"chunks must be 1-D uint8 arrays, got {chunk.dtype} of shape {chunk.shape}")
             if len(chunk):
                 self._chunks.append(chunk)
         # bounds[c] is the split position of chunk c's first byte; bounds[-1] is the split length.
@@ -148,7 +149,7 @@ class ByteSplit:
         return self.gather(np.array([start], dtype=np.int64), length)[0]
 
     def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Rows ``out[k] = split[starts[k] : starts[k] + length]`` as a new uint8 array ``[len(starts), length]``.
+        """Rows ``out[k] = split[starts[k] : starts[k] + length]`` as a new uint8 array, shape [n, length].
 
         One slice copy per row (no per-byte Python work); a row crossing chunk boundaries is copied piecewise.
         """
@@ -176,7 +177,7 @@ class ByteSplit:
         return out
 
     def _copy_across(self, dst: np.ndarray, chunk: int, rel: int) -> None:
-        """Fill ``dst`` with bytes starting at offset ``rel`` of chunk ``chunk``, continuing into later chunks."""
+        """Fill ``dst`` from offset ``rel`` of chunk ``chunk`` on, continuing into the following chunks."""
         filled = 0
         while filled < len(dst):
             src = self._chunks[chunk]
@@ -208,7 +209,8 @@ def open_split(corpus_dir: str | Path, split: str, verify: bool = False) -> Byte
     manifest = read_manifest(corpus_dir)
     info = manifest.get("splits", {}).get(split)
     if info is None:
-        raise CorpusError(f"corpus {corpus_dir} has no split {split!r}; it has {sorted(manifest.get('splits', {}))}")
+        raise CorpusError(f"corpus {corpus_dir} has no split {split!r}; it has "
+                          f"{sorted(manifest.get('splits', {}))}")
     split_dir = corpus_dir / split
     try:
         # keep_in_memory=False: always memory-map, even if HF_DATASETS_IN_MEMORY_MAX_SIZE is set.
@@ -222,17 +224,17 @@ def open_split(corpus_dir: str | Path, split: str, verify: bool = False) -> Byte
     chunks = [_binary_chunk_view(arr) for arr in ds.data.table.column(BYTES_COLUMN).chunks]
     byte_split = ByteSplit(chunks, name=split, dataset=ds)
     if len(byte_split) != info["n_bytes"]:
-        raise CorpusError(f"split {split!r} of {corpus_dir} holds {len(byte_split)} bytes but its manifest says "
-                          f"{info['n_bytes']}; the corpus is damaged: re-create it with sharnn-prepare ... "
-                          f"--overwrite")
+        raise CorpusError(f"split {split!r} of {corpus_dir} holds {len(byte_split)} bytes but its manifest "
+                          f"says {info['n_bytes']}; the corpus is damaged: re-create it with "
+                          f"sharnn-prepare ... --overwrite")
     if verify and byte_split.sha256() != info["sha256"]:
-        raise CorpusError(f"split {split!r} of {corpus_dir} does not match the sha256 in its manifest; the corpus "
-                          f"is damaged: re-create it with sharnn-prepare ... --overwrite")
+        raise CorpusError(f"split {split!r} of {corpus_dir} does not match the sha256 in its manifest; the "
+                          f"corpus is damaged: re-create it with sharnn-prepare ... --overwrite")
     return byte_split
 
 
-# Segment lengths are drawn in blocks of this many steps: one generator per block instead of one per step (seeding
-# a generator costs ~20 us, a fifth of a loader step).
+# Segment lengths are drawn in blocks of this many steps: one generator per block instead of one per step
+# (seeding a generator costs ~20 us, a fifth of a loader step).
 SEQ_LEN_BLOCK = 256
 
 
@@ -248,28 +250,28 @@ def _seq_len_block(bptt: int, seed: int, epoch: int, block: int) -> tuple[int, .
 def draw_seq_len(bptt: int, seed: int, epoch: int, step_in_epoch: int) -> int:
     """The training segment length T for one step, as in Smerity/sha-rnn ``main.py``.
 
-    Base length bptt with probability 0.95 else bptt / 2; T = int(normal(base, 5)), then at least 5 and at most
-    bptt (the reference's ``max(5, ...)`` then ``min(..., bptt)``). The draws come from a generator seeded by
-    (seed, epoch, step_in_epoch // SEQ_LEN_BLOCK) only, never from global random state, so every rank draws the
-    same T and a resumed run draws what the uninterrupted run would have.
+    Base length bptt with probability 0.95 else bptt / 2; T = int(normal(base, 5)), then at least 5 and at
+    most bptt (the reference's ``max(5, ...)`` then ``min(..., bptt)``). The draws come from a generator
+    seeded by (seed, epoch, step_in_epoch // SEQ_LEN_BLOCK) only, never from global random state, so every
+    rank draws the same T and a resumed run draws what the uninterrupted run would have.
     """
     block, index = divmod(step_in_epoch, SEQ_LEN_BLOCK)
     return _seq_len_block(bptt, seed, epoch, block)[index]
 
 
 def _expected_seq_len(bptt: int) -> float:
-    """Mean of ``draw_seq_len(bptt, ...)``: a sum over the integer outcomes of the normal draw within 10 sigma."""
+    """Mean of ``draw_seq_len(bptt, ...)``: a sum over the integer outcomes of the normal draw (10 sigma)."""
     def mean_for(base: float) -> float:
         def cdf(x: float) -> float:
             return 0.5 * (1.0 + math.erf((x - base) / (BPTT_STD * math.sqrt(2.0))))
-        # int() truncates toward zero and floor() does not, but they differ only below 0, where both clamp to 5.
+        # int() truncates toward zero and floor() does not; they differ only below 0, where both clamp to 5.
         ks = range(math.floor(base - 10 * BPTT_STD), math.ceil(base + 10 * BPTT_STD) + 1)
         return sum((cdf(k + 1) - cdf(k)) * min(max(MIN_SEQ_LEN, k), bptt) for k in ks)
     return P_FULL_BPTT * mean_for(bptt) + (1 - P_FULL_BPTT) * mean_for(bptt / 2.0)
 
 
 def _to_long(window: np.ndarray) -> torch.Tensor:
-    """A contiguous int64 tensor copy of a uint8 array (numpy's cast is cheaper than torch indexing + copy)."""
+    """A contiguous int64 tensor copy of a uint8 array (numpy's cast is cheaper than torch slicing + copy)."""
     return torch.from_numpy(window.astype(np.int64))
 
 
@@ -300,13 +302,13 @@ _LAYOUT_KEYS = ("batch_size", "world_size", "bptt", "seed", "vary_bptt", "split_
 class StreamLoader:
     """Infinite truncated-BPTT segments over this rank's contiguous streams; deterministic and resumable.
 
-    Layout: S = world_size * batch_size streams of L = len(split) // S bytes each (the remainder is dropped, as
-    the reference's ``batchify``); stream s is split[s*L : (s+1)*L] and rank r owns streams r*B .. r*B+B-1.
+    Layout: S = world_size * batch_size streams of L = len(split) // S bytes each (the remainder is dropped,
+    as the reference's ``batchify``); stream s is split[s*L : (s+1)*L] and rank r owns streams r*B .. r*B+B-1.
     A cursor i starts at 0; each step yields inputs stream[i : i+T] and targets stream[i+1 : i+T+1] for every
-    owned stream, then i += T. T comes from ``draw_seq_len(bptt, seed, epoch, step_in_epoch)`` (or is bptt when
-    ``vary_bptt=False``) and is cut to L - 1 - i; the epoch ends once i >= L - 2 (the reference's
-    ``while i < train_data.size(0) - 1 - 1``), and the next epoch starts again at i = 0. All ranks draw the same
-    T and so reach the end of an epoch at the same step.
+    owned stream, then i += T. T comes from ``draw_seq_len(bptt, seed, epoch, step_in_epoch)`` (or is bptt
+    when ``vary_bptt=False``) and is cut to L - 1 - i; the epoch ends once i >= L - 2 (the reference's
+    ``while i < train_data.size(0) - 1 - 1``), and the next epoch starts again at i = 0. All ranks draw the
+    same T and so reach the end of an epoch at the same step.
     """
 
     def __init__(self, split: ByteSplit, batch_size: int, bptt: int, rank: int, world_size: int, seed: int,
@@ -328,8 +330,8 @@ class StreamLoader:
         self.stream_len = len(split) // self.n_streams
         if self.stream_len < 3:
             raise ValueError(f"split of {len(split)} bytes is too small for {self.n_streams} streams "
-                             f"(world_size {world_size} x batch_size {batch_size}): each stream needs at least "
-                             f"3 bytes; use a larger split or fewer streams")
+                             f"(world_size {world_size} x batch_size {batch_size}): each stream needs at "
+                             f"least 3 bytes; use a larger split or fewer streams")
         # Split position of the first byte of each of this rank's streams.
         self._stream_starts = (self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)) \
             * self.stream_len
@@ -381,11 +383,12 @@ class StreamLoader:
         missing = [k for k in ("epoch", "step_in_epoch", "offset") + _LAYOUT_KEYS if k not in state]
         if missing:
             raise ValueError(f"loader state is missing keys {missing}")
-        differ = [f"{k} saved {state[k]!r}, now {current[k]!r}" for k in _LAYOUT_KEYS if state[k] != current[k]]
+        differ = [f"{k} saved {state[k]!r}, now {current[k]!r}"
+                  for k in _LAYOUT_KEYS if state[k] != current[k]]
         if differ:
             raise ValueError("cannot resume the data position: the stream layout differs from the saved one ("
-                             + "; ".join(differ) + "), so the streams would not line up. Resume with the same "
-                             "world size, batch size, bptt, seed and corpus split.")
+                             + "; ".join(differ) + "), so the streams would not line up. Resume with the "
+                             "same world size, batch size, bptt, seed and corpus split.")
         epoch, step, offset = int(state["epoch"]), int(state["step_in_epoch"]), int(state["offset"])
         if epoch < 0 or step < 0 or not 0 <= offset < self.stream_len - 2 or (step == 0) != (offset == 0):
             raise ValueError(f"invalid loader position epoch={epoch} step_in_epoch={step} offset={offset} "
@@ -405,11 +408,12 @@ class EvalSegment(NamedTuple):
 class EvalStreams:
     """Evaluation segments: E = n_streams streams, independent of world size, divided among ranks.
 
-    Layout: L = len(split) // E; stream s is split[s*L : (s+1)*L]; segments start at i = 0, seg_len, 2*seg_len,
-    ... while i < L - 1 and have length T = min(seg_len, L - 1 - i) (the reference's ``evaluate``). Rank r gets
-    the contiguous streams ``rank_streams = range(r*E // W, (r+1)*E // W)``; rank sizes differ by at most one, and
-    when W > E some ranks get no streams and yield nothing (they must still join any collective reduction, e.g.
-    with a zero loss sum). Every rank with streams yields ``n_segments`` segments. Iterating again restarts.
+    Layout: L = len(split) // E; stream s is split[s*L : (s+1)*L]; segments start at i = 0, seg_len,
+    2*seg_len, ... while i < L - 1 and have length T = min(seg_len, L - 1 - i) (the reference's ``evaluate``).
+    Rank r gets the contiguous streams ``rank_streams = range(r*E // W, (r+1)*E // W)``; rank sizes differ by
+    at most one, and when W > E some ranks get no streams and yield nothing (they must still join any
+    collective reduction, e.g. with a zero loss sum). Every rank with streams yields ``n_segments`` segments.
+    Iterating again restarts.
 
     ``total_predictions`` = E * (L - 1) counts the targets over all ranks: bpc = (sum over ranks of summed
     cross-entropy in nats) / total_predictions / ln 2.
@@ -426,9 +430,10 @@ class EvalStreams:
         self.seg_len = int(seg_len)
         self.stream_len = len(split) // self.n_streams
         if self.stream_len < 2:
-            raise ValueError(f"split of {len(split)} bytes is too small for {n_streams} evaluation streams: each "
-                             f"stream needs at least 2 bytes")
-        self.rank_streams = range(rank * self.n_streams // world_size, (rank + 1) * self.n_streams // world_size)
+            raise ValueError(f"split of {len(split)} bytes is too small for {n_streams} evaluation streams: "
+                             f"each stream needs at least 2 bytes")
+        n = self.n_streams
+        self.rank_streams = range(rank * n // world_size, (rank + 1) * n // world_size)
         self._stream_starts = np.arange(self.rank_streams.start, self.rank_streams.stop, dtype=np.int64) \
             * self.stream_len
         self.n_segments = len(range(0, self.stream_len - 1, self.seg_len))
