@@ -1,12 +1,12 @@
-"""sharnn-prepare: turn raw bytes into a prepared corpus directory that ``sharnn.data.open_split`` memory-maps.
+"""sharnn-prepare: turn raw bytes into a prepared corpus directory, which ``sharnn.data.open_split`` maps.
 
-    sharnn-prepare enwik8 [--zip PATH] --out DIR     standard enwik8 split: 90M / 5M / 5M bytes
-    sharnn-prepare files PATH... --out DIR           any files/directories, concatenated; last bytes are valid/test
-    sharnn-prepare demo --out DIR                    the Python standard library's own *.py sources, first 8 MiB
+    sharnn-prepare enwik8 [--zip PATH] --out DIR   standard enwik8 split: 90M / 5M / 5M bytes
+    sharnn-prepare files PATH... --out DIR         files/directories, concatenated; last bytes: valid, test
+    sharnn-prepare demo --out DIR                  the first 8 MiB of the Python standard library's *.py files
 
 Layout of the output (see ``sharnn/data.py``): ``DIR/{train,valid,test}`` each hold one ``datasets.Dataset``
-saved with ``save_to_disk``, one ``bytes`` column of type binary holding rows of ``ROW_BYTES`` bytes (the last row
-of a split may be shorter), so each split's rows concatenated in order are exactly that split's bytes:
+saved with ``save_to_disk``, one ``bytes`` column of type binary holding rows of ``ROW_BYTES`` bytes (the last
+row of a split may be shorter), so each split's rows concatenated in order are exactly that split's bytes:
 
     >>> ds = datasets.load_from_disk("DIR/valid"); b"".join(ds["bytes"])[:100]
 
@@ -45,7 +45,8 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 from tqdm import tqdm
 
-from sharnn.data import BYTES_COLUMN, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, CorpusError, open_split
+from sharnn.data import (BYTES_COLUMN, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, CorpusError,
+                         open_split)
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,9 @@ ENWIK8_ZIP_SHA256 = "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
 
 ROW_BYTES = 64 * 1024
-"""Bytes per dataset row. 64 KiB keeps the row count small (1,526 rows for 100 MB) and a row a handy unit to
-look at, while reads go through whole Arrow record batches anyway (see ``sharnn.data.ByteSplit``)."""
-ROWS_PER_ARROW_CHUNK = 1024
+"""Bytes per dataset row. 64 KiB keeps the row count small (about 1,500 rows for enwik8) and a row a handy
+unit to look at, while reads go through whole Arrow record batches anyway (see ``sharnn.data.ByteSplit``)."""
+_MAX_ARROW_CHUNK_BYTES = 256 * 2**20  # per array handed to datasets; binary arrays have int32 offsets
 DEMO_BYTES = 8 * 2**20
 """The demo corpus is the first 8 MiB of the concatenated standard-library sources."""
 MIN_SPLIT_BYTES = 1024
@@ -97,7 +98,7 @@ def _tool_version() -> str:
         return getattr(sharnn, "__version__", "unknown")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Split rules
 
 
@@ -113,9 +114,11 @@ def enwik8_split_sizes(total: int) -> tuple[int, int, int]:
 
 def held_out_split_sizes(total: int, valid_bytes: int | None = None,
                          test_bytes: int | None = None) -> tuple[int, int, int]:
-    """(train, valid, test) byte counts for ``files``: the last ``test_bytes`` are test, the ``valid_bytes`` before
-    them valid (default 5% each, as enwik8), the rest train. Raises ``PrepareError`` if a split gets under
-    ``MIN_SPLIT_BYTES``."""
+    """(train, valid, test) byte counts for ``files``: the last ``test_bytes`` are test, the ``valid_bytes``
+    before them valid (default 5% each, as enwik8), the rest train.
+
+    Raises ``PrepareError`` if a split gets fewer than ``MIN_SPLIT_BYTES``.
+    """
     default_held_out = int(total * DEFAULT_HELD_OUT_FRACTION)
     valid = default_held_out if valid_bytes is None else valid_bytes
     test = default_held_out if test_bytes is None else test_bytes
@@ -128,18 +131,19 @@ def _check_split_sizes(total: int, sizes: tuple[int, int, int]) -> None:
     small = [f"{name} {n:,}" for name, n in zip(SPLITS, sizes) if n < MIN_SPLIT_BYTES]
     if small:
         raise PrepareError(
-            f"the input has {total:,} bytes, which gives splits train {sizes[0]:,} / valid {sizes[1]:,} / test "
-            f"{sizes[2]:,} bytes, but every split needs at least {MIN_SPLIT_BYTES:,} bytes (too small: "
+            f"the input has {total:,} bytes, which gives splits train {sizes[0]:,} / valid {sizes[1]:,} / "
+            f"test {sizes[2]:,} bytes, but every split needs at least {MIN_SPLIT_BYTES:,} bytes (too small: "
             f"{', '.join(small)}). Give more input or smaller --valid-bytes / --test-bytes.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Writing
 
 
 def _sha256(data: np.ndarray, desc: str = "") -> str:
     h = hashlib.sha256()
-    with tqdm(total=len(data), unit="B", unit_scale=True, desc=desc or "sha256", disable=None, leave=False) as bar:
+    with tqdm(total=len(data), unit="B", unit_scale=True, desc=desc or "sha256", disable=None,
+              leave=False) as bar:
         for pos in range(0, len(data), 64 * 2**20):
             block = data[pos:pos + 64 * 2**20]
             h.update(memoryview(block))
@@ -150,9 +154,10 @@ def _sha256(data: np.ndarray, desc: str = "") -> str:
 def _rows_table(data: np.ndarray, row_bytes: int) -> pa.Table:
     """A one-column binary table over ``data`` (zero-copy): rows of ``row_bytes``, the last one shorter."""
     n_rows = -(-len(data) // row_bytes)
+    rows_per_chunk = max(1, _MAX_ARROW_CHUNK_BYTES // row_bytes)
     chunks = []
-    for row0 in range(0, n_rows, ROWS_PER_ARROW_CHUNK):
-        row1 = min(n_rows, row0 + ROWS_PER_ARROW_CHUNK)
+    for row0 in range(0, n_rows, rows_per_chunk):
+        row1 = min(n_rows, row0 + rows_per_chunk)
         byte0, byte1 = row0 * row_bytes, min(len(data), row1 * row_bytes)
         offsets = np.minimum(np.arange(row0, row1 + 1, dtype=np.int64) * row_bytes, byte1) - byte0
         chunks.append(pa.Array.from_buffers(pa.binary(), row1 - row0,
@@ -162,14 +167,14 @@ def _rows_table(data: np.ndarray, row_bytes: int) -> pa.Table:
 
 
 def write_split(data: np.ndarray, path: Path, sha256: str, row_bytes: int = ROW_BYTES) -> dict:
-    """Save ``data`` (1-D uint8, may be a memmap) as a ``datasets.Dataset`` at ``path``; returns its manifest entry.
+    """Save ``data`` (1-D uint8, may be a memmap) as a ``datasets.Dataset`` at ``path``.
 
-    ``sha256`` is the digest of ``data``; it doubles as the dataset fingerprint, which spares ``datasets`` from
-    hashing the whole table itself.
+    ``sha256`` is the digest of ``data``; it doubles as the dataset fingerprint, which spares ``datasets``
+    from hashing the whole table itself. Returns the split's manifest entry.
     """
     features = datasets.Features({BYTES_COLUMN: datasets.Value("binary")})
-    info = datasets.DatasetInfo(description="sharnn byte corpus split: the rows of column 'bytes', concatenated "
-                                            "in order, are the split's bytes", features=features)
+    info = datasets.DatasetInfo(description="sharnn byte corpus split: the rows of column 'bytes', "
+                                            "concatenated in order, are the split's bytes", features=features)
     ds = datasets.Dataset(InMemoryTable(_rows_table(data, row_bytes)), info=info, fingerprint=sha256[:32])
     # datasets' own progress bar only on a terminal, like ours (tqdm disable=None).
     quiet = not sys.stderr.isatty() and not datasets.utils.are_progress_bars_disabled()
@@ -193,8 +198,8 @@ def _check_out(out: Path) -> dict | None:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
             return manifest  # a corpus, possibly of another format version: replaceable with --overwrite
-    raise PrepareError(f"--out {out} is a non-empty directory that is not a sharnn corpus (no {MANIFEST_NAME}); "
-                       f"refusing to write into it. Choose a new or empty directory.")
+    raise PrepareError(f"--out {out} is a non-empty directory that is not a sharnn corpus (no "
+                       f"{MANIFEST_NAME}); refusing to write into it. Choose a new or empty directory.")
 
 
 @contextlib.contextmanager
@@ -219,26 +224,31 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished corpus in ``tmp`` to ``out``, replacing what ``out`` held (already checked replaceable)."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "corpus")
+    """Move the finished corpus in ``tmp`` to ``out``, replacing what ``out`` held (checked replaceable)."""
+    if not out.exists():
         os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / "corpus")
+    try:
+        os.rename(tmp, out)
+    except BaseException:  # put the previous corpus back, even on Ctrl-C
+        os.rename(old / "corpus", out)
+        raise
+    finally:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _same_corpus(manifest: dict, splits: dict) -> bool:
     old = manifest.get("splits", {})
     return manifest.get("format_version") == FORMAT_VERSION and set(old) == set(splits) and all(
-        old[name].get("sha256") == splits[name]["sha256"] and old[name].get("n_bytes") == splits[name]["n_bytes"]
-        for name in splits)
+        old[name].get("sha256") == new["sha256"] and old[name].get("n_bytes") == new["n_bytes"]
+        for name, new in splits.items())
 
 
 def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, int], source: dict,
                  existing: dict | None, overwrite: bool, row_bytes: int = ROW_BYTES) -> PrepareResult:
-    """Write ``data`` cut into (train, valid, test) ``sizes`` as a corpus in staging dir ``tmp``, then move it to ``out``.
+    """Write ``data`` cut into (train, valid, test) ``sizes`` in staging dir ``tmp``, then move it to ``out``.
 
     ``existing`` is the manifest already at ``out`` (from ``_check_out``): an identical corpus is left alone
     (unless ``overwrite``), a different one is replaced only with ``overwrite``. Every split is read back and
@@ -256,8 +266,8 @@ def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, 
             return PrepareResult(out=out, manifest=existing, unchanged=True)
         if not same and not overwrite:
             raise PrepareError(f"--out {out} already holds a different corpus (source: "
-                               f"{existing.get('source', {}).get('kind', '?')}); pass --overwrite to replace it, "
-                               f"or choose another --out.")
+                               f"{existing.get('source', {}).get('kind', '?')}); pass --overwrite to replace "
+                               f"it, or choose another --out.")
     splits = {}
     for name, part in parts.items():
         log.info("writing %s: %s bytes", name, f"{len(part):,}")
@@ -286,17 +296,19 @@ def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, 
 def _check_written(corpus_dir: Path, manifest: dict) -> None:
     for name, info in manifest["splits"].items():
         if open_split(corpus_dir, name).sha256() != info["sha256"]:
-            raise PrepareError(f"internal error: split {name!r} read back from {corpus_dir} does not match its "
-                               f"source bytes; please report this")
+            raise PrepareError(f"internal error: split {name!r} read back from {corpus_dir} does not match "
+                               f"its source bytes; please report this")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Sources
 
 
 def collect_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Regular files named by ``paths``, in the given order; a directory expands to all files below it, sorted by
-    path components (as ``sorted`` sorts ``Path`` objects: ``a/b/c``, ``a/z``, ``a.txt``), hidden files included.
+    """Regular files named by ``paths``, in the given order.
+
+    A directory expands to all files below it (hidden ones included), sorted by path components as ``sorted``
+    sorts ``Path`` objects: ``a/b/c``, ``a/z``, ``a.txt``.
     """
     files: list[Path] = []
     for raw in paths:
@@ -337,13 +349,17 @@ def _map(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrite: bool, valid_bytes: int | None,
-                        test_bytes: int | None, max_bytes: int | None, row_bytes: int = ROW_BYTES) -> PrepareResult:
+def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrite: bool,
+                        valid_bytes: int | None, test_bytes: int | None, max_bytes: int | None,
+                        row_bytes: int = ROW_BYTES) -> PrepareResult:
     existing = _check_out(out)
+    # An --out inside an input directory must not feed its previous corpus back in.
+    files = [f for f in files if not f.resolve().is_relative_to(out.resolve())]
     with _staging(out) as tmp:
         n_bytes = _concat_files(files, tmp / _SOURCE_FILE, max_bytes)
         if n_bytes == 0:
-            raise PrepareError(f"the input is empty: {len(files)} file(s), 0 bytes. Pass files that hold data.")
+            raise PrepareError(f"the input is empty: {len(files)} file(s), 0 bytes. Pass files that hold "
+                               f"data.")
         data = _map(tmp / _SOURCE_FILE)
         sizes = held_out_split_sizes(n_bytes, valid_bytes, test_bytes)
         source = dict(source, n_files=len(files), n_bytes=n_bytes)
@@ -351,7 +367,8 @@ def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrit
 
 
 def prepare_files(paths: Sequence[str | Path], out: str | Path, valid_bytes: int | None = None,
-                  test_bytes: int | None = None, overwrite: bool = False, row_bytes: int = ROW_BYTES) -> PrepareResult:
+                  test_bytes: int | None = None, overwrite: bool = False,
+                  row_bytes: int = ROW_BYTES) -> PrepareResult:
     """Prepare a corpus from local files/directories (see ``collect_files``), bytes concatenated in order.
 
     ``row_bytes`` only changes how the bytes are cut into dataset rows (tests use small rows for many chunks).
@@ -393,8 +410,8 @@ def download(url: str, dest: Path, timeout: float) -> None:
                     bar.update(len(block))
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
-        raise PrepareError(f"could not download enwik8 from {url} ({reason}). This machine may be offline or the "
-                           f"site unreachable: download {ENWIK8_URL} elsewhere, copy it here and pass "
+        raise PrepareError(f"could not download enwik8 from {url} ({reason}). This machine may be offline or "
+                           f"the site unreachable: download {ENWIK8_URL} elsewhere, copy it here and pass "
                            f"--zip PATH.")
 
 
@@ -415,8 +432,9 @@ def _enwik8_from_zip(zip_path: Path, dest: Path, expected_bytes: int) -> None:
                                    f"{', '.join(names[:5]) or 'nothing'}{' ...' if len(names) > 5 else ''}); "
                                    f"pass the enwik8.zip from {ENWIK8_URL}")
             if member.file_size != expected_bytes:
-                raise PrepareError(f"member {ENWIK8_MEMBER!r} of {zip_path} has {member.file_size:,} bytes, expected "
-                                   f"{expected_bytes:,}; this is not enwik8: pass the enwik8.zip from {ENWIK8_URL}")
+                raise PrepareError(f"member {ENWIK8_MEMBER!r} of {zip_path} has {member.file_size:,} bytes, "
+                                   f"expected {expected_bytes:,}; this is not enwik8: pass the enwik8.zip "
+                                   f"from {ENWIK8_URL}")
             with archive.open(member) as src, open(dest, "wb") as f, \
                     tqdm(total=member.file_size, unit="B", unit_scale=True, desc="unzip", disable=None,
                          leave=False) as bar:
@@ -434,8 +452,9 @@ def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | N
     """Prepare enwik8 with its standard split (``enwik8_split_sizes``).
 
     ``path`` is ``enwik8.zip`` or the raw extracted ``enwik8``; without it the archive is downloaded from
-    ``url`` (default ``$SHARNN_ENWIK8_URL`` or ``ENWIK8_URL``) and its size and sha256 are checked. Always checked:
-    the extracted bytes number ``expected_bytes`` and, unless ``expected_sha256`` is None, hash to it.
+    ``url`` (default ``$SHARNN_ENWIK8_URL`` or ``ENWIK8_URL``) and its size and sha256 are checked. Always
+    checked: the extracted bytes number ``expected_bytes`` and, unless ``expected_sha256`` is None, hash to
+    it.
     ``expected_bytes``/``expected_sha256`` exist for stand-ins and tests.
     """
     out = Path(out)
@@ -445,7 +464,8 @@ def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | N
         if not path.exists():
             raise PrepareError(f"no such file: {path}; download {ENWIK8_URL} and pass its path with --zip")
         if not path.is_file():
-            raise PrepareError(f"{path} is not a file; pass enwik8.zip or the extracted enwik8 file with --zip")
+            raise PrepareError(f"{path} is not a file; pass enwik8.zip or the extracted enwik8 file with "
+                               f"--zip")
         source["path"] = str(path.absolute())
     existing = _check_out(out)
     with _staging(out) as tmp:
@@ -456,11 +476,13 @@ def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | N
             size = path.stat().st_size
             if size != ENWIK8_ZIP_BYTES:
                 raise PrepareError(f"the archive downloaded from {url} has {size:,} bytes, expected "
-                                   f"{ENWIK8_ZIP_BYTES:,}; download {ENWIK8_URL} elsewhere and pass --zip PATH")
+                                   f"{ENWIK8_ZIP_BYTES:,}; download {ENWIK8_URL} elsewhere and pass "
+                                   f"--zip PATH")
             digest = _file_sha256(path)
             if digest != ENWIK8_ZIP_SHA256:
                 raise PrepareError(f"the archive downloaded from {url} has sha256 {digest}, expected "
-                                   f"{ENWIK8_ZIP_SHA256}; download {ENWIK8_URL} elsewhere and pass --zip PATH")
+                                   f"{ENWIK8_ZIP_SHA256}; download {ENWIK8_URL} elsewhere and pass "
+                                   f"--zip PATH")
             source["url"] = url
         if zipfile.is_zipfile(path):
             raw = tmp / _SOURCE_FILE
@@ -470,20 +492,20 @@ def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | N
             raw = path
             size = raw.stat().st_size
             if size != expected_bytes:
-                raise PrepareError(f"{raw} is neither a readable zip archive (corrupt or truncated?) nor a raw "
-                                   f"enwik8 file of {expected_bytes:,} bytes (it has {size:,}); pass the "
+                raise PrepareError(f"{raw} is neither a readable zip archive (corrupt or truncated?) nor a "
+                                   f"raw enwik8 file of {expected_bytes:,} bytes (it has {size:,}); pass the "
                                    f"enwik8.zip from {ENWIK8_URL}")
         data = _map(raw)
         digest = _sha256(data, "sha256 enwik8")
         if expected_sha256 is not None and digest != expected_sha256:
-            raise PrepareError(f"the enwik8 bytes from {path} have sha256 {digest}, expected {expected_sha256}; "
-                               f"this is not the standard enwik8: pass the enwik8.zip from {ENWIK8_URL} "
-                               f"(or --no-checksum for a deliberate stand-in)")
+            raise PrepareError(f"the enwik8 bytes from {path} have sha256 {digest}, expected "
+                               f"{expected_sha256}; this is not the standard enwik8: pass the enwik8.zip "
+                               f"from {ENWIK8_URL} (or --no-checksum for a deliberate stand-in)")
         source.update(sha256=digest, n_bytes=len(data))
         return write_corpus(tmp, out, data, enwik8_split_sizes(len(data)), source, existing, overwrite)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -510,24 +532,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     enwik8 = sub.add_parser("enwik8", parents=[common], help="enwik8 with the standard 90M/5M/5M split",
-                            description="enwik8 with the standard split: first 90,000,000 bytes train, next "
-                                        "5,000,000 valid, last 5,000,000 test. Checks the extracted file's size "
-                                        f"({ENWIK8_BYTES:,} bytes) and sha256; a download is also checked for "
-                                        f"the archive's size ({ENWIK8_ZIP_BYTES:,} bytes) and sha256.")
+                            description="enwik8 with the standard split: first 90,000,000 bytes train, "
+                                        "next 5,000,000 valid, last 5,000,000 test. Checks the extracted "
+                                        f"file's size ({ENWIK8_BYTES:,} bytes) and sha256; a download is "
+                                        f"also checked for the archive's size ({ENWIK8_ZIP_BYTES:,} bytes) "
+                                        "and sha256.")
     where = enwik8.add_mutually_exclusive_group()
     where.add_argument("--zip", dest="path", type=Path, metavar="PATH",
                        help="local enwik8.zip or extracted enwik8 file (default: download it)")
     where.add_argument("--file", dest="path", type=Path, metavar="PATH", help="same as --zip")
-    enwik8.add_argument("--url", default=None,
-                        help=f"download address when no --zip is given (default: ${ENWIK8_URL_ENV} or {ENWIK8_URL})")
-    enwik8.add_argument("--timeout", type=float, default=60.0, help="download timeout in seconds (default 60)")
+    enwik8.add_argument("--url", default=None, help=f"download address when no --zip is given (default: "
+                                                    f"${ENWIK8_URL_ENV} or {ENWIK8_URL})")
+    enwik8.add_argument("--timeout", type=float, default=60.0,
+                        help="download timeout in seconds (default 60)")
     enwik8.add_argument("--no-checksum", action="store_true",
-                        help="do not check the extracted file's sha256 (its size is still checked); for stand-ins")
+                        help="do not check the extracted file's sha256 (its size is still checked); for "
+                             "stand-ins")
 
     files = sub.add_parser("files", parents=[common], help="any local files or directories, concatenated",
-                           description="Concatenate files (directories recursively, sorted by path) in the given "
-                                       "order; the last --test-bytes become test, the --valid-bytes before them "
-                                       "valid, the rest train.")
+                           description="Concatenate files (directories recursively, sorted by path) in the "
+                                       "given order; the last --test-bytes become test, the --valid-bytes "
+                                       "before them valid, the rest train.")
     files.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories")
     files.add_argument("--valid-bytes", type=_byte_count, default=None, metavar="N",
                        help="valid split size in bytes (default 5%% of the input)")
@@ -535,8 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="test split size in bytes (default 5%% of the input)")
 
     sub.add_parser("demo", parents=[common], help="built-in demo corpus: Python standard library sources",
-                   description=f"The first {DEMO_BYTES // 2**20} MiB of this Python's standard-library *.py files "
-                               "(sorted, no tests), split like `files`. Needs no download.")
+                   description=f"The first {DEMO_BYTES // 2**20} MiB of this Python's standard-library *.py "
+                               "files (sorted, no tests), split like `files`. Needs no download.")
     return parser
 
 
@@ -547,10 +572,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "enwik8":
             result = prepare_enwik8(args.out, args.path, url=args.url, overwrite=args.overwrite,
-                                    timeout=args.timeout, expected_sha256=None if args.no_checksum else ENWIK8_SHA256)
+                                    timeout=args.timeout,
+                                    expected_sha256=None if args.no_checksum else ENWIK8_SHA256)
         elif args.command == "files":
-            result = prepare_files(args.paths, args.out, valid_bytes=args.valid_bytes, test_bytes=args.test_bytes,
-                                   overwrite=args.overwrite)
+            result = prepare_files(args.paths, args.out, valid_bytes=args.valid_bytes,
+                                   test_bytes=args.test_bytes, overwrite=args.overwrite)
         else:
             result = prepare_demo(args.out, overwrite=args.overwrite)
     except (PrepareError, CorpusError) as e:

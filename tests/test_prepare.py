@@ -249,6 +249,14 @@ def test_files_reads_directories_recursively_in_sorted_order(tmp_path):
     assert read_manifest(tmp_path / "c")["source"]["n_files"] == 6
 
 
+def test_files_never_reads_the_output_corpus_back_in(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_bytes(random_bytes(50_000))
+    assert run_main(capsys, "files", tmp_path / "d", "--out", tmp_path / "d" / "corpus")[0] == 0
+    code, err = run_main(capsys, "files", tmp_path / "d", "--out", tmp_path / "d" / "corpus")
+    assert code == 0 and "already holds this corpus" in err
+
+
 def test_demo_is_the_first_8_mib_of_the_stdlib_sources(tmp_path, capsys):
     files = demo_files()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
