@@ -1,7 +1,7 @@
 """sharnn.data: byte splits, the per-rank training stream layout, resume, evaluation layout, memory mapping.
 
-The reference for the layout is Smerity/sha-rnn: ``utils.batchify``, ``utils.get_batch`` and the ``train()`` and
-``evaluate()`` loops of ``main.py``, re-implemented below as plainly as possible.
+The reference for the layout is Smerity/sha-rnn: ``utils.batchify``, ``utils.get_batch`` and the ``train()``
+and ``evaluate()`` loops of ``main.py``, re-implemented below as plainly as possible.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def random_bytes(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
-# --- the reference, written out -----------------------------------------------------------------------------------
+# --- the reference, written out -----------------------------------------------------------------------------
 
 def ref_batchify(data: np.ndarray, bsz: int) -> torch.Tensor:
     """Smerity/sha-rnn utils.batchify: [L, bsz], column b is the b-th contiguous part."""
@@ -49,7 +49,8 @@ def ref_seq_len(bptt: int, seed: int, epoch: int, step: int) -> int:
     return min(seq_len, bptt)
 
 
-def ref_train_segments(data: np.ndarray, bsz: int, bptt: int, seed: int, n_epochs: int, vary_bptt: bool = True):
+def ref_train_segments(data: np.ndarray, bsz: int, bptt: int, seed: int, n_epochs: int,
+                       vary_bptt: bool = True):
     """(epoch, batch, data [T, bsz], targets [T, bsz]) in main.py's train() order."""
     train_data = ref_batchify(data, bsz)
     for epoch in range(n_epochs):
@@ -68,7 +69,7 @@ def ref_eval_segments(data: np.ndarray, bsz: int, bptt: int):
         yield ref_get_batch(source, i, bptt)
 
 
-# --- ByteSplit ------------------------------------------------------------------------------------------------------
+# --- ByteSplit ----------------------------------------------------------------------------------------------
 
 def test_gather_across_chunk_boundaries_matches_flat_bytes():
     flat = random_bytes(10_000)
@@ -188,7 +189,7 @@ def test_open_split_memory_maps_instead_of_copying(tmp_path):
     assert anon_growth < 24 * 2**20, anon_growth
 
 
-# --- StreamLoader ---------------------------------------------------------------------------------------------------
+# --- StreamLoader -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("vary_bptt", [True, False])
 def test_single_rank_matches_reference_batchify_and_get_batch(vary_bptt):
@@ -199,7 +200,8 @@ def test_single_rank_matches_reference_batchify_and_get_batch(vary_bptt):
     n_ref = 0
     for epoch, step, x, y in ref_train_segments(data, bsz, bptt, seed, n_epochs=3, vary_bptt=vary_bptt):
         batch = next(loader)
-        assert (batch.epoch, batch.step_in_epoch, batch.is_epoch_start, batch.T) == (epoch, step, step == 0, len(x))
+        assert (batch.epoch, batch.step_in_epoch, batch.is_epoch_start, batch.T) == \
+            (epoch, step, step == 0, len(x))
         assert torch.equal(batch.inputs, x.t()) and torch.equal(batch.targets, y.t())
         n_ref += 1
     assert n_ref > 3 * 20
@@ -244,7 +246,8 @@ def test_batch_tensors_are_contiguous_int64_with_next_byte_targets():
     assert batch.inputs.is_contiguous() and batch.targets.is_contiguous()
     assert batch.inputs.shape == batch.targets.shape == (4, batch.T)
     assert torch.equal(batch.targets[:, :-1], batch.inputs[:, 1:])
-    assert torch.equal(batch.targets[:, -1], torch.from_numpy(data[np.arange(4) * 250 + batch.T].astype(np.int64)))
+    last_targets = data[np.arange(4) * 250 + batch.T].astype(np.int64)  # streams are 250 bytes long
+    assert torch.equal(batch.targets[:, -1], torch.from_numpy(last_targets))
 
 
 @pytest.mark.parametrize("stream_len,expected_lens", [(23, [5, 5, 5, 5, 2]), (22, [5, 5, 5, 5]), (3, [2])])
@@ -314,7 +317,7 @@ def test_resume_continues_at_the_same_bytes(stop_after):
     resumed = make(0)
     resumed.load_state_dict(state)
     _assert_same_batches(_run(resumed, 40), want)
-    # The state is rank-independent (safe for accelerate's main-process-only custom state): rank 1 resumes too.
+    # The state is rank-independent (fit for accelerate's main-process-only custom state): rank 1 resumes too.
     other = make(1)
     other.load_state_dict(state)
     _assert_same_batches(_run(other, 40), _run(make(1), stop_after + 40)[stop_after:])
@@ -350,7 +353,7 @@ def test_loader_rejects_impossible_layouts():
         StreamLoader(split, 2, 8, rank=0, world_size=1, seed=-1)
 
 
-# --- EvalStreams ----------------------------------------------------------------------------------------------------
+# --- EvalStreams --------------------------------------------------------------------------------------------
 
 def test_eval_single_rank_matches_reference_evaluate():
     data = random_bytes(5_011, seed=12)
@@ -370,7 +373,8 @@ def test_eval_layout_does_not_depend_on_world_size(world_size):
     split = ByteSplit.from_bytes(random_bytes(3_001, seed=13))
     n_streams = 8
     single = list(EvalStreams(split, n_streams, seg_len=64, rank=0, world_size=1))
-    ranks = [EvalStreams(split, n_streams, seg_len=64, rank=r, world_size=world_size) for r in range(world_size)]
+    ranks = [EvalStreams(split, n_streams, seg_len=64, rank=r, world_size=world_size)
+             for r in range(world_size)]
     assert [s for r in ranks for s in r.rank_streams] == list(range(n_streams))  # a contiguous partition
     sizes = [len(r.rank_streams) for r in ranks]
     assert max(sizes) - min(sizes) <= 1

@@ -1,7 +1,7 @@
 """sharnn-prepare: the corpus contract, the enwik8 split, files/demo sources, and every kind of bad input.
 
-CLI tests call ``main([...])`` in-process; one test runs ``python -m sharnn.prepare`` for the exit code. Nothing
-here touches the internet: downloads go to a closed local port or a local HTTP server.
+CLI tests call ``main([...])`` in-process; one test runs ``python -m sharnn.prepare`` for the exit code.
+Nothing here touches the internet: downloads go to a closed local port or a local HTTP server.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import pytest
 
 from sharnn import prepare
 from sharnn.data import SPLITS, open_split, read_manifest
-from sharnn.prepare import (ENWIK8_BYTES, ROW_BYTES, demo_files, enwik8_split_sizes, held_out_split_sizes, main,
-                            prepare_enwik8, prepare_files)
+from sharnn.prepare import (ENWIK8_BYTES, ROW_BYTES, demo_files, enwik8_split_sizes, held_out_split_sizes,
+                            main, prepare_enwik8, prepare_files)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def assert_failed_cleanly(code: int, err: str, parent: Path, before: list[str], 
     assert listing(parent) == before  # no corpus, no staging directory
 
 
-# --- split rules ----------------------------------------------------------------------------------------------------
+# --- split rules --------------------------------------------------------------------------------------------
 
 def test_enwik8_split_rule():
     assert enwik8_split_sizes(100_000_000) == (90_000_000, 5_000_000, 5_000_000)
@@ -80,11 +80,11 @@ def test_enwik8_split_rule():
     assert held_out_split_sizes(100_000, valid_bytes=2_000, test_bytes=3_000) == (95_000, 2_000, 3_000)
 
 
-# --- enwik8 ---------------------------------------------------------------------------------------------------------
+# --- enwik8 -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def enwik8_stand_in(tmp_path_factory):
-    """A raw 100,000,000-byte stand-in for enwik8 (random bytes) and the corpus prepared from it by the CLI."""
+    """A raw 100,000,000-byte stand-in for enwik8 (random bytes) and the corpus the CLI prepares from it."""
     root = tmp_path_factory.mktemp("enwik8")
     raw = root / "enwik8"
     data = random_bytes(ENWIK8_BYTES, seed=1)
@@ -105,7 +105,8 @@ def test_enwik8_standard_split_on_a_100mb_stand_in(enwik8_stand_in):
         assert split.read(0, 1000).tobytes() == want[name][:1000]
         assert split.read(len(split) - 1000, 1000).tobytes() == want[name][-1000:]
     assert split_bytes_via_datasets(corpus, "valid") == want["valid"]
-    assert manifest["source"]["kind"] == "enwik8" and manifest["source"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["source"]["kind"] == "enwik8"
+    assert manifest["source"]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_enwik8_checks_the_payload_sha256(enwik8_stand_in, tmp_path, capsys):
@@ -209,7 +210,7 @@ def test_enwik8_download_checks_the_archive_size(tmp_path, capsys):
     assert_failed_cleanly(code, err, tmp_path, [], f"has {len(payload):,} bytes", "expected 36,445,475")
 
 
-# --- files and demo -------------------------------------------------------------------------------------------------
+# --- files and demo -----------------------------------------------------------------------------------------
 
 def test_round_trip_contract_rows_concatenate_to_the_split_bytes(tmp_path, capsys):
     data = random_bytes(3 * ROW_BYTES + 12_345, seed=3)
@@ -235,8 +236,8 @@ def test_round_trip_contract_rows_concatenate_to_the_split_bytes(tmp_path, capsy
 
 
 def test_files_reads_directories_recursively_in_sorted_order(tmp_path):
-    tree = {"d/b.txt": b"B" * 3000, "d/a/z.txt": b"Z" * 3000, "d/a/b/c.txt": b"C" * 3000, "d/a.txt": b"A" * 3000,
-            "d/empty/.keep": b"", "solo.txt": b"S" * 3000}
+    tree = {"d/b.txt": b"B" * 3000, "d/a/z.txt": b"Z" * 3000, "d/a/b/c.txt": b"C" * 3000,
+            "d/a.txt": b"A" * 3000, "d/empty/.keep": b"", "solo.txt": b"S" * 3000}
     for name, content in tree.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content)
@@ -276,11 +277,12 @@ def test_demo_is_the_first_8_mib_of_the_stdlib_sources(tmp_path, capsys):
     assert tree_digest(tmp_path / "demo") == before  # not rewritten
 
 
-# --- bad input for files / output directories -----------------------------------------------------------------------
+# --- bad input for files / output directories ---------------------------------------------------------------
 
 def test_files_missing_path(tmp_path, capsys):
     (tmp_path / "a.txt").write_bytes(random_bytes(50_000))
-    code, err = run_main(capsys, "files", tmp_path / "a.txt", tmp_path / "missing.txt", "--out", tmp_path / "c")
+    code, err = run_main(capsys, "files", tmp_path / "a.txt", tmp_path / "missing.txt", "--out",
+                         tmp_path / "c")
     assert_failed_cleanly(code, err, tmp_path, ["a.txt"], "no such file or directory", "missing.txt")
 
 
@@ -288,7 +290,8 @@ def test_files_empty_input(tmp_path, capsys):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "emptydir").mkdir()
     before = listing(tmp_path)
-    for inputs in ([tmp_path / "empty.txt"], [tmp_path / "emptydir"], [tmp_path / "empty.txt", tmp_path / "emptydir"]):
+    empty_file, empty_dir = tmp_path / "empty.txt", tmp_path / "emptydir"
+    for inputs in ([empty_file], [empty_dir], [empty_file, empty_dir]):
         code, err = run_main(capsys, "files", *inputs, "--out", tmp_path / "c")
         assert_failed_cleanly(code, err, tmp_path, before, "input is empty")
 
@@ -359,7 +362,8 @@ def test_existing_corpus_identical_different_and_overwrite(tmp_path, capsys):
 
     code, err = run_main(capsys, "files", tmp_path / "b.txt", "--out", out, "--overwrite")  # replaced
     assert code == 0 and listing(tmp_path) == ["a.txt", "b.txt", "c"]
-    assert b"".join(split_bytes_via_datasets(out, name) for name in SPLITS) == (tmp_path / "b.txt").read_bytes()
+    replaced = b"".join(split_bytes_via_datasets(out, name) for name in SPLITS)
+    assert replaced == (tmp_path / "b.txt").read_bytes()
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -388,8 +392,9 @@ def test_interrupted_write_leaves_nothing_behind(tmp_path, capsys, monkeypatch, 
 
 def test_python_dash_m_exit_code_and_message(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "sharnn.prepare", "files", str(tmp_path / "missing"), "--out",
-                           str(tmp_path / "c")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    command = [sys.executable, "-m", "sharnn.prepare", "files", str(tmp_path / "missing"), "--out",
+               str(tmp_path / "c")]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: no such file or directory") and "Traceback" not in proc.stderr
     assert listing(tmp_path) == []
