@@ -1,16 +1,16 @@
-"""Benchmark the training data path: prepare a random-byte corpus, stream it with StreamLoader, report speed and memory.
+"""Benchmark the training data path: prepare random bytes, stream them with StreamLoader, report speed, memory.
 
-    python -m bench.loader [--size-gb 1.0] [--compare-gb 0.25] [--batch-size 16] [--bptt 1024] [--world-size 1]
-                           [--max-seconds 60] [--json PATH] [--dir DIR]
+    python -m bench.loader [--size-gb 1.0] [--compare-gb 0.25] [--batch-size 16] [--bptt 1024]
+                           [--world-size 1] [--max-seconds 60] [--json PATH] [--dir DIR]
 
-For each corpus size (``--size-gb`` and, for comparison, ``--compare-gb``) this writes random bytes, prepares them
-with ``sharnn.prepare.prepare_files`` (the code behind ``sharnn-prepare files``), then runs every rank of a
-``--world-size`` layout as its own fresh process (all at once, as real ranks would) that streams one epoch of the
-train split (or ``--max-seconds``). Each is measured twice: "cold", after evicting the corpus files from the page
-cache (``posix_fadvise(DONTNEED)``, only these files), and "warm", with the files cached. Reported per rank:
-bytes of inputs delivered per second, and memory from ``/proc/self/status``: RSS (what psutil reports) split into
-RssAnon (private memory: must not depend on the corpus size) and RssFile (mapped corpus pages that were touched;
-page cache shared with other ranks, dropped by the kernel under memory pressure).
+For each corpus size (``--size-gb`` and, for comparison, ``--compare-gb``) this writes random bytes, prepares
+them with ``sharnn.prepare.prepare_files`` (the code behind ``sharnn-prepare files``), then runs every rank of a
+``--world-size`` layout as its own fresh process (all at once, as real ranks would) that streams one epoch of
+the train split (or ``--max-seconds``). Each is measured twice: "cold", after evicting the corpus files from the
+page cache (``posix_fadvise(DONTNEED)``, only these files), and "warm", with the files cached. Reported per
+rank: bytes of inputs delivered per second, and memory from ``/proc/self/status``: RSS (what psutil reports)
+split into RssAnon (private memory: must not depend on the corpus size) and RssFile (mapped corpus pages that
+were touched; page cache shared with other ranks, dropped by the kernel under memory pressure).
 
 The generated corpora are removed at the end unless ``--dir`` is given (then they are kept and reused).
 """
@@ -81,8 +81,8 @@ def measure(corpus: Path, batch_size: int, bptt: int, rank: int, world_size: int
         n_steps += 1
     elapsed = time.perf_counter() - t0
     end = _memory()
-    return {"rank": rank, "split_bytes": len(split), "open_s": open_s, "steps": n_steps, "input_bytes": n_bytes,
-            "seconds": elapsed, "bytes_per_s": n_bytes / elapsed, "whole_epoch": loader.epoch > 0,
+    return {"rank": rank, "split_bytes": len(split), "open_s": open_s, "steps": n_steps,
+            "input_bytes": n_bytes, "seconds": elapsed, "bytes_per_s": n_bytes / elapsed, "whole_epoch": loader.epoch > 0,
             "rank_stream_bytes": batch_size * (len(split) // (batch_size * world_size)),
             "memory_start": start, "memory_open": opened, "memory_end": end,
             "anon_growth": end["anon"] - start["anon"], "file_growth": end["file"] - start["file"],
@@ -91,10 +91,12 @@ def measure(corpus: Path, batch_size: int, bptt: int, rank: int, world_size: int
 
 def _run_ranks(corpus: Path, args: argparse.Namespace) -> list[dict]:
     """All ranks at once, each in a fresh interpreter, so each one's memory baseline is clean."""
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.loader", "--_measure", str(corpus), "--_rank", str(r),
-                               "--batch-size", str(args.batch_size), "--bptt", str(args.bptt),
-                               "--world-size", str(args.world_size), "--max-seconds", str(args.max_seconds)],
-                              stdout=subprocess.PIPE, text=True) for r in range(args.world_size)]
+    def command(rank: int) -> list[str]:
+        return [sys.executable, "-m", "bench.loader", "--_measure", str(corpus), "--_rank", str(rank),
+                "--batch-size", str(args.batch_size), "--bptt", str(args.bptt),
+                "--world-size", str(args.world_size), "--max-seconds", str(args.max_seconds)]
+
+    procs = [subprocess.Popen(command(r), stdout=subprocess.PIPE, text=True) for r in range(args.world_size)]
     results = []
     for proc in procs:
         out, _ = proc.communicate()
@@ -105,7 +107,7 @@ def _run_ranks(corpus: Path, args: argparse.Namespace) -> list[dict]:
 
 
 def _make_corpus(root: Path, n_bytes: int) -> tuple[Path, dict]:
-    """Prepare (or reuse) a corpus of ``n_bytes`` random bytes under ``root``; returns it and preparation stats."""
+    """Prepare (or reuse) a corpus of ``n_bytes`` random bytes under ``root``; returns it and some timings."""
     import numpy as np
 
     from sharnn.data import CorpusError, read_manifest
@@ -139,7 +141,8 @@ def _table(rows: list[dict]) -> str:
     for row in rows:
         r = row["result"]
         lines.append((f"{row['corpus_bytes'] / GIB:.2f} GiB", row["cache"], str(r["rank"]),
-                      f"{r['bytes_per_s'] / 1e6:.0f}", str(r["steps"]), "whole" if r["whole_epoch"] else "part",
+                      f"{r['bytes_per_s'] / 1e6:.0f}", str(r["steps"]),
+                      "whole" if r["whole_epoch"] else "part",
                       f"{r['memory_start']['rss'] / MIB:.0f} MiB", f"{r['memory_end']['rss'] / MIB:.0f} MiB",
                       f"{r['anon_growth'] / MIB:+.1f} MiB", f"{r['file_growth'] / MIB:+.0f} MiB",
                       f"{r['open_s'] * 1e3:.0f}"))
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.0, help="corpus size in GiB (default 1.0)")
     parser.add_argument("--compare-gb", type=float, default=0.25,
-                        help="second, smaller corpus for the memory comparison in GiB (0 to skip; default 0.25)")
+                        help="second, smaller corpus for the memory comparison in GiB (0 to skip; "
+                             "default 0.25)")
     parser.add_argument("--batch-size", type=int, default=16, help="streams per rank (default 16)")
     parser.add_argument("--bptt", type=int, default=1024, help="base segment length (default 1024)")
     parser.add_argument("--world-size", type=int, default=1, help="ranks, each a process (default 1)")
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                            if not k.startswith("_")},
                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                              "numpy": numpy.__version__, "torch": torch.__version__, "platform": platform.platform()},
+                              "numpy": numpy.__version__, "torch": torch.__version__,
+                              "platform": platform.platform()},
                   "prepared": {str(k): v for k, v in prepared.items()}, "runs": rows}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
