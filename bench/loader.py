@@ -1,16 +1,17 @@
-"""Benchmark the training data path: prepare random bytes, stream them with StreamLoader, report speed, memory.
+"""Benchmark the training data path: prepare random bytes, stream them with StreamLoader, time and measure.
 
     python -m bench.loader [--size-gb 1.0] [--compare-gb 0.25] [--batch-size 16] [--bptt 1024]
                            [--world-size 1] [--max-seconds 60] [--json PATH] [--dir DIR]
 
 For each corpus size (``--size-gb`` and, for comparison, ``--compare-gb``) this writes random bytes, prepares
-them with ``sharnn.prepare.prepare_files`` (the code behind ``sharnn-prepare files``), then runs every rank of a
-``--world-size`` layout as its own fresh process (all at once, as real ranks would) that streams one epoch of
-the train split (or ``--max-seconds``). Each is measured twice: "cold", after evicting the corpus files from the
-page cache (``posix_fadvise(DONTNEED)``, only these files), and "warm", with the files cached. Reported per
-rank: bytes of inputs delivered per second, and memory from ``/proc/self/status``: RSS (what psutil reports)
-split into RssAnon (private memory: must not depend on the corpus size) and RssFile (mapped corpus pages that
-were touched; page cache shared with other ranks, dropped by the kernel under memory pressure).
+them with ``sharnn.prepare.prepare_files`` (the code behind ``sharnn-prepare files``), then runs every rank of
+a ``--world-size`` layout as its own fresh process (all at once, as real ranks would) that streams one epoch
+of the train split (or ``--max-seconds``). Each is measured twice: "cold", after evicting the corpus files
+from the page cache (``posix_fadvise(DONTNEED)``, only these files), and "warm", with the files cached.
+Reported per rank: bytes of inputs delivered per second, and memory from ``/proc/self/status``: RSS (what
+psutil reports) split into RssAnon (private memory: must not depend on the corpus size) and RssFile (mapped
+corpus pages that were touched; page cache shared with other ranks, dropped by the kernel under memory
+pressure).
 
 The generated corpora are removed at the end unless ``--dir`` is given (then they are kept and reused).
 """
@@ -82,7 +83,8 @@ def measure(corpus: Path, batch_size: int, bptt: int, rank: int, world_size: int
     elapsed = time.perf_counter() - t0
     end = _memory()
     return {"rank": rank, "split_bytes": len(split), "open_s": open_s, "steps": n_steps,
-            "input_bytes": n_bytes, "seconds": elapsed, "bytes_per_s": n_bytes / elapsed, "whole_epoch": loader.epoch > 0,
+            "input_bytes": n_bytes, "seconds": elapsed, "bytes_per_s": n_bytes / elapsed,
+            "whole_epoch": loader.epoch > 0,
             "rank_stream_bytes": batch_size * (len(split) // (batch_size * world_size)),
             "memory_start": start, "memory_open": opened, "memory_end": end,
             "anon_growth": end["anon"] - start["anon"], "file_growth": end["file"] - start["file"],
