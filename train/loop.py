@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import sharnn
 from sharnn import SHARNN, CarryState
-from sharnn.data import StreamLoader, open_split
+from sharnn.data import CorpusError, StreamLoader, open_split
 from sharnn.generate import generate
 from sharnn.optim import LAMB
 from train import checkpoint
@@ -133,6 +133,11 @@ def memory_bytes(device: torch.device) -> int:
     return psutil.Process().memory_info().rss
 
 
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN or Infinity: 'not measured' is null."""
+    return x if math.isfinite(x) else None
+
+
 def draw_resets(seed: int, step: int, p: float) -> tuple[bool, bool]:
     """The reference forgets hidden state and memory, independently, with probability p after a step.
     Drawn from (seed, step) so that every rank and every resumed run draws the same."""
@@ -177,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    train_split = open_split(cfg.data, "train")
-    valid_split = open_split(cfg.data, "valid")
+    try:
+        train_split, valid_split = open_split(cfg.data, "train"), open_split(cfg.data, "valid")
+    except CorpusError as e:
+        raise SystemExit(f"error: --data: {e}") from None
     loader = StreamLoader(train_split, cfg.batch_size, cfg.bptt, rank, world, cfg.seed, vary_bptt=cfg.vary_bptt)
     stream_len = len(train_split) // (world * cfg.batch_size)
     eval_bptt = cfg.eval_bptt or cfg.bptt
@@ -297,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.load_state(str(best))
         test_bpc = evaluate(accelerator, raw_model, open_split(cfg.data, "test"), cfg.test_streams, eval_bptt)
         logger.scalars({"test/bpc": test_bpc}, ts.step)
-    summary = {"step": ts.step, "epoch": ts.epoch, "val_bpc": val_bpc, "best_val_bpc": ts.best_val_bpc,
-               "best_step": ts.best_step, "test_bpc": test_bpc, "exit": exit_reason}
+    summary = {"step": ts.step, "epoch": ts.epoch, "val_bpc": finite_or_none(val_bpc),
+               "best_val_bpc": finite_or_none(ts.best_val_bpc), "best_step": ts.best_step,
+               "test_bpc": test_bpc, "exit": exit_reason}
     say("summary: " + json.dumps(summary))
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

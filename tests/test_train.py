@@ -1,0 +1,269 @@
+"""Training for real: single process, DDP and DeepSpeed under `accelerate launch` (gloo on CPU), resume
+after a clean stop and after SIGKILL, SIGTERM, non-finite losses, TensorBoard records, --dry-run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run, subprocess_env, train_cmd
+
+pytestmark = pytest.mark.slow
+
+# Dropout off so that 2 ranks x 4 streams and 1 process x 8 streams compute the same thing (dropout masks
+# are drawn per rank); state resets on (p=0.2) so that the carried state's resets are exercised too.
+EQUIV = ["--preset", "tiny", "--max_steps", "8", "--warmup_steps", "3", "--eval_every", "4", "--save_every", "4",
+         "--log_every", "1", "--model.dropouth", "0", "--state_reset_prob", "0.2", "--sample_bytes", "0",
+         "--eval_max_segments", "10"]
+DDP = ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
+
+
+def deepspeed(tmp_path: Path, stage: int) -> list[str]:
+    cfg = json.loads((REPO / "ds_config.json").read_text())
+    cfg["zero_optimization"]["stage"] = stage
+    path = tmp_path / f"ds_zero{stage}.json"
+    path.write_text(json.dumps(cfg))
+    return ["--config_file", str(REPO / "launch" / "cpu_deepspeed.yaml"), "--deepspeed_config_file", str(path)]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(run_dir: Path, key: str) -> dict[int, float]:
+    return {m["step"]: m[key] for m in metrics(run_dir) if key in m}
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt / "model.safetensors")
+
+
+def assert_same_training(a: Path, b: Path, rtol: float = 1e-5) -> None:
+    for key in ("train/loss", "val/bpc", "test/bpc"):
+        sa, sb = series(a, key), series(b, key)
+        assert sa.keys() == sb.keys() and sa, key
+        for step in sa:
+            assert math.isclose(sa[step], sb[step], rel_tol=rtol), (key, step, sa[step], sb[step])
+    na, nb = series(a, "train/grad_norm"), series(b, "train/grad_norm")
+    for step in na:
+        assert math.isclose(na[step], nb[step], rel_tol=1e-4), ("grad_norm", step, na[step], nb[step])
+
+
+@pytest.fixture(scope="module")
+def single_lamb(text_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "lamb"
+    run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(out), "--batch_size", "8"), threads=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_adamw(text_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "adamw"
+    run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(out), "--batch_size", "8",
+                  "--optimizer", "adamw"), threads=2)
+    return out
+
+
+def test_ddp_two_processes_match_one(text_corpus, single_lamb, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(out), "--batch_size", "4", launch=DDP))
+    assert "world size 2 (DistributedType.MULTI_CPU)" in proc.stdout
+    assert_same_training(single_lamb, out)
+
+
+def test_deepspeed_zero0_lamb_matches_one(text_corpus, single_lamb, tmp_path):
+    out = tmp_path / "ds0"
+    proc = run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(out), "--batch_size", "4",
+                         launch=deepspeed(tmp_path, 0)))
+    assert "world size 2 (DistributedType.DEEPSPEED)" in proc.stdout
+    assert_same_training(single_lamb, out)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_adamw_matches_one(text_corpus, single_adamw, tmp_path, stage):
+    out = tmp_path / f"ds{stage}"
+    run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(out), "--batch_size", "4", "--optimizer",
+                  "adamw", launch=deepspeed(tmp_path, stage)))
+    assert_same_training(single_adamw, out)
+
+
+def test_deepspeed_refuses_lamb_under_zero2(text_corpus, tmp_path):
+    proc = run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(tmp_path / "x"), "--batch_size", "4",
+                         launch=deepspeed(tmp_path, 2)), check=False)
+    assert proc.returncode != 0
+    assert "per-tensor trust ratios" in proc.stderr and "--optimizer adamw" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ resume
+RESUME = ["--preset", "tiny", "--warmup_steps", "3", "--eval_every", "5", "--save_every", "5", "--log_every", "1",
+          "--sample_bytes", "0", "--eval_max_segments", "5", "--batch_size", "4", "--bptt", "32",
+          "--state_reset_prob", "0.1"]
+
+
+def test_resume_continues_bitwise(text_corpus, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(straight), "--max_steps", "20"), threads=2)
+    run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(split), "--max_steps", "10"), threads=2)
+    proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(split), "--max_steps", "20",
+                         "--resume", "auto"), threads=2)
+    assert "resumed from" in proc.stdout and "at step 10" in proc.stdout
+    a, b = weights(straight / "checkpoints/step-00000020"), weights(split / "checkpoints/step-00000020")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same bytes, same draws, same carried state
+    assert series(straight, "train/loss") == series(split, "train/loss")
+    # metrics.jsonl holds each step once, with no duplicates from the interrupted run
+    steps = [m["step"] for m in metrics(split) if "train/loss" in m]
+    assert steps == list(range(1, 21))
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted(text_corpus, tmp_path):
+    args = [*RESUME, "--data", str(text_corpus), "--max_steps", "60"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(train_cmd(*args, "--out", str(straight)), threads=2)
+    proc = subprocess.Popen(train_cmd(*args, "--out", str(killed)), cwd=REPO, env=subprocess_env(2),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-00000010" / "train_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert "step-00000060" not in done  # it really died mid-run
+    run(train_cmd(*args, "--out", str(killed), "--resume", "auto"), threads=2)
+    a, b = weights(straight / "checkpoints/step-00000060"), weights(killed / "checkpoints/step-00000060")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fresh_run_refuses_existing_run_dir(text_corpus, tmp_path):
+    out = tmp_path / "r"
+    run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps", "5"), threads=2)
+    proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps", "5"),
+               check=False)
+    assert proc.returncode != 0 and "--resume auto" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------- signals and NaN
+def _wait_for_steps(run_dir: Path, proc: subprocess.Popen, n: int) -> None:
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and sum(1 for _ in path.open()) >= n:
+            return
+        time.sleep(0.1)
+
+
+def test_sigterm_checkpoints_and_exits_zero(text_corpus, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps",
+                                      "100000", "--save_every", "0", "--eval_every", "0"),
+                            cwd=REPO, env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_steps(out, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit"] == "stopped by SIGTERM"
+    ckpt = out / "checkpoints" / f"step-{summary['step']:08d}"
+    assert (ckpt / "train_state.json").exists()
+
+
+def test_sigterm_to_ddp_workers_checkpoints_every_rank(text_corpus, tmp_path):
+    """Cluster preemption signals every process; each rank finishes its step and writes its carry state."""
+    out = tmp_path / "term-ddp"
+    proc = subprocess.Popen(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps",
+                                      "100000", "--save_every", "0", "--eval_every", "0", launch=DDP),
+                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_steps(out, proc, 3)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(int(pid), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    ckpt = out / "checkpoints" / f"step-{summary['step']:08d}"
+    assert (ckpt / "carry_rank0.safetensors").exists() and (ckpt / "carry_rank1.safetensors").exists()
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(text_corpus, tmp_path):
+    out = tmp_path / "nan"
+    proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps", "30", "--lr",
+                         "1e30", "--warmup_steps", "0", "--clip", "0", "--save_every", "1"), check=False)
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stderr and "at step" in proc.stderr
+    ckpts = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert ckpts, "the last good checkpoint should be there"
+    for ckpt in ckpts:
+        for value in weights(ckpt).values():
+            assert torch.isfinite(value).all()
+
+
+def test_nonfinite_skip_mode_skips_steps(text_corpus, tmp_path):
+    proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(tmp_path / "skip"), "--max_steps", "6",
+                         "--lr", "1e30", "--warmup_steps", "0", "--clip", "0", "--on_nonfinite", "skip",
+                         "--no_test_at_end"), check=False)
+    assert "skipping step" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------- records, CLI
+def test_tensorboard_holds_the_scalars(single_lamb):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [p.parent for p in (single_lamb / "tensorboard").rglob("events.out.tfevents.*")]
+    assert runs
+    acc = EventAccumulator(str(runs[0]), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {"train/loss", "train/bpc", "train/lr", "train/grad_norm", "perf/bytes_per_s",
+            "perf/bytes_per_s_per_rank", "perf/step_time_s", "perf/memory_bytes", "val/bpc", "test/bpc"}
+    assert want <= tags, want - tags
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+    assert math.isclose(acc.Scalars("train/loss")[0].value, series(single_lamb, "train/loss")[1], rel_tol=1e-6)
+    assert "train/lamb_trust_ratio" in acc.Tags()["histograms"]
+
+
+def test_tensorboard_text_sample_and_hparams(text_corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "sample"
+    run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps", "5",
+                  "--sample_bytes", "40"), threads=2)
+    files = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    text_tags = set()
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"tensors": 0})
+        acc.Reload()
+        text_tags |= set(acc.Tags()["tensors"])
+    assert any(t.startswith("sample") for t in text_tags), text_tags
+    assert any("hparams" in str(p) or "_hparams_" in str(t) for p in files for t in text_tags) or len(files) > 1
+
+
+def test_dry_run_paper_prints_parameter_count():
+    proc = run(train_cmd("--preset", "paper", "--dry-run"))
+    assert "parameters: 53825792" in proc.stdout
+    assert "global batch: 16 streams" in proc.stdout
+
+
+def test_bad_flag_value_is_a_clear_error():
+    proc = run(train_cmd("--preset", "tiny", "--batch_size", "two", "--dry-run"), check=False)
+    assert proc.returncode != 0 and "batch_size" in (proc.stderr + proc.stdout)
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path):
+    proc = run(train_cmd("--preset", "tiny", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")),
+               check=False)
+    assert proc.returncode != 0 and "sharnn-prepare" in proc.stderr
+    assert "Traceback" not in proc.stderr
