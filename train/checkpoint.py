@@ -2,6 +2,7 @@
 
 A checkpoint directory `checkpoints/step-00001200/` holds what accelerate writes (model, optimizer and
 every rank's RNG; DeepSpeed shards under DeepSpeed) plus:
+  model.safetensors         the weights (accelerate's own file; under DeepSpeed written by sharnn too)
   train_state.json          step, epoch, bytes seen, best validation bpc, loader position (rank-independent)
   carry_rank{r}.safetensors each rank's LSTM state and attention memory (per rank: every rank owns its streams)
   config.yaml, meta.json    the resolved config; format version, world size, library versions
@@ -20,11 +21,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from sharnn.state import CarryState
 
 FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"  # what accelerate writes for DDP / one process; written by us under DeepSpeed
 
 
 @dataclasses.dataclass
@@ -94,7 +97,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
                      "(a checkpoint holds train_state.json); use --resume auto to continue --out")
 
 
-def save(accelerator, run_dir: Path, state: TrainState, carry: CarryState, config_yaml: str,
+def save(accelerator, model, run_dir: Path, state: TrainState, carry: CarryState, config_yaml: str,
          keep_last: int) -> Path:
     """Every rank calls this. Returns the final checkpoint directory."""
     root = checkpoints_root(run_dir)
@@ -105,6 +108,11 @@ def save(accelerator, run_dir: Path, state: TrainState, carry: CarryState, confi
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed stores weights in its own (pickled) format; every checkpoint also carries plain weights.
+        weights = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_NAME)
     save_file(carry.to(torch.float32).to("cpu").to_tensors(), tmp / f"carry_rank{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()  # save_state does not wait when automatic naming is off
     if accelerator.is_main_process:
@@ -161,3 +169,20 @@ def load(accelerator, ckpt: Path, n_layer: int) -> tuple[TrainState, CarryState]
     carry_file = ckpt / f"carry_rank{accelerator.process_index}.safetensors"
     carry = CarryState.from_tensors(load_file(carry_file, device=str(accelerator.device)), n_layer)
     return TrainState.from_json((ckpt / "train_state.json").read_text()), carry
+
+
+def weights_file(path: str | Path) -> Path:
+    """model.safetensors of a checkpoint, of a run's best (else latest) checkpoint, or a .safetensors file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if is_complete(path):
+        ckpt = path
+    else:
+        ckpt = best_checkpoint(path) or (complete_checkpoints(path) or [None])[-1]
+        if ckpt is None:
+            raise SystemExit(f"error: {path}: not a .safetensors file, a checkpoint or a run directory with a "
+                             "complete checkpoint")
+    if not (ckpt / WEIGHTS_NAME).is_file():
+        raise SystemExit(f"error: {ckpt} holds no {WEIGHTS_NAME}")
+    return ckpt / WEIGHTS_NAME

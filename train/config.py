@@ -89,6 +89,9 @@ class TrainConfig:
     """Write a checkpoint every N optimizer steps (0: only at the end / on signals)."""
     keep_last: int = 3
     """Checkpoints kept besides the best one."""
+    init_from: str | None = None
+    """Start from these weights only (a run directory's best checkpoint, a checkpoint, or a .safetensors
+    file), with a fresh optimizer, schedule and data position: the paper's second stage."""
     resume: str | None = None
     """'auto' (latest checkpoint of --out, if any), a run directory, or a checkpoint directory."""
     on_nonfinite: Literal["stop", "skip"] = "stop"

@@ -23,6 +23,7 @@ import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import sharnn
@@ -190,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     stream_len = len(train_split) // (world * cfg.batch_size)
     eval_bptt = cfg.eval_bptt or cfg.bptt
 
+    if cfg.init_from and ckpt is None:  # weights only: a new optimizer, schedule and data position
+        try:
+            model.load_state_dict(load_file(checkpoint.weights_file(cfg.init_from)))
+        except RuntimeError as e:
+            raise SystemExit(f"error: --init_from {cfg.init_from}: the weights do not fit the model config "
+                             f"({str(e).splitlines()[0]} ...); set the same --model.* fields") from None
+        say(f"initialised weights from {checkpoint.weights_file(cfg.init_from)}")
     optimizer = build_optimizer(model, cfg, lr=lr_at(0, peak_lr, cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.optimizer == "lamb":
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         ts.loader = loader.state_dict()
-        checkpoint.save(accelerator, run_dir, ts, carry, dump_yaml(cfg), cfg.keep_last)
+        checkpoint.save(accelerator, model, run_dir, ts, carry, dump_yaml(cfg), cfg.keep_last)
 
     def done() -> bool:
         progress = ts.epoch + loader.state_dict()["offset"] / stream_len
