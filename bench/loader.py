@@ -75,15 +75,16 @@ def measure(corpus: Path, batch_size: int, bptt: int, rank: int, world_size: int
     opened = _memory()
     loader = StreamLoader(split, batch_size, bptt, rank, world_size, seed=0)
     n_bytes = n_steps = 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while loader.epoch == 0 and time.perf_counter() - t0 < max_seconds:
         batch = next(loader)
         n_bytes += batch.inputs.numel()
         n_steps += 1
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     end = _memory()
     return {"rank": rank, "split_bytes": len(split), "open_s": open_s, "steps": n_steps,
             "input_bytes": n_bytes, "seconds": elapsed, "bytes_per_s": n_bytes / elapsed,
+            "cpu_seconds": cpu_s, "bytes_per_cpu_s": n_bytes / cpu_s,
             "whole_epoch": loader.epoch > 0,
             "rank_stream_bytes": batch_size * (len(split) // (batch_size * world_size)),
             "memory_start": start, "memory_open": opened, "memory_end": end,
@@ -137,13 +138,13 @@ def _make_corpus(root: Path, n_bytes: int) -> tuple[Path, dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("corpus", "cache", "rank", "MB/s", "steps", "epoch", "RSS start", "RSS end", "anon +", "file +",
-            "open ms")
+    head = ("corpus", "cache", "rank", "MB/s", "MB/CPU-s", "steps", "epoch", "RSS start", "RSS end", "anon +",
+            "file +", "open ms")
     lines = [head]
     for row in rows:
         r = row["result"]
         lines.append((f"{row['corpus_bytes'] / GIB:.2f} GiB", row["cache"], str(r["rank"]),
-                      f"{r['bytes_per_s'] / 1e6:.0f}", str(r["steps"]),
+                      f"{r['bytes_per_s'] / 1e6:.0f}", f"{r['bytes_per_cpu_s'] / 1e6:.0f}", str(r["steps"]),
                       "whole" if r["whole_epoch"] else "part",
                       f"{r['memory_start']['rss'] / MIB:.0f} MiB", f"{r['memory_end']['rss'] / MIB:.0f} MiB",
                       f"{r['anon_growth'] / MIB:+.1f} MiB", f"{r['file_growth'] / MIB:+.0f} MiB",
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"StreamLoader: batch {args.batch_size} x bptt {args.bptt} (varied), world size {args.world_size}, "
-          f"{os.cpu_count()} CPUs; MB/s = bytes of inputs delivered per second per rank")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; MB/s = bytes of inputs delivered "
+          f"per second per rank (MB/CPU-s: per second of the rank's own CPU time)")
     print(_table(rows))
     if args.json:
         import numpy
