@@ -188,7 +188,7 @@ class ByteSplit:
             rel = 0
 
     def iter_chunks(self) -> Iterator[np.ndarray]:
-        """The stored chunks in order (read-only views, not copies)."""
+        """The stored chunks in order (views, not copies; read-only for a prepared corpus)."""
         return iter(self._chunks)
 
     def sha256(self) -> str:
