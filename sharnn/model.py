@@ -105,16 +105,18 @@ class SingleHeadAttention(nn.Module):
         # The reference computes this LayerNorm in float32 (it casts before qln), also under mixed precision.
         q = F.layer_norm(self.query(h).float(), (C,), self.query_ln.weight.float(),
                          self.query_ln.bias.float(), LN_EPS)
-        q = torch.sigmoid(self.q_gate.float()) * q
-        k = torch.sigmoid(self.k_gate) * keys
-        v = self.v_overparam(torch.sigmoid(self.v_gate)) * keys
-        q, v = F.dropout(q, drop, self.training), F.dropout(v, drop, self.training)
-        q = q.to(k.dtype)
+        q = F.dropout(torch.sigmoid(self.q_gate.float()) * q, drop, self.training)
+        # The key and value gates scale features, so they move off the (memory + T)-long keys onto the
+        # T-long side: q . (k_gate * keys) == (q * k_gate) . keys, and A @ (v_gate * keys) == v_gate * (A @ keys).
+        # The dropout the reference applies to v = v_gate * keys is drawn on keys: same shape, same mask.
+        q = (q * torch.sigmoid(self.k_gate.float())).to(keys.dtype)
+        v = F.dropout(keys, drop, self.training)
         # (T, B, C) -> (B, 1, T, C): one head
-        q, k, v = (t.transpose(0, 1).unsqueeze(1) for t in (q, k, v))
+        q, k, v = (t.transpose(0, 1).unsqueeze(1) for t in (q, keys, v))
         mask = causal_mask(T, keys.shape[0] - T, h.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, 1, T, C)
-        return out.squeeze(1).transpose(0, 1)  # (T, B, C)
+        v_gate = self.v_overparam(torch.sigmoid(self.v_gate))  # (C,)
+        return out.squeeze(1).transpose(0, 1) * v_gate  # (T, B, C)
 
 
 class Block(nn.Module):

@@ -1,0 +1,320 @@
+"""SHA-RNN throughput benchmarks: training step, evaluation, generation, and data-parallel scaling.
+
+    python -m bench                              # every scenario for this device
+    python -m bench --scenario small-fp32 --scenario small-bf16 --json bench/out/results.json
+    python -m bench --list
+
+Each scenario runs in a fresh process (clean peak memory, its own thread count). Training scenarios time the
+real step (forward, backward, clipping, LAMB step, state carry and detach) after warm-up with the attention
+memory full, and report the median over repeats with the min-max spread. FLOPs per byte come from the analytic
+formula in bench/flops.py (tested against FlopCounterMode); MFU divides the achieved FLOP/s by the device's
+matmul ceiling for that dtype, measured in the same process. World-size scenarios run the trainer itself
+under `accelerate launch` (gloo on CPU) and report per-process throughput, so the scaling efficiency shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class Scenario:
+    name: str
+    kind: str = "train"  # train | eval | generate | scaling
+    preset: str = "small"
+    precision: str = "fp32"
+    compile: bool = False
+    world_size: int = 1
+    launcher: str = "none"  # none | ddp | deepspeed (scaling scenarios)
+    mem_len: int | None = None
+    batch: int | None = None
+    bptt: int | None = None
+    threads: int | None = None
+    repeats: int = 5
+
+
+def scenarios(device: str) -> dict[str, Scenario]:
+    on_gpu = device == "cuda"
+    # On a CPU the paper model runs at a reduced batch and segment; on a GPU at the paper's own.
+    paper_shape = {} if on_gpu else {"batch": 4, "bptt": 128}
+    out = [
+        Scenario("tiny-fp32", preset="tiny"),
+        Scenario("small-fp32"),
+        Scenario("small-bf16", precision="bf16"),
+        Scenario("small-fp32-compile", compile=True),
+        Scenario("small-bf16-compile", precision="bf16", compile=True),
+        Scenario("small-mem1000", mem_len=1000),
+        Scenario("small-mem20000", mem_len=20000, repeats=3),
+        Scenario("paper-fp32", preset="paper", repeats=3, **paper_shape),
+        Scenario("paper-bf16", preset="paper", precision="bf16", repeats=3, **paper_shape),
+        Scenario("small-eval", kind="eval"),
+        Scenario("small-generate", kind="generate", repeats=3),
+    ]
+    if on_gpu:
+        out += [Scenario("paper-fp16", preset="paper", precision="fp16", repeats=3),
+                Scenario("paper-bf16-compile", preset="paper", precision="bf16", compile=True, repeats=3),
+                Scenario("paper-fp16-compile", preset="paper", precision="fp16", compile=True, repeats=3)]
+    else:  # per-process throughput of 2 processes x 1 thread against 1 process x 1 thread
+        scaling = {"mem_len": 1000, "threads": 1}
+        out += [Scenario("scaling-ws1", kind="scaling", **scaling),
+                Scenario("scaling-ws2-ddp", kind="scaling", world_size=2, launcher="ddp", **scaling),
+                Scenario("scaling-ws2-deepspeed", kind="scaling", world_size=2, launcher="deepspeed", **scaling)]
+    return {s.name: s for s in out}
+
+
+# ---------------------------------------------------------------------------------------- in-process runs
+def _model_config(sc: Scenario):
+    from train.config import preset
+
+    cfg = preset(sc.preset)
+    model_cfg = dataclasses.replace(cfg.model, **({"mem_len": sc.mem_len} if sc.mem_len else {}))
+    return cfg, model_cfg, sc.batch or cfg.batch_size, sc.bptt or cfg.bptt
+
+
+def matmul_ceiling(device, dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n x n matrix products: the device's practical ceiling for dtype."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_in_process(sc: Scenario) -> dict:
+    import torch
+
+    from bench.flops import forward_flops_per_byte, steady_keys
+    from sharnn import SHARNN
+    from sharnn.generate import stream_bytes
+    from sharnn.optim import LAMB
+
+    if sc.threads:
+        torch.set_num_threads(sc.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[sc.precision]
+    cfg, model_cfg, B, T = _model_config(sc)
+    torch.manual_seed(0)
+    model = SHARNN(model_cfg).to(device)
+    step_model = torch.compile(model) if sc.compile else model
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=sc.precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=sc.precision == "fp16")
+    optimizer = LAMB(model.parameters(), lr=1e-4, weight_decay=cfg.weight_decay, min_trust=cfg.min_trust)
+    if sc.kind == "generate":
+        B = 1  # one stream, one byte per step
+    data = torch.randint(0, 256, (T + 1, B), device=device)
+    x, y = data[:-1], data[1:]
+    if model_cfg.attn_layers:  # start with a full memory: the steady state of a long run
+        state = None
+        with torch.no_grad(), autocast:
+            for _ in range(-(-model_cfg.mem_len // T)):
+                _, _, state = model(torch.randint(0, 256, (T, B), device=device), state)
+    else:
+        state = model.initial_state()
+
+    if sc.kind == "train":
+        model.train()
+
+        def work():
+            nonlocal state
+            with autocast:
+                _, loss, state = step_model(x, state, targets=y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state = state.detach()
+        n_bytes, flops_per_byte = T * B, 3 * forward_flops_per_byte(model_cfg, steady_keys(model_cfg, T))
+    elif sc.kind == "eval":
+        model.eval()
+
+        def work():
+            nonlocal state
+            with torch.no_grad(), autocast:
+                _, _, state = step_model(x, state, targets=y)
+        n_bytes, flops_per_byte = T * B, forward_flops_per_byte(model_cfg, steady_keys(model_cfg, T))
+    else:  # generate: one byte at a time, state carried
+        model.eval()
+        n_new = 64
+
+        def work():
+            with autocast:
+                for _ in stream_bytes(model, b"x", n_new, temperature=1.0, state=state):
+                    pass
+        n_bytes, flops_per_byte = n_new, forward_flops_per_byte(model_cfg, steady_keys(model_cfg, 1))
+
+    for _ in range(2):  # warm-up (and compilation)
+        work()
+    times = []
+    for _ in range(sc.repeats):
+        _sync(device)
+        t = time.perf_counter()
+        work()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    ceiling = matmul_ceiling(device, dtype)
+    rates = sorted(n_bytes / t for t in times)
+    rate = statistics.median(rates)
+    return {"bytes_per_s": rate, "bytes_per_s_min": rates[0], "bytes_per_s_max": rates[-1],
+            "step_time_s": statistics.median(times), "flops_per_byte": flops_per_byte,
+            "achieved_flops": rate * flops_per_byte, "ceiling_flops": ceiling,
+            "mfu": rate * flops_per_byte / ceiling, "peak_mem_bytes": _peak_memory(device),
+            "threads": torch.get_num_threads(), "device": _device_name(device), "batch": B, "bptt": T,
+            "mem_len": model_cfg.mem_len}
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} cores"
+
+
+# ------------------------------------------------------------------------------------------ scaling runs
+def run_scaling(sc: Scenario, corpus: Path) -> dict:
+    """The trainer itself, 1 process or 2 under accelerate launch, each with sc.threads threads."""
+    from bench.flops import forward_flops_per_byte, steady_keys
+
+    cfg, model_cfg, B, T = _model_config(sc)
+    steps = 16
+    out = Path(tempfile.mkdtemp(prefix="sharnn-bench-run-"))
+    args = ["--preset", sc.preset, "--data", str(corpus), "--out", str(out), "--max_steps", str(steps),
+            "--eval_every", "0", "--save_every", "0", "--no_test_at_end", "--log_every", "1",
+            "--sample_bytes", "0", "--no_vary_bptt", "--warmup_steps", "1"]
+    if sc.mem_len:
+        args += ["--model.mem_len", str(sc.mem_len)]
+    launch = {"none": [], "ddp": ["--config_file", "launch/cpu_ddp.yaml"],
+              "deepspeed": ["--config_file", "launch/cpu_deepspeed.yaml"]}[sc.launcher]
+    cmd = ([sys.executable, "-m", "train"] if sc.launcher == "none" else
+           [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes",
+            str(sc.world_size), "-m", "train"]) + args
+    env = dict(os.environ, OMP_NUM_THREADS=str(sc.threads or 1), PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_rank = [r["perf/bytes_per_s_per_rank"] for r in records if "perf/bytes_per_s_per_rank" in r]
+    steady = sorted(per_rank[steps // 2:])  # the memory (mem_len / bptt steps) has filled by then
+    rate = statistics.median(steady)
+    flops_per_byte = 3 * forward_flops_per_byte(model_cfg, steady_keys(model_cfg, T))
+    import torch
+    torch.set_num_threads(sc.threads or 1)
+    ceiling = matmul_ceiling(torch.device("cpu"), torch.float32)
+    mem = max(r.get("perf/memory_bytes", 0) for r in records)
+    return {"bytes_per_s": rate, "bytes_per_s_min": steady[0], "bytes_per_s_max": steady[-1],
+            "step_time_s": B * T / rate, "flops_per_byte": flops_per_byte, "achieved_flops": rate * flops_per_byte,
+            "ceiling_flops": ceiling, "mfu": rate * flops_per_byte / ceiling, "peak_mem_bytes": mem,
+            "threads": sc.threads or 1, "device": _device_name(torch.device("cpu")), "batch": B, "bptt": T,
+            "mem_len": model_cfg.mem_len}
+
+
+def _scaling_corpus() -> Path:
+    import numpy as np
+
+    from sharnn.prepare import prepare_files
+
+    root = Path(tempfile.mkdtemp(prefix="sharnn-bench-corpus-"))
+    src = root / "random.bin"
+    src.write_bytes(np.random.default_rng(0).integers(0, 256, 8_000_000, dtype=np.uint8).tobytes())
+    prepare_files([src], root / "corpus", valid_bytes=100_000, test_bytes=100_000)
+    return root / "corpus"
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", action="append", help="scenario name (repeatable); default: all")
+    parser.add_argument("--json", type=Path, help="write the records as a JSON list here")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    table = scenarios(device)
+    if args._worker:  # one scenario in this fresh process: print its record as JSON
+        print("RESULT " + json.dumps(run_in_process(table[args._worker])))
+        return 0
+    if args.list:
+        for sc in table.values():
+            print(f"{sc.name:24s} {sc.kind:9s} preset={sc.preset} precision={sc.precision} compile={sc.compile} "
+                  f"world_size={sc.world_size}")
+        return 0
+    names = args.scenario or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; --list shows them")
+
+    records, corpus = [], None
+    header = (f"{'scenario':22s} {'kind':8s} {'prec':5s} {'comp':5s} {'ws':>2s} {'bytes/s':>10s} "
+              f"{'spread':>17s} {'GFLOP/s':>8s} {'ceiling':>8s} {'MFU':>6s} {'peak MiB':>9s}")
+    print(header)
+    for name in names:
+        sc = table[name]
+        if sc.kind == "scaling":
+            corpus = corpus or _scaling_corpus()
+            result = run_scaling(sc, corpus)
+        else:
+            proc = subprocess.run([sys.executable, "-m", "bench", "--_worker", name], cwd=REPO,
+                                  env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(f"{name:22s} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
+                records.append({"scenario": name, "error": proc.stderr[-2000:]})
+                continue
+            result = json.loads(lines[0][len("RESULT "):])
+        record = {"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
+                  "compile": sc.compile, "world_size": sc.world_size, "launcher": sc.launcher, **result}
+        records.append(record)
+        print(f"{name:22s} {sc.kind:8s} {sc.precision:5s} {str(sc.compile):5s} {sc.world_size:2d} "
+              f"{record['bytes_per_s']:10,.0f} {record['bytes_per_s_min']:8,.0f}-{record['bytes_per_s_max']:<8,.0f} "
+              f"{record['achieved_flops'] / 1e9:8.1f} {record['ceiling_flops'] / 1e9:8.1f} "
+              f"{record['mfu']:6.1%} {record['peak_mem_bytes'] / 2**20:9,.0f}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        stamp = {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench " + " ".join(argv or sys.argv[1:])}
+        tmp.write_text(json.dumps([{**r, **stamp} for r in records], indent=1))
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
