@@ -1,0 +1,107 @@
+"""Config resolution (preset -> YAML -> flags), the lr schedule, and the DeepSpeed config filling."""
+
+
+import pytest
+
+from train.config import TrainConfig, lr_at, parse_args, preset
+from train.loop import draw_resets, fill_deepspeed_config
+
+
+def test_flags_override_yaml_override_preset(tmp_path):
+    yml = tmp_path / "run.yaml"
+    yml.write_text("lr: 0.5\nbatch_size: 3\nmodel:\n  mem_len: 77\n")
+    cfg, flags = parse_args(["--preset", "small", "--config", str(yml), "--batch_size", "5", "--max_steps", "240"])
+    assert (cfg.lr, cfg.batch_size, cfg.max_steps, cfg.model.mem_len) == (0.5, 5, 240, 77)
+    assert cfg.model.d_model == preset("small").model.d_model  # the rest of the preset stays
+    assert flags.preset == "small" and not flags.dry_run
+
+
+def test_model_fields_from_the_command_line():
+    cfg, _ = parse_args(["--preset", "tiny", "--model.attn", "all", "--model.d_model", "64"])
+    assert cfg.model.attn == "all" and cfg.model.d_model == 64
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--preset", "nope"], "unknown preset"),
+    (["--batch_size", "0"], "batch_size"),
+    (["--max_steps", "10", "--warmup_steps", "50"], "warmup_steps"),
+    (["--model.attn", "middle"], "attn"),
+])
+def test_bad_values_exit_with_a_message(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    text = str(e.value.code) + capsys.readouterr().err
+    assert needle in text
+
+
+def test_bad_yaml_keys_are_named(tmp_path):
+    yml = tmp_path / "bad.yaml"
+    yml.write_text("learning_rate: 1\n")
+    with pytest.raises(SystemExit, match="learning_rate"):
+        parse_args(["--config", str(yml)])
+
+
+def test_paper_preset_is_the_papers_recipe():
+    cfg = preset("paper")
+    m = cfg.model
+    assert (m.d_model, m.d_ff, m.n_layer, m.attn, m.mem_len) == (1024, 4096, 4, "penultimate", 5000)
+    assert (cfg.batch_size, cfg.bptt, cfg.lr, cfg.warmup_steps, cfg.clip, cfg.seed, cfg.epochs) == \
+        (16, 1024, 2e-3, 800, 0.25, 5512, 32)
+    assert (cfg.weight_decay, cfg.min_trust, cfg.eval_streams, cfg.test_streams) == (1.2e-6, 0.25, 16, 8)
+    assert (m.dropout, m.dropouth, m.dropouti) == (0.1, 0.1, 0.1)
+    stage2 = preset("paper-stage2")
+    assert (stage2.lr, stage2.seed, stage2.epochs) == (1e-3, 125, 5)
+    assert preset("paper-all").model.attn == "all" and preset("paper-all").batch_size == 8
+    assert preset("lstm").model.attn == "none"
+
+
+def test_lr_schedule_warmup_constant_cooldown():
+    cfg = TrainConfig(warmup_steps=4, max_steps=20, cooldown_steps=5)
+    lrs = [lr_at(s, 1.0, cfg) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4:15] == [1.0] * 11
+    assert lrs[15] == 1.0 and lrs[19] == pytest.approx(0.2) and lrs == sorted(lrs[:15]) + lrs[15:]
+
+
+def test_lr_scaling_is_explicit():
+    cfg = TrainConfig(lr=1e-3, batch_size=16, lr_scaling="sqrt", lr_reference_batch=16)
+    assert cfg.effective_lr(4) == pytest.approx(2e-3)
+    assert TrainConfig(lr=1e-3, lr_scaling="linear").effective_lr(2) == pytest.approx(2e-3)
+    assert TrainConfig(lr=1e-3).effective_lr(8) == 1e-3
+
+
+def test_deepspeed_auto_values_come_from_the_run_config():
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+          "zero_optimization": {"stage": 0}}
+    cfg = TrainConfig(batch_size=3, grad_accum=2, clip=0.25, precision="fp16")
+    fill_deepspeed_config(ds, cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.25
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+
+
+def test_deepspeed_value_that_disagrees_is_refused():
+    with pytest.raises(SystemExit, match="gradient_clipping"):
+        fill_deepspeed_config({"gradient_clipping": 1.0}, TrainConfig(clip=0.25), world_size=1)
+
+
+@pytest.mark.parametrize("stage,precision,optimizer,ok", [
+    (0, "fp32", "lamb", True), (0, "fp16", "lamb", True), (0, "bf16", "lamb", False),
+    (1, "fp32", "lamb", False), (2, "fp32", "lamb", False), (2, "bf16", "adamw", True), (3, "fp32", "adamw", False),
+])
+def test_deepspeed_combinations(stage, precision, optimizer, ok):
+    ds = {"zero_optimization": {"stage": stage}}
+    cfg = TrainConfig(precision=precision, optimizer=optimizer)
+    if ok:
+        fill_deepspeed_config(ds, cfg, world_size=2)
+    else:
+        with pytest.raises(SystemExit):
+            fill_deepspeed_config(ds, cfg, world_size=2)
+
+
+def test_state_resets_are_drawn_from_seed_and_step():
+    draws = [draw_resets(5, s, 0.3) for s in range(200)]
+    assert draws == [draw_resets(5, s, 0.3) for s in range(200)]
+    rate = sum(h for h, _ in draws) / len(draws)
+    assert 0.15 < rate < 0.45 and draws != [draw_resets(6, s, 0.3) for s in range(200)]
+    assert not any(any(d) for d in (draw_resets(5, s, 0.0) for s in range(50)))
