@@ -106,7 +106,7 @@ def test_deepspeed_refuses_lamb_under_zero2(text_corpus, tmp_path):
 # ------------------------------------------------------------------------------------------------ resume
 RESUME = ["--preset", "tiny", "--warmup_steps", "3", "--eval_every", "5", "--save_every", "5", "--log_every", "1",
           "--sample_bytes", "0", "--eval_max_segments", "5", "--batch_size", "4", "--bptt", "32",
-          "--state_reset_prob", "0.1"]
+          "--state_reset_prob", "0.1", "--no_test_at_end"]
 
 
 def test_resume_continues_bitwise(text_corpus, tmp_path):
@@ -213,8 +213,8 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(text_corpus, t
 
 def test_nonfinite_skip_mode_skips_steps(text_corpus, tmp_path):
     proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(tmp_path / "skip"), "--max_steps", "6",
-                         "--lr", "1e30", "--warmup_steps", "0", "--clip", "0", "--on_nonfinite", "skip",
-                         "--no_test_at_end"), check=False)
+                         "--lr", "1e30", "--warmup_steps", "0", "--clip", "0", "--on_nonfinite", "skip"),
+               check=False)
     assert "skipping step" in proc.stdout
 
 
