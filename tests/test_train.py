@@ -267,3 +267,17 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
                check=False)
     assert proc.returncode != 0 and "sharnn-prepare" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tiny_on_the_demo_corpus_learns(tmp_path):
+    """What `make demo` runs, shortened: validation bpc falls far below uniform (8 bits per byte)."""
+    from sharnn.prepare import prepare_demo
+
+    corpus = tmp_path / "demo"
+    prepare_demo(corpus)
+    out = tmp_path / "run"
+    run(train_cmd("--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max_steps", "150",
+                  "--eval_every", "50", "--no_test_at_end", "--sample_bytes", "0"), threads=2)
+    val = series(out, "val/bpc")
+    assert list(val) == [50, 100, 150]
+    assert val[150] < val[50] and val[150] < 4.5

@@ -175,9 +175,9 @@ def small() -> TrainConfig:
 
 def tiny() -> TrainConfig:
     """Minutes on a 2-core CPU: the README demo and the tests."""
-    return TrainConfig(model=model_preset("tiny"), batch_size=8, bptt=64, epochs=1, max_steps=300,
-                       lr=3e-3, warmup_steps=20, eval_every=100, eval_streams=8, test_streams=4,
-                       eval_max_segments=40, save_every=100, log_every=10, precision="fp32", seed=1234,
+    return TrainConfig(model=model_preset("tiny"), batch_size=8, bptt=64, epochs=1, max_steps=900,
+                       lr=3e-3, warmup_steps=20, eval_every=150, eval_streams=8, test_streams=4,
+                       eval_max_segments=40, save_every=300, log_every=10, precision="fp32", seed=1234,
                        sample_bytes=160)
 
 
