@@ -61,7 +61,11 @@ export STOP_FILE=$OUT/.stop-$SLURM_JOB_ID
 
 echo "slurm.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES nodes x $NGPU GPUs," \
      "rendezvous $MAIN_ADDR:$PORT, $CONFIG, --preset $PRESET --out $OUT"
-srun_cmd=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash launch/node.sh "$@")
+unset MACHINE_RANK  # each task's own SLURM_NODEID
+# A step gets only the CPUs it asks for (Slurm >= 20.11): all of the node's, for the data loaders and workers.
+cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+srun_cmd=(srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1
+          bash launch/node.sh "$@")
 if [[ $DRY_RUN == 1 ]]; then
     printf '# %s\n' "$(printf '%q ' "${srun_cmd[@]}")"
     exec "${srun_cmd[@]}"

@@ -273,7 +273,8 @@ def fake_slurm(tmp_path: Path, hosts: list[str], nodelist: str, job_id: int, **e
 
 def test_slurm_dry_run_4_nodes_x_8_gpus(tmp_path):
     hosts = ["gpu001", "gpu002", "gpu003", "gpu004"]
-    env = fake_slurm(tmp_path, hosts, "gpu[001-004]", 4242, SLURM_GPUS_ON_NODE="8", DRY_RUN="1")
+    env = fake_slurm(tmp_path, hosts, "gpu[001-004]", 4242, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="64",
+                     MACHINE_RANK="3", DRY_RUN="1")  # a MACHINE_RANK of the caller's must not leak
     proc = subprocess.run(["bash", "launch/slurm.sh", "--lr_scaling", "sqrt"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -289,8 +290,8 @@ def test_slurm_dry_run_4_nodes_x_8_gpus(tmp_path):
                         "data/enwik8", "--out", "runs/paper", "--resume", "auto", "--lr_scaling", "sqrt"]
         assert f"# machine_rank {rank} of 4 on {hosts[rank]}" in lines
     srun = (tmp_path / "slurm.log").read_text()
-    assert "srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 bash launch/node.sh --lr_scaling sqrt" \
-        in srun
+    assert "srun --nodes=4 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1 bash launch/node.sh " \
+        "--lr_scaling sqrt" in srun
 
     # --gpus-per-node=h100:8 without SLURM_GPUS_ON_NODE; CONFIG, PORT and JOIN_TIMEOUT from the environment
     env = fake_slurm(tmp_path, hosts, "gpu[001-004]", 4242, SLURM_GPUS_PER_NODE="h100:8", DRY_RUN="1",
