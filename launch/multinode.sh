@@ -79,7 +79,8 @@ ACCELERATE=${ACCELERATE:-$(command -v accelerate || echo accelerate)}
 export ACCELERATE
 # What every host gets: node.sh's settings, and whatever of the caller's environment the run depends on.
 forward=(NNODES MAIN_ADDR NGPU PORT PRESET DATA OUT CONFIG JOIN_TIMEOUT STOP_FILE ACCELERATE)
-for name in PYTHONPATH OMP_NUM_THREADS CUDA_VISIBLE_DEVICES $(compgen -e | grep -E '^(NCCL|GLOO|TORCH)_' || true); do
+for name in PYTHONPATH OMP_NUM_THREADS CUDA_VISIBLE_DEVICES \
+        $(compgen -e | grep -E '^(NCCL|GLOO|TORCH)_' || true); do
     [[ -n ${!name:-} ]] && forward+=("$name")
 done
 read -r -a ssh_cmd <<<"${SSH:-ssh -o BatchMode=yes}"
@@ -99,7 +100,8 @@ pids=()
 for rank in "${!hosts[@]}"; do
     env_args=("MACHINE_RANK=$rank")
     for name in "${forward[@]}"; do env_args+=("$name=${!name}"); done
-    remote="cd $(printf '%q' "$REPO") && env $(printf '%q ' "${env_args[@]}")bash launch/node.sh $(printf '%q ' "$@")"
+    remote="cd $(printf '%q' "$REPO") && env $(printf '%q ' "${env_args[@]}")"
+    remote+="bash launch/node.sh $(printf '%q ' "$@")"
     # setsid: a Ctrl-C in this terminal must reach this script only, not the ssh clients (which would drop the
     # connection instead of letting the hosts checkpoint).
     "${detach[@]}" "${ssh_cmd[@]}" "${hosts[rank]}" "$remote" </dev/null > >(sed -u "s/^/[$rank] /") 2>&1 &

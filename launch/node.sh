@@ -54,8 +54,8 @@ if ((NNODES > 1)) && [[ -z ${MAIN_ADDR:-} ]]; then
 fi
 [[ -f $CONFIG ]] || die "no accelerate config $CONFIG (run from the repository root, or set CONFIG)"
 
-cmd=("$ACCELERATE" launch --config_file "$CONFIG" --num_machines "$NNODES" --num_processes "$((NNODES * NGPU))"
-     --machine_rank "$MACHINE_RANK")
+cmd=("$ACCELERATE" launch --config_file "$CONFIG" --num_machines "$NNODES"
+     --num_processes "$((NNODES * NGPU))" --machine_rank "$MACHINE_RANK")
 if [[ -n ${MAIN_ADDR:-} ]]; then
     cmd+=(--main_process_ip "$MAIN_ADDR")
 fi
@@ -99,7 +99,8 @@ if ((rc != 0)); then
     cat >&2 <<EOF
 node.sh: machine_rank $MACHINE_RANK on $NODE: accelerate launch exited $rc.
   'waiting for clients' / 'timed out ... trying to connect' above: not every node joined within
-      JOIN_TIMEOUT=${JOIN_TIMEOUT}s. Did all $NNODES nodes start, and can each reach ${MAIN_ADDR:-this node}:$PORT?
+      JOIN_TIMEOUT=${JOIN_TIMEOUT}s. Did all $NNODES nodes start, and can each reach
+      ${MAIN_ADDR:-this node}:$PORT?
   'Connection closed by peer' / a collective timing out: a rank on another node failed first; its log
       names the cause.
 EOF

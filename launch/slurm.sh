@@ -16,10 +16,10 @@
 # Preemption and the time limit: --signal=B:TERM@120 gives this script SIGTERM 120 s before the end. It then
 # creates $OUT/.stop-<job id>; node.sh on the node of rank 0 sees it and sends SIGTERM to its training
 # processes; the trainer stops every rank at the same step, writes a checkpoint and exits 0 (the launchers
-# then exit 0 too); this script requeues the job (scontrol requeue) unless the run had finished. When SLURM instead signals every process
-# at once (scancel, preemption without this head start), the launchers get SIGTERM too: they give the
-# training processes 30 s to checkpoint, then kill them, and exit 1; --resume auto still continues from the
-# latest complete checkpoint. See docs/scaling_out.md.
+# then exit 0 too); this script requeues the job (scontrol requeue) unless the run had finished. When SLURM
+# instead signals every process at once (scancel, preemption without this head start), the launchers get
+# SIGTERM too: they give the training processes 30 s to checkpoint, then kill them, and exit 1; --resume auto
+# still continues from the latest complete checkpoint. See the README, "Scaling out".
 #
 #SBATCH --job-name=sharnn
 #SBATCH --nodes=4
@@ -42,7 +42,8 @@ cd "${REPO:-${SLURM_SUBMIT_DIR:-.}}"
 
 export NNODES=${SLURM_NNODES:?}
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-((${#hosts[@]} == NNODES)) || die "scontrol lists ${#hosts[@]} hosts for $SLURM_JOB_NODELIST, SLURM_NNODES=$NNODES"
+((${#hosts[@]} == NNODES)) ||
+    die "scontrol lists ${#hosts[@]} hosts for $SLURM_JOB_NODELIST, SLURM_NNODES=$NNODES"
 export MAIN_ADDR=${MAIN_ADDR:-${hosts[0]}}
 if [[ -z ${NGPU:-} ]]; then
     NGPU=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}
@@ -95,9 +96,11 @@ if ((stop_requested)); then
     if grep -qs '"exit": "finished"' "$OUT/summary.json"; then
         echo "slurm.sh: the run had finished; not requeued"
     elif [[ ${REQUEUE:-1} == 1 ]]; then
-        ((rc == 0)) || echo "slurm.sh: srun exited $rc while stopping; --resume auto continues from the latest complete checkpoint"
+        ((rc == 0)) || echo "slurm.sh: srun exited $rc while stopping; the requeued job continues" \
+            "from the latest complete checkpoint"
         echo "slurm.sh: requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID" || echo "slurm.sh: scontrol requeue failed: resubmit with the same OUT"
+        scontrol requeue "$SLURM_JOB_ID" ||
+            echo "slurm.sh: scontrol requeue failed: resubmit with the same OUT to continue"
         exit 0
     fi
 fi
