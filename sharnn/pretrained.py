@@ -1,0 +1,358 @@
+"""Load and save trained SHA-RNN models with sharnn alone (no accelerate, no DeepSpeed, no `train`).
+
+`load_model(path)` accepts any of three kinds of directory:
+
+    exported model   model.safetensors + config.json (the ModelConfig's fields): what `sharnn-export` and
+                     `sharnn-import` write, and `save_model` below
+    checkpoint       RUN/checkpoints/step-00001200/: model.safetensors + config.yaml (the full TrainConfig;
+                     its `model:` key is the ModelConfig) + train_state.json (written last: marks it complete)
+    run directory    RUN/ with checkpoints/: its best checkpoint (checkpoints/best.json), else its latest
+                     complete one
+
+    from sharnn.pretrained import load_model
+    model = load_model("runs/paper")                 # eval mode, on the CPU
+    logits, _, state = model(x)                      # x: (T, B) int64 bytes
+
+Anything else is a `ModelError` whose message names the problem and the fix. Outputs are written to a
+temporary directory beside the target and renamed into place, so a failure never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sharnn.config import ModelConfig
+from sharnn.model import SHARNN
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Checkpoint files (train/checkpoint.py); train_state.json is written last: it marks a complete checkpoint.
+CKPT_CONFIG_NAME = "config.yaml"
+CKPT_COMPLETE_NAME = "train_state.json"
+FORMAT_NAME = "sharnn-model"
+FORMAT_VERSION = 1
+# Files an exported model directory may hold; --overwrite replaces a directory holding nothing else.
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, "model.onnx", "model.onnx.data")
+
+_WHAT_LOADS = ("an exported model (model.safetensors + config.json, from sharnn-export or sharnn-import), "
+               "a checkpoint (RUN/checkpoints/step-N/ with train_state.json) or a run directory "
+               "(with checkpoints/)")
+
+
+class ModelError(ValueError):
+    """A path holds no usable sharnn model, or an output cannot be written; the message says the fix."""
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights and architecture are, as found by `find_model` (nothing loaded yet)."""
+
+    kind: str
+    """'exported' (model.safetensors + config.json) or 'checkpoint' (a training checkpoint directory)."""
+    path: Path
+    """The directory holding the weights: the exported model or the checkpoint (a run resolves to one)."""
+    config: ModelConfig
+    """The architecture, from config.json or from the checkpoint's config.yaml `model:` section."""
+    train_config: dict | None = None
+    """The checkpoint's full training config as saved (None for exported models)."""
+    step: int | None = None
+    """The checkpoint's optimizer step (None for exported models)."""
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_NAME
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.kind}{'' if self.step is None else f', step {self.step}'})"
+
+
+# ---------------------------------------------------------------------------------------------- finding
+def _is_complete_checkpoint(path: Path) -> bool:
+    return (path / CKPT_COMPLETE_NAME).is_file() and not path.name.startswith(".")
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(json.loads((path / CKPT_COMPLETE_NAME).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"checkpoint {path}: cannot read the step from {CKPT_COMPLETE_NAME} ({e}); the "
+                         "checkpoint is damaged: use another one") from None
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """A directory train/checkpoint.py writes (or was writing when it stopped)."""
+    markers = (CKPT_CONFIG_NAME, "meta.json", "optimizer.bin", "random_states_0.pkl",
+               "carry_rank0.safetensors", "latest")
+    return path.name.startswith((".tmp-step-", "step-")) or any((path / m).exists() for m in markers)
+
+
+def _run_checkpoint(run_dir: Path) -> Path:
+    """The best complete checkpoint of a run (checkpoints/best.json), else its latest complete one."""
+    root = run_dir / "checkpoints"
+    pointer = root / "best.json"
+    if pointer.is_file():
+        try:
+            best = root / json.loads(pointer.read_text())["dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            best = None
+        if best is not None and _is_complete_checkpoint(best):
+            return best
+    complete = [p for p in root.iterdir() if p.is_dir() and _is_complete_checkpoint(p)]
+    if not complete:
+        partial = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise ModelError(f"run {run_dir} has no complete checkpoint yet"
+                         + (f" (only incomplete ones: {', '.join(partial)})" if partial else "")
+                         + "; let the run write one (--save_every) or resume it with --resume auto")
+    return max(complete, key=_checkpoint_step)
+
+
+def _read_checkpoint_config(ckpt: Path) -> tuple[ModelConfig, dict]:
+    import yaml  # PyYAML is a dependency of sharnn; imported here because only checkpoints need it
+
+    path = ckpt / CKPT_CONFIG_NAME
+    if not path.is_file():
+        raise ModelError(f"checkpoint {ckpt} has no {CKPT_CONFIG_NAME}, so its architecture is unknown; the "
+                         "checkpoint is damaged: use another one")
+    try:
+        train_config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ModelError(f"cannot read {path} ({e}); the checkpoint is damaged: use another one") from None
+    if not isinstance(train_config, dict) or not isinstance(train_config.get("model"), dict):
+        raise ModelError(f"{path} has no `model:` section (the ModelConfig); the checkpoint is damaged or "
+                         "was not written by sharnn")
+    return _model_config(train_config["model"], path), train_config
+
+
+def _model_config(fields: dict, where: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{where} is not a valid sharnn model config: {e}") from None
+
+
+def find_model(path: str | Path) -> ModelSource:
+    """Resolve an exported model, a checkpoint or a run directory (or the model.safetensors inside one)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path} does not exist; give {_WHAT_LOADS}")
+    if path.is_file():
+        if path.name in (WEIGHTS_NAME, CONFIG_NAME, CKPT_CONFIG_NAME):
+            path = path.parent
+        elif path.suffix == ".safetensors":
+            raise ModelError(f"{path} is a bare weights file: its architecture is unknown. If it is in the "
+                             f"reference code's naming, convert it with `sharnn-import {path} --out DIR`; if "
+                             f"it holds sharnn weights, put the {CONFIG_NAME} of their ModelConfig beside it "
+                             f"as {WEIGHTS_NAME}")
+        else:
+            raise ModelError(f"{path} is a file, not a sharnn model; give {_WHAT_LOADS}. A checkpoint of the "
+                             f"reference code (Smerity/sha-rnn) is converted with `sharnn-import {path} "
+                             "--out DIR`")
+    if (path / CONFIG_NAME).is_file():
+        try:
+            fields = json.loads((path / CONFIG_NAME).read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read {path / CONFIG_NAME} ({e}); re-export the model") from None
+        if not isinstance(fields, dict):
+            raise ModelError(f"{path / CONFIG_NAME} is not a sharnn model config (expected a JSON object)")
+        config = _model_config(fields, path / CONFIG_NAME)
+        if not (path / WEIGHTS_NAME).is_file():
+            raise ModelError(f"exported model {path} is incomplete: it has {CONFIG_NAME} but no "
+                             f"{WEIGHTS_NAME}; export it again with sharnn-export")
+        return ModelSource("exported", path, config)
+    if _is_complete_checkpoint(path):
+        config, train_config = _read_checkpoint_config(path)
+        return ModelSource("checkpoint", path, config, train_config, _checkpoint_step(path))
+    if (path / "checkpoints").is_dir():
+        return find_model(_run_checkpoint(path))
+    if _looks_like_checkpoint(path):
+        raise ModelError(f"{path} is an incomplete checkpoint (no {CKPT_COMPLETE_NAME}: it was still being "
+                         "written when the run stopped); use a complete checkpoint, or give the run "
+                         "directory to take its best complete one")
+    if (path / WEIGHTS_NAME).is_file():
+        raise ModelError(f"{path} holds {WEIGHTS_NAME} but no {CONFIG_NAME}, so its architecture is unknown; "
+                         f"export the model again (sharnn-export) or write its ModelConfig as {CONFIG_NAME}")
+    hint = ""
+    if (path / "manifest.json").is_file():
+        hint = " (it looks like a prepared corpus: pass it with --data)"
+    elif (path / "best.json").is_file() or any(path.glob("step-*")):
+        hint = (f" (it is a run's checkpoints folder: give the run directory {path.parent}, or one "
+                "checkpoint in it)")
+    raise ModelError(f"{path} is not a sharnn model{hint}; give {_WHAT_LOADS}")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def read_state_dict(source: ModelSource) -> dict[str, Tensor]:
+    """The weights of a found model, as saved (dtype unchanged), on the CPU."""
+    weights = source.weights_path
+    if not weights.is_file():
+        hint = ""
+        if (source.path / "latest").is_file() or any(source.path.glob("*/mp_rank_*_model_states.pt")):
+            hint = (f"; it is a DeepSpeed checkpoint: `sharnn-export {source.path} --out DIR` consolidates "
+                    "its ZeRO shards into a loadable model")
+        raise ModelError(f"{source.kind} {source.path} holds no {WEIGHTS_NAME}{hint}")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"cannot read {weights} ({e}); the file is damaged or not a safetensors file") \
+            from None
+
+
+def _first(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+MISMATCH_HINT = ("the config and the weights come from different models; export the checkpoint again or fix "
+                 "the config")
+
+
+def check_state_dict(config: ModelConfig, state_dict: dict[str, Tensor], where: str = "the weights",
+                     hint: str = MISMATCH_HINT) -> None:
+    """Raise a ModelError naming every tensor that the config's model lacks, needs, or shapes differently."""
+    with torch.device("meta"):  # shapes only: allocates nothing, even at the paper's size
+        expected = {k: tuple(v.shape) for k, v in SHARNN(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+
+    def ordered(keys):  # top-level tensors (embed.weight, out_bias) first: they name the sizes
+        return sorted(keys, key=lambda k: (k.count("."), k))
+
+    missing = ordered(set(expected) - set(got))
+    unexpected = ordered(set(got) - set(expected))
+    shapes = [f"{k} {got[k]} (config wants {expected[k]})" for k in ordered(set(got) & set(expected))
+              if got[k] != expected[k]]
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f"tensors the config needs but the weights lack: {_first(missing)}")
+        if unexpected:
+            problems.append(f"tensors the config has no place for: {_first(unexpected)}")
+        if shapes:
+            problems.append(f"shape mismatches: {_first(shapes)}")
+        arch = {k: getattr(config, k) for k in ("vocab_size", "d_model", "d_ff", "n_layer", "attn")}
+        raise ModelError(f"the model config does not match {where}: " + "; ".join(problems)
+                         + f". The config says {arch}: {hint}")
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, Tensor], device: str | torch.device = "cpu",
+                where: str = "the weights") -> SHARNN:
+    """A SHARNN of `config` holding `state_dict` (checked first), in eval mode, fp32 parameters."""
+    check_state_dict(config, state_dict, where)
+    model = SHARNN(config)
+    model.load_state_dict(state_dict)  # copies (and casts bf16/fp16 weights) into the fp32 parameters
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path | ModelSource, device: str | torch.device = "cpu",
+               mem_len: int | None = None) -> SHARNN:
+    """Load a trained SHA-RNN (exported model, checkpoint or run directory) in eval mode.
+
+    `mem_len` replaces the attention memory length the model was trained with: it is not a weight, and the
+    paper notes that attention extends to longer contexts cheaply.
+    """
+    source = path if isinstance(path, ModelSource) else find_model(path)
+    config = source.config if mem_len is None else dataclasses.replace(source.config, mem_len=mem_len)
+    return build_model(config, read_state_dict(source), device, where=str(source.weights_path))
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def write_dir_atomic(out: str | Path, write: Callable[[Path], None], overwrite: bool = False,
+                     allowed: tuple[str, ...] = EXPORT_FILES) -> Path:
+    """Call write(tmp_dir), then rename tmp_dir to `out`. A failure leaves `out` as it was.
+
+    An existing non-empty `out` is replaced only with overwrite=True and only if it holds nothing but
+    `allowed` files (never a directory of other things).
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite, allowed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def check_output_dir(out: str | Path, overwrite: bool, allowed: tuple[str, ...] = EXPORT_FILES) -> None:
+    """Refuse an output that exists (unless overwrite and it holds only `allowed` files) or is a file."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ModelError(f"--out {out} is a file; choose a directory path")
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
+    if not overwrite:
+        raise ModelError(f"--out {out} already exists and is not empty; choose another directory or pass "
+                         "--overwrite to replace the model in it")
+    foreign = [name for name in present if name not in allowed]
+    if foreign:
+        raise ModelError(f"--out {out} holds files that are not part of an exported model "
+                         f"({_first(foreign)}); refusing to replace it: choose another directory")
+
+
+def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, out: str | Path,
+                    overwrite: bool = False, metadata: dict[str, str] | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write an exported model (model.safetensors + config.json) atomically; checked against `config` first.
+
+    `metadata` goes into the safetensors header (strings); `extra(tmp_dir)` may add files (e.g. model.onnx)
+    before the directory is renamed into place.
+    """
+    check_state_dict(config, state_dict)
+    from sharnn import __version__
+
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "sharnn_version": __version__}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_NAME,
+                  metadata=meta)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        if extra is not None:
+            extra(tmp)
+        _readable_as_umask(tmp)
+
+    return write_dir_atomic(out, write, overwrite)
+
+
+def _readable_as_umask(directory: Path) -> None:
+    """safetensors writes its file with mode 0600 (and mkdir uses the umask): give every written file and the
+    directory the modes a plain `open` would, so an exported model is as shareable as any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for p in directory.iterdir():
+        p.chmod(0o666 & ~umask)
+
+
+def save_model(model: SHARNN, out: str | Path, overwrite: bool = False,
+               metadata: dict[str, str] | None = None) -> Path:
+    """Write `model` as an exported model directory that `load_model(out)` loads with one call."""
+    return save_state_dict(model.state_dict(), model.cfg, out, overwrite, metadata)
+
+
+__all__ = ["ModelError", "ModelSource", "find_model", "read_state_dict", "check_state_dict", "build_model",
+           "load_model", "save_model", "save_state_dict", "write_dir_atomic", "check_output_dir",
+           "WEIGHTS_NAME", "CONFIG_NAME"]
