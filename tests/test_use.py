@@ -19,15 +19,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from sharnn import SHARNN, ModelConfig, model_preset
+from sharnn import SHARNN, ModelConfig
 from sharnn.data import EvalStreams, open_split
 from sharnn.generate import stream_bytes
 from sharnn.pretrained import ModelError, load_model, save_model
 from tests.conftest import REPO, run, subprocess_env, train_cmd
 from tests.test_fidelity import FIXTURE, fixture, run_segments
 
+# The tiny preset, with the sizes these tests rely on spelled out (d_model 128, memory 512, bptt 64).
 TRAIN = ["--preset", "tiny", "--max_steps", "10", "--warmup_steps", "3", "--eval_every", "10", "--save_every",
-         "10", "--eval_max_segments", "5", "--sample_bytes", "0", "--log_every", "5"]
+         "10", "--eval_max_segments", "5", "--sample_bytes", "0", "--log_every", "5", "--bptt", "64",
+         "--test_streams", "4", "--model.d_model", "128", "--model.d_ff", "512", "--model.n_layer", "2",
+         "--model.mem_len", "512"]
 DDP = ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
 
 
@@ -85,7 +88,7 @@ def random_model(tmp_path_factory) -> Path:
     """An untrained tiny model saved with save_model: for tests that need no training."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("use") / "random"
-    save_model(SHARNN(model_preset("tiny")), out)
+    save_model(SHARNN(ModelConfig(d_model=128, d_ff=512, n_layer=2, mem_len=512)), out)
     return out
 
 
