@@ -41,7 +41,7 @@ EXERCISED = {
     "single_gpu.yaml": "test_gpu_configs_dry_run",
     "ddp.yaml": "test_gpu_configs_dry_run",
     "deepspeed.yaml": "test_gpu_configs_dry_run",
-    "multinode_ddp.yaml": "test_two_nodes_ddp_match_one_process, test_slurm_*, test_*node* (node.sh default)",
+    "multinode_ddp.yaml": "test_two_nodes_ddp_match_one_process, test_slurm_*, test_missing_*, test_killed_*",
     "multinode_deepspeed.yaml": "test_two_nodes_deepspeed_over_multinode_sh_match_one_process",
     "cpu_ddp.yaml": "tests/test_train.py",
     "cpu_deepspeed.yaml": "tests/test_train.py",
@@ -344,19 +344,32 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(text_corpus, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- faults
-def test_missing_node_fails_after_join_timeout(text_corpus, tmp_path):
-    """Only machine rank 0 of 2 starts: its launcher gives up after JOIN_TIMEOUT (--rdzv_conf timeout) with
-    torch's message, and node.sh says what it means, instead of waiting forever."""
-    env = launch_env(MACHINE_RANK="0", NNODES="2", NGPU="1", MAIN_ADDR="127.0.0.1", PORT=str(free_port()),
-                     JOIN_TIMEOUT="5", PRESET="tiny", DATA=str(text_corpus), OUT=str(tmp_path / "r"))
+def test_missing_peer_fails_within_the_timeouts(text_corpus, tmp_path):
+    """Two ways a peer goes missing, run at once. (a) Only machine rank 0 of 2 starts: its launcher gives up
+    after JOIN_TIMEOUT (--rdzv_conf timeout) with torch's message, and node.sh says what it means. (b) Both
+    launchers meet but node 1's training process fails at start-up: node 0's waits in init_process_group
+    for --timeout_s, then fails. Neither waits forever."""
+    env = launch_env(NNODES="2", NGPU="1", MAIN_ADDR="127.0.0.1", PRESET="tiny", DATA=str(text_corpus),
+                     OUT=str(tmp_path / "r"))
+    node = ["bash", "launch/node.sh"]
+    alone = start(node, env | {"MACHINE_RANK": "0", "PORT": str(free_port()), "JOIN_TIMEOUT": "5"},
+                  tmp_path / "alone.log")
+    port = str(free_port())
+    waiting = start([*node, "--timeout_s", "10"], env | {"MACHINE_RANK": "0", "PORT": port},
+                    tmp_path / "waiting.log")
+    failing = start([*node, "--batch_size", "0"], env | {"MACHINE_RANK": "1", "PORT": port},
+                    tmp_path / "failing.log")
     t0 = time.time()
-    log_file = tmp_path / "n.log"
-    rc, log = finish(start(["bash", "launch/node.sh"], env, log_file), log_file, timeout=120)
-    elapsed = time.time() - t0
-    assert rc != 0
+    rc, log = finish(alone, tmp_path / "alone.log", timeout=120)
+    assert rc != 0 and time.time() - t0 < 60  # start-up plus 5 s, on a busy machine
     assert "1/2 clients joined" in log, log[-3000:]  # "Timed out after 6 seconds waiting for clients."
     assert "not every node joined within" in log and "JOIN_TIMEOUT=5s" in log
-    assert elapsed < 60, elapsed  # start-up plus the timeout, on a busy machine
+
+    rc, log = finish(failing, tmp_path / "failing.log", timeout=120)
+    assert rc != 0 and "batch_size must be >= 1" in log
+    rc, log = finish(waiting, tmp_path / "waiting.log", timeout=120)
+    assert rc != 0 and time.time() - t0 < 80
+    assert "wait timeout after 10000ms" in log, log[-3000:]
 
 
 def test_killed_rank_ends_the_whole_job(text_corpus, tmp_path):
