@@ -22,6 +22,9 @@ demo: setup
 	$(BIN)/sharnn-prepare demo --out $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
 	$(BIN)/sharnn-train --preset tiny --data $(DEMO_DATA) --out $(DEMO_RUN)
+	@echo; echo "--- a sample from the best checkpoint of $(DEMO_RUN):"
+	$(BIN)/sharnn-generate $(DEMO_RUN) --prompt 'def ' --length 300 --temperature 0.7 --seed 0 --echo
+	@echo; echo "--- TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_RUN)/tensorboard"
 
 test: setup
 	$(BIN)/python -m pytest -q
