@@ -218,27 +218,45 @@ def test_bad_input_exits_nonzero_without_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- generate
-def greedy_by_hand(model, prompt: bytes, n: int) -> bytes:
+def greedy_by_hand(model, prompt: bytes, n: int, carry: bool = True) -> bytes:
     """Feed the prompt, take the argmax, then feed one byte at a time with the state carried."""
     out, state = [], None
     x = torch.tensor(list(prompt)).view(-1, 1)
     with torch.no_grad():
         for _ in range(n):
-            logits, _, state = model(x, state)
+            logits, _, state = model(x, state if carry else None)
             out.append(int(logits[-1, 0].argmax()))
             x = torch.tensor([[out[-1]]])
     return bytes(out)
 
 
+@pytest.fixture(scope="module")
+def reference_model(tmp_path_factory) -> Path:
+    """The reference fixture's weights imported: random weights, so every byte of context moves the output."""
+    from sharnn.convert import main
+
+    out = tmp_path_factory.mktemp("use") / "reference"
+    assert main([str(FIXTURE), "--prefix", "penultimate.weights.", "--mem-len", "40", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_generate_greedy_equals_step_by_step_argmax(trained, exported):
+def test_generate_greedy_equals_step_by_step_argmax(trained, exported, reference_model, capsysbinary):
+    from sharnn.generate import main
+
     prompt = b"def main(args):\n    "
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sharnn.generate", str(trained),
-                           "--prompt", prompt.decode(), "--temperature", "0", "--length", "40"],
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sharnn.generate", str(reference_model),
+                           "--prompt", prompt.decode(), "--temperature", "0", "--length", "60"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    assert proc.stdout == greedy_by_hand(load_model(exported), prompt, 40)
-    sharnn_only(proc.stderr.decode())  # loading a run's checkpoint needs neither accelerate nor DeepSpeed
+    model = load_model(reference_model)
+    want = greedy_by_hand(model, prompt, 60)
+    assert proc.stdout == want
+    assert want != greedy_by_hand(model, prompt, 60, carry=False)  # guard: this model needs the carried state
+    sharnn_only(proc.stderr.decode())
+    # the trained run (its best checkpoint), in-process
+    assert main([str(trained), "--prompt", prompt.decode(), "--temperature", "0", "--length", "40"]) == 0
+    assert capsysbinary.readouterr().out == greedy_by_hand(load_model(exported), prompt, 40)
 
 
 def test_generate_is_deterministic_given_a_seed(random_model, capsysbinary):
