@@ -12,7 +12,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, exactly pinned: here it is a local CPU wheel; elsewhere the same pin is the CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
 	touch $@
 
 setup: $(BIN)/.installed

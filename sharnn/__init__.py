@@ -6,7 +6,8 @@ It never imports accelerate, deepspeed or the `train` package, so it is usable o
 
 from sharnn.config import ModelConfig, model_preset
 from sharnn.model import SHARNN
+from sharnn.pretrained import load_model, save_model
 from sharnn.state import CarryState
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "model_preset", "SHARNN", "CarryState", "__version__"]
+__all__ = ["ModelConfig", "model_preset", "SHARNN", "CarryState", "load_model", "save_model", "__version__"]
