@@ -92,7 +92,7 @@ rm -f "$STOP_FILE"
 # shellcheck disable=SC2317  # called by the trap
 stop() {
     echo "multinode.sh: stopping: every rank checkpoints and exits" >&2
-    touch "$STOP_FILE"
+    touch "$STOP_FILE" || echo "multinode.sh: cannot create $STOP_FILE: the run is not stopped" >&2
 }
 trap stop INT TERM
 

@@ -19,6 +19,7 @@
 #                  node instead would race: a late SIGTERM can reach a rank that is already exiting, when
 #                  Python no longer handles it, and that rank would die with -15.)
 #   ACCELERATE     the accelerate executable                             default: accelerate
+#   POLL_S         seconds between looks at STOP_FILE                    default: 2
 #   DRY_RUN=1      print the accelerate launch command instead of running it
 #
 # Arguments are passed on to `-m train`, after the ones above. SIGTERM to this script does what STOP_FILE
@@ -35,7 +36,7 @@ DATA=${DATA:-data/enwik8}
 OUT=${OUT:-runs/$PRESET}
 ACCELERATE=${ACCELERATE:-accelerate}
 POLL_S=${POLL_S:-2}
-NODE="${SLURMD_NODENAME:-$(hostname)}"
+NODE=${SLURMD_NODENAME:-${HOSTNAME:-$(uname -n)}}
 
 die() { echo "node.sh: error: $*" >&2; exit 2; }
 
@@ -71,20 +72,22 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     exit 0
 fi
 
-echo "node.sh: machine_rank $MACHINE_RANK of $NNODES on $NODE: ${line% }"
-"${cmd[@]}" &
-launcher=$!
-
+launcher=""
 stopping=0
 stop_training() {
     # The launcher is left alone: when it receives SIGTERM itself it kills the workers after 30 s and exits
     # 1 even if they stopped cleanly. Its direct children are the training processes.
-    ((stopping)) && return
+    [[ -n $launcher ]] || exit 143  # nothing started yet: nothing to save
+    [[ $stopping == 0 ]] || return 0
     stopping=1
     echo "node.sh: machine_rank $MACHINE_RANK: SIGTERM to the training processes (checkpoint, then exit)" >&2
     pkill -TERM -P "$launcher" || true
 }
 trap stop_training TERM
+
+echo "node.sh: machine_rank $MACHINE_RANK of $NNODES on $NODE: ${line% }"
+"${cmd[@]}" &
+launcher=$!
 
 while kill -0 "$launcher" 2>/dev/null; do
     if ((MACHINE_RANK == 0)) && [[ -n ${STOP_FILE:-} && -e $STOP_FILE ]]; then

@@ -78,8 +78,8 @@ stop_requested=0
 # shellcheck disable=SC2317  # called by the trap
 on_term() {
     stop_requested=1
-    echo "slurm.sh: SIGTERM (time limit or preemption): every node's training processes checkpoint and exit"
-    touch "$STOP_FILE"
+    echo "slurm.sh: SIGTERM (time limit or preemption): every rank checkpoints and exits"
+    touch "$STOP_FILE" || echo "slurm.sh: cannot create $STOP_FILE: the run is not stopped" >&2
 }
 trap on_term TERM
 
