@@ -167,7 +167,9 @@ def load(accelerator, ckpt: Path, n_layer: int) -> tuple[TrainState, CarryState]
                          "so resume with the same world size (or start a new run from the exported weights)")
     accelerator.load_state(str(ckpt))
     carry_file = ckpt / f"carry_rank{accelerator.process_index}.safetensors"
-    carry = CarryState.from_tensors(load_file(carry_file, device=str(accelerator.device)), n_layer)
+    # safetensors names devices "cpu" or "cuda:N"; accelerate's multi-process CPU device is "cpu:0".
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+    carry = CarryState.from_tensors(load_file(carry_file, device=device), n_layer)
     return TrainState.from_json((ckpt / "train_state.json").read_text()), carry
 
 

@@ -97,7 +97,8 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """Non-finite gradient norm: stop with a message, or skip the step (DDP / single process only)."""
     timeout_s: int = 600
-    """Seconds a collective (rendezvous, all-reduce) may wait for a missing peer before failing."""
+    """Seconds the process group (init, all-reduce) waits for a missing rank before failing. The launchers'
+    own meeting is governed by `--rdzv_conf timeout=N` of accelerate launch."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

@@ -48,9 +48,15 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     launched_by_torchrun = "LOCAL_RANK" in os.environ
     pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.timeout_s),
                                 **({"backend": "gloo"} if on_cpu and launched_by_torchrun else {}))
-    accelerator = Accelerator(cpu=on_cpu and not use_deepspeed, mixed_precision=ACCEL_PRECISION[cfg.precision],
-                              gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
-                              project_dir=cfg.out, kwargs_handlers=[pg])
+    try:
+        accelerator = Accelerator(cpu=on_cpu and not use_deepspeed, mixed_precision=ACCEL_PRECISION[cfg.precision],
+                                  gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
+                                  project_dir=cfg.out, kwargs_handlers=[pg])
+    except torch.distributed.DistError as e:
+        raise SystemExit(f"error: rank {os.environ.get('RANK', '?')}: not every rank joined the process group "
+                         f"within --timeout_s={cfg.timeout_s}s: a process on another node failed at start-up (its "
+                         f"log names the cause) or never started. ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from None
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SystemExit(f"error: the launcher started {launched} processes but accelerate sees world size "
@@ -322,4 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     # Both calls: end_training alone aborts intermittently at exit under ZeRO (shared STACK-NOTES).
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    # A late SIGTERM during interpreter shutdown (after our handler is gone) would kill a cleanly stopped rank.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     return 0
