@@ -117,7 +117,7 @@ def _peak_memory(device) -> int:
 def run_in_process(sc: Scenario) -> dict:
     import torch
 
-    from bench.flops import forward_flops_per_byte, steady_keys
+    from bench.flops import forward_flops_per_byte, steady_keys, train_flops_per_byte
     from sharnn import SHARNN
     from sharnn.generate import stream_bytes
     from sharnn.optim import LAMB
@@ -159,7 +159,7 @@ def run_in_process(sc: Scenario) -> dict:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state = state.detach()
-        n_bytes, flops_per_byte = T * B, 3 * forward_flops_per_byte(model_cfg, steady_keys(model_cfg, T))
+        n_bytes, flops_per_byte = T * B, train_flops_per_byte(model_cfg, steady_keys(model_cfg, T), T)
     elif sc.kind == "eval":
         model.eval()
 
@@ -209,7 +209,7 @@ def _device_name(device) -> str:
 # ------------------------------------------------------------------------------------------ scaling runs
 def run_scaling(sc: Scenario, corpus: Path) -> dict:
     """The trainer itself, 1 process or 2 under accelerate launch, each with sc.threads threads."""
-    from bench.flops import forward_flops_per_byte, steady_keys
+    from bench.flops import steady_keys, train_flops_per_byte
 
     cfg, model_cfg, B, T = _model_config(sc)
     steps = 16
@@ -232,7 +232,7 @@ def run_scaling(sc: Scenario, corpus: Path) -> dict:
     per_rank = [r["perf/bytes_per_s_per_rank"] for r in records if "perf/bytes_per_s_per_rank" in r]
     steady = sorted(per_rank[steps // 2:])  # the memory (mem_len / bptt steps) has filled by then
     rate = statistics.median(steady)
-    flops_per_byte = 3 * forward_flops_per_byte(model_cfg, steady_keys(model_cfg, T))
+    flops_per_byte = train_flops_per_byte(model_cfg, steady_keys(model_cfg, T), T)
     import torch
     torch.set_num_threads(sc.threads or 1)
     ceiling = matmul_ceiling(torch.device("cpu"), torch.float32)

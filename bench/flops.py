@@ -6,9 +6,14 @@ Per byte (one position of one stream), forward:
     attention, per block:   query Linear 2 d^2, scores q.k over K keys 2 K d, mixing weights.v 2 K d
     output layer:           2 * d * V
 K is the number of keys a position is scored against: memory + segment length (the full causal
-rectangle is computed, masked entries included, as every dense kernel does). Backward costs twice the
-forward (one product for each operand's gradient): training = 3 x forward. Element-wise work (gates,
-LayerNorm, GELU, softmax) is left out, as is customary for MFU.
+rectangle is computed, masked entries included, as every dense kernel does).
+
+Backward costs twice the forward (one product for each operand's gradient), except in the attention:
+the memory is carried state without gradient, so of the four backward products only the two that make
+the query's and the weights' gradients run over all K keys (4 K d); the keys' and values' gradients are
+needed for the segment's own T keys only (4 T d: the T x T causal square, dense). Training per byte:
+    forward + 2 * (forward - attention's 4 K d) + 4 K d + 4 T d   (per attention block)
+Element-wise work (gates, LayerNorm, GELU, softmax, dropout) is left out, as is customary for MFU.
 """
 
 from __future__ import annotations
@@ -25,15 +30,29 @@ def forward_flops_per_byte(cfg: ModelConfig, n_keys: float) -> float:
     return float(lstm + boom + attn + out)
 
 
+def train_flops_per_byte(cfg: ModelConfig, n_keys: float, seg_len: int) -> float:
+    """Forward + backward per byte of a training step on segments of seg_len bytes."""
+    d, n_attn = cfg.d_model, len(cfg.attn_layers)
+    forward = forward_flops_per_byte(cfg, n_keys)
+    over_keys = n_attn * 4 * n_keys * d  # scores and mixing: in the backward only for q and the weights
+    return forward + 2 * (forward - over_keys) + over_keys + n_attn * 4 * seg_len * d
+
+
+def _per_call(cfg: ModelConfig) -> int:
+    """The value gate's Overparam: a Linear d -> 2d applied once per call to the gate vector."""
+    return len(cfg.attn_layers) * 2 * cfg.d_model * 2 * cfg.d_model
+
+
 def forward_flops(cfg: ModelConfig, seg_len: int, batch: int, n_keys: float) -> float:
-    """One forward call on a (seg_len, batch) segment: per-byte work plus the value gate's Overparam
-    (a Linear d -> 2d applied once per call to the gate vector)."""
-    per_call = len(cfg.attn_layers) * 2 * cfg.d_model * 2 * cfg.d_model
-    return forward_flops_per_byte(cfg, n_keys) * seg_len * batch + per_call
+    """One forward call on a (seg_len, batch) segment."""
+    return forward_flops_per_byte(cfg, n_keys) * seg_len * batch + _per_call(cfg)
 
 
-def train_flops_per_byte(cfg: ModelConfig, n_keys: float) -> float:
-    return 3.0 * forward_flops_per_byte(cfg, n_keys)
+def train_flops(cfg: ModelConfig, seg_len: int, batch: int, n_keys: float) -> float:
+    """One forward and backward on a (seg_len, batch) segment. The per-byte count less, per block, the
+    gradient of the first step's recurrent product with respect to the carried LSTM state (no gradient)."""
+    carried = cfg.n_layer * 2 * batch * cfg.d_model * 4 * cfg.d_model
+    return train_flops_per_byte(cfg, n_keys, seg_len) * seg_len * batch + 3 * _per_call(cfg) - carried
 
 
 def steady_keys(cfg: ModelConfig, seg_len: int) -> int:

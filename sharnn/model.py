@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharnn.config import ModelConfig
+from sharnn.kernels import Dropout, attend_cpu, dropout, fast_path
 from sharnn.state import CarryState, LSTMState
 
 # Every LayerNorm in the reference uses eps=1e-12 (apex FusedLayerNorm); torch's 1e-5 moves logits ~2e-3.
@@ -59,7 +60,7 @@ class Boom(nn.Module):
         super().__init__()
         self.n_chunks = d_ff // d  # the reference truncates d_ff to a multiple of d
         self.proj = nn.Linear(d, d_ff)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         T, B, C = x.shape
@@ -99,24 +100,28 @@ class SingleHeadAttention(nn.Module):
         self.v_overparam = Overparam(d)
         self.dropout = dropout
 
-    def forward(self, h: Tensor, keys: Tensor) -> Tensor:
+    def forward(self, h: Tensor, keys: Tensor, segment_keys: Tensor) -> Tensor:
+        """h: (T, B, C) the segment; keys: (K, B, C) memory then `segment_keys`, the segment's own keys."""
         T, B, C = h.shape
         drop = self.dropout if self.training else 0.0
         # The reference computes this LayerNorm in float32 (it casts before qln), also under mixed precision.
         q = F.layer_norm(self.query(h).float(), (C,), self.query_ln.weight.float(),
                          self.query_ln.bias.float(), LN_EPS)
-        q = F.dropout(torch.sigmoid(self.q_gate.float()) * q, drop, self.training)
+        q = dropout(torch.sigmoid(self.q_gate.float()) * q, drop, self.training)
         # The key and value gates scale features, so they move off the (memory + T)-long keys onto the
         # T-long side: q . (k_gate * keys) == (q * k_gate) . keys, and A @ (v_gate * keys) == v_gate * (A @ keys).
         # The dropout the reference applies to v = v_gate * keys is drawn on keys: same shape, same mask.
         q = (q * torch.sigmoid(self.k_gate.float())).to(keys.dtype)
-        v = F.dropout(keys, drop, self.training)
-        # (T, B, C) -> (B, 1, T, C): one head
-        q, k, v = (t.transpose(0, 1).unsqueeze(1) for t in (q, keys, v))
-        mask = causal_mask(T, keys.shape[0] - T, h.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, 1, T, C)
+        if fast_path(keys):  # written out, with sharnn.kernels' fast dropout masks
+            out = attend_cpu(q, keys, segment_keys, drop)
+        else:  # (T, B, C) -> (B, 1, T, C): one head
+            v = F.dropout(keys, drop, self.training)
+            q, k, v = (t.transpose(0, 1).unsqueeze(1) for t in (q, keys, v))
+            mask = causal_mask(T, keys.shape[0] - T, h.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, 1, T, C)
+            out = out.squeeze(1).transpose(0, 1)  # (T, B, C)
         v_gate = self.v_overparam(torch.sigmoid(self.v_gate))  # (C,)
-        return out.squeeze(1).transpose(0, 1) * v_gate  # (T, B, C)
+        return out * v_gate
 
 
 class Block(nn.Module):
@@ -132,7 +137,7 @@ class Block(nn.Module):
         self.ln_ff = layer_norm(d)
         self.ln_xff = layer_norm(d)
         self.boom = Boom(d, cfg.d_ff, cfg.dropouth)
-        self.drop = nn.Dropout(cfg.dropouth)
+        self.drop = Dropout(cfg.dropouth)
         self.mem_len = cfg.mem_len
 
     def forward(self, h: Tensor, hidden: LSTMState | None, memory: Tensor | None
@@ -154,7 +159,7 @@ class Block(nn.Module):
             h = self.ln_mid(h)
             keys = mem_in if memory is None else torch.cat([memory.to(mem_in.dtype), mem_in], dim=0)
             new_memory = keys[-self.mem_len:]  # (<= M, B, C)
-            h = h + self.drop(self.attn(h, keys))
+            h = h + self.drop(self.attn(h, keys, mem_in))
 
         h, x = self.ln_ff(h), self.ln_xff(h)
         h = h + self.drop(self.boom(x))
@@ -170,8 +175,8 @@ class SHARNN(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i in cfg.attn_layers) for i in range(cfg.n_layer))
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # the output weight is embed.weight (tied)
-        self.drop_in = nn.Dropout(cfg.dropouti)
-        self.drop_out = nn.Dropout(cfg.dropout)
+        self.drop_in = Dropout(cfg.dropouti)
+        self.drop_out = Dropout(cfg.dropout)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

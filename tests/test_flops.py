@@ -1,16 +1,19 @@
 """The analytic FLOP formula of bench/flops.py against torch's FlopCounterMode.
 
-FlopCounterMode counts neither nn.LSTM's fused kernel nor CPU attention kernels, so the model runs here with
-both decomposed into the matrix products they perform (same weights, same function): the counter then
-sees every product, and the formula must match its count exactly.
+FlopCounterMode does not count nn.LSTM's fused kernel, so the LSTMs run here decomposed into the matrix
+products they perform (same weights, same function). The attention runs as on every CPU: sharnn.kernels'
+batched products, forward and custom backward. The counter then sees every product, and the formula must
+match its count exactly, for a forward and for a training step (forward and backward).
 """
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.flops import forward_flops, steady_keys
+from bench.flops import forward_flops, steady_keys, train_flops
 from sharnn import ModelConfig, SHARNN
 
 
@@ -41,26 +44,42 @@ class MatmulLSTM(torch.nn.Module):
         return torch.stack(out), (h[None], c[None])
 
 
-def matmul_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, **kwargs):
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores.softmax(-1) @ v
+def decomposed(cfg: ModelConfig, B: int, train: bool):
+    """A model with full memory (as in steady training), its LSTMs decomposed; and its undecomposed twin."""
+    torch.manual_seed(0)
+    model = SHARNN(cfg).train(train)
+    with torch.no_grad():
+        _, _, state = model(torch.randint(0, 256, (40, B)))  # fill the memory
+    twin = copy.deepcopy(model)
+    for block in model.blocks:
+        block.lstm = MatmulLSTM(block.lstm)
+    return model, twin, state
 
 
 @pytest.mark.parametrize("attn", ["penultimate", "all", "none"])
-def test_formula_matches_flop_counter(attn, monkeypatch):
+def test_formula_matches_flop_counter(attn):
     cfg = ModelConfig(d_model=32, d_ff=128, n_layer=3, attn=attn, mem_len=24, dropout=0, dropouth=0, dropouti=0)
-    torch.manual_seed(0)
-    model = SHARNN(cfg).eval()
     T, B = 8, 3
+    model, twin, state = decomposed(cfg, B, train=False)
     x = torch.randint(0, 256, (T, B))
     with torch.no_grad():
-        _, _, state = model(torch.randint(0, 256, (40, B)))  # fill the memory
-        want_logits, _, _ = model(x, state)
-        for block in model.blocks:
-            block.lstm = MatmulLSTM(block.lstm)
-        monkeypatch.setattr(F, "scaled_dot_product_attention", matmul_sdpa)
+        want_logits, _, _ = twin(x, state)
         with FlopCounterMode(display=False) as counter:
             logits, _, _ = model(x, state)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)  # the decomposition is the model
     assert counter.get_total_flops() == forward_flops(cfg, T, B, steady_keys(cfg, T))
+
+
+@pytest.mark.parametrize("attn", ["penultimate", "all", "none"])
+def test_training_formula_matches_flop_counter(attn):
+    """Forward and backward: the backward skips the memory's gradient (it is carried state)."""
+    cfg = ModelConfig(d_model=32, d_ff=128, n_layer=3, attn=attn, mem_len=24, dropout=0.1, dropouth=0.1,
+                      dropouti=0.1)
+    T, B = 8, 3
+    model, _, state = decomposed(cfg, B, train=True)
+    x, y = torch.randint(0, 256, (T, B)), torch.randint(0, 256, (T, B))
+    with FlopCounterMode(display=False) as counter:
+        _, loss, _ = model(x, state, targets=y)
+        loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert counter.get_total_flops() == train_flops(cfg, T, B, steady_keys(cfg, T))

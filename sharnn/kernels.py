@@ -1,0 +1,142 @@
+"""Two of the model's ops, made fast on CPU: dropout and the single-head attention.
+
+On a CPU most of a SHA-RNN training step used to go to dropout: torch draws a Bernoulli mask with one call
+to its Mersenne Twister per element (about 400 ms for the 21M-element memory-long keys of the `small`
+preset, more than the attention's matrix products). Here the mask comes from numpy's PCG64, which fills
+a buffer 3-6x faster, seeded by one draw from torch's default generator: `torch.manual_seed` and saved RNG
+states still govern every mask, so runs stay reproducible and resume bitwise. The mask is kept as bool and
+applied with `torch.where`, whose backward reuses it.
+
+The attention is written out on CPU (`attend_cpu`) so that its two large dropouts (on the (B, T, K) weights
+and on the (K, B, C) values) use those masks, and their 1/(1-p) scales move onto the small (T, B, C) output.
+It computes what `F.scaled_dot_product_attention` computes. On CUDA, and under `torch.compile`, both ops
+are torch's own (fused kernels with on-device random numbers).
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def fast_path(x: Tensor) -> bool:
+    """Whether the CPU versions apply: a CPU tensor outside torch.compile's tracing."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+_CHUNK = 1 << 22  # elements per generator: a mask depends on the seed and its size, not on the thread count
+_pool: ThreadPoolExecutor | None = None
+
+
+def keep_mask(shape: tuple[int, ...], p: float) -> Tensor:
+    """A bool CPU tensor, True with probability 1 - p for each element independently.
+
+    Uniform float32 numbers u from PCG64 (24 random bits each); keep where u >= p. One 63-bit draw from
+    torch's default CPU generator seeds the mask; chunks of 4M elements get their own streams ([seed, i])
+    and fill in parallel on torch's thread count (numpy releases the GIL while it fills)."""
+    global _pool
+    n = math.prod(shape)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    keep = np.empty(n, dtype=np.bool_)
+
+    def fill(i: int) -> None:
+        part = keep[i * _CHUNK:(i + 1) * _CHUNK]
+        u = np.random.Generator(np.random.PCG64([seed, i])).random(part.size, dtype=np.float32)
+        np.greater_equal(u, np.float32(p), out=part)
+
+    n_chunks, workers = -(-n // _CHUNK), torch.get_num_threads()
+    if n_chunks == 1 or workers == 1:
+        for i in range(n_chunks):
+            fill(i)
+    else:
+        if _pool is None or _pool._max_workers != workers:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sharnn-mask")
+        list(_pool.map(fill, range(n_chunks)))
+    return torch.from_numpy(keep).view(shape)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """F.dropout(x, p, training), with the fast mask on CPU."""
+    if not training or p == 0.0:
+        return x
+    if not fast_path(x):
+        return F.dropout(x, p, True)
+    return torch.where(keep_mask(x.shape, p), x, 0).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the fast CPU mask (same parameters, same state dict: none)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+@lru_cache(maxsize=32)
+def future_mask(T: int, device: torch.device) -> Tensor:
+    """(T, T) bool, True above the diagonal: the segment positions a query must not see."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+
+
+def attend_cpu(q: Tensor, keys: Tensor, segment_keys: Tensor, p: float) -> Tensor:
+    """softmax(q keys^T / sqrt(C) + causal mask) with dropout p on the weights, times dropout(keys).
+
+    q: (T, B, C) queries of the segment; keys: (K, B, C), the detached memory then the segment's T keys
+    (`segment_keys`, the tensor gradients flow to), used as values too. Every query sees the K - T memory positions and the segment up to itself.
+    Returns (T, B, C). Gradients flow to q and to the segment's keys only: the memory is carried state
+    without gradient, so its (K - T)-long gradient products are never computed."""
+    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
+        return _Attention.apply(q, keys.detach(), segment_keys, p)
+    return _attend(q, keys, p)[0]
+
+
+def _attend(q: Tensor, keys: Tensor, p: float):
+    T, _, C = q.shape
+    K = keys.shape[0]
+    # (B, T, C) @ (B, C, K): both operands are strided views that the batched GEMM reads in place
+    scores = torch.bmm(q.transpose(0, 1) * (1.0 / math.sqrt(C)), keys.permute(1, 2, 0))
+    scores[:, :, K - T:].masked_fill_(future_mask(T, q.device), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)  # (B, T, K)
+    keep_w = keep_v = None
+    dropped, values, scale = weights, keys, 1.0
+    if p > 0.0:
+        keep_w, keep_v = keep_mask(weights.shape, p), keep_mask(keys.shape, p)
+        dropped, values = torch.where(keep_w, weights, 0), torch.where(keep_v, keys, 0)
+        scale = 1.0 / (1.0 - p) ** 2  # both dropouts' rescaling, applied to the (T, B, C) result
+    out = torch.bmm(dropped, values.transpose(0, 1)).transpose(0, 1) * scale  # (T, B, C)
+    return out, weights, dropped, values, keep_w, keep_v, scale
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, q: Tensor, keys: Tensor, segment_keys: Tensor, p: float) -> Tensor:
+        out, weights, dropped, values, keep_w, keep_v, scale = _attend(q, keys, p)
+        ctx.save_for_backward(q, keys, weights, dropped, values, keep_w, keep_v)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out: Tensor):
+        q, keys, weights, dropped, values, keep_w, keep_v = ctx.saved_tensors
+        T, _, C = q.shape
+        K = keys.shape[0]
+        g = (grad_out * ctx.scale).transpose(0, 1)  # (B, T, C)
+        grad_dropped = torch.bmm(g.to(values.dtype), values.permute(1, 2, 0))  # (B, T, K)
+        # values' gradient, for the segment's keys only: dropped[:, :, -T:]^T @ g
+        grad_values = torch.bmm(dropped[:, :, K - T:].transpose(1, 2), g.to(dropped.dtype))  # (B, T, C)
+        if keep_v is not None:
+            grad_values = grad_values * keep_v[K - T:].transpose(0, 1)
+            grad_dropped.masked_fill_(~keep_w, 0.0)
+        grad_scores = torch._softmax_backward_data(grad_dropped.to(weights.dtype), weights, -1, weights.dtype)
+        # the scores' 1/sqrt(C) goes on the (B, T, C) products
+        grad_q = torch.bmm(grad_scores.to(keys.dtype), keys.transpose(0, 1)) * (1.0 / math.sqrt(C))
+        grad_keys = torch.bmm(grad_scores[:, :, K - T:].transpose(1, 2), q.transpose(0, 1).to(grad_scores.dtype))
+        grad_segment = (grad_keys * (1.0 / math.sqrt(C)) + grad_values).transpose(0, 1)  # (T, B, C)
+        return grad_q.transpose(0, 1), None, grad_segment, None
