@@ -1,0 +1,121 @@
+"""sharnn.kernels: the CPU dropout masks and the written-out attention compute what torch's ops compute."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sharnn.kernels as kernels
+import sharnn.model
+from sharnn import ModelConfig, SHARNN
+from sharnn.kernels import attend_cpu, dropout, keep_mask
+
+
+def sdpa_reference(q, keys):
+    """torch's attention with the model's mask: all of memory, the segment up to each position."""
+    T, K = q.shape[0], keys.shape[0]
+    mask = torch.cat([torch.ones(T, K - T, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+    k = keys.transpose(0, 1)
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k, k, attn_mask=mask).transpose(0, 1)
+
+
+def inputs(T=5, B=3, C=8, M=7):
+    torch.manual_seed(0)
+    q = torch.randn(T, B, C, dtype=torch.float64, requires_grad=True)
+    segment = torch.randn(T, B, C, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(M, B, C, dtype=torch.float64)  # carried state: no gradient
+    return q, memory, segment
+
+
+@pytest.mark.parametrize("M", [0, 7])
+def test_attention_matches_sdpa_with_gradients(M):
+    q, memory, segment = inputs(M=M)
+    keys = torch.cat([memory, segment])
+    out, want = attend_cpu(q, keys, segment, 0.0), sdpa_reference(q, keys)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, segment), g)
+    expected = torch.autograd.grad(want, (q, segment), g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_dropout_is_the_reference_formula(monkeypatch):
+    """Dropout p on the weights and on the values, each rescaled by 1/(1-p); gradients through the same masks."""
+    q, memory, segment = inputs()
+    keys = torch.cat([memory, segment])
+    masks = []
+
+    def recording_mask(shape, p):
+        masks.append(keep_mask(shape, p))
+        return masks[-1]
+
+    monkeypatch.setattr(kernels, "keep_mask", recording_mask)
+    p = 0.3
+    out = attend_cpu(q, keys, segment, p)
+    keep_weights, keep_values = masks
+    T, C = q.shape[0], q.shape[2]
+    scores = (q.transpose(0, 1) / math.sqrt(C)) @ keys.permute(1, 2, 0)
+    causal = torch.cat([torch.ones(T, memory.shape[0], dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1) * keep_weights / (1 - p)
+    want = (weights @ (keys * keep_values / (1 - p)).transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, segment), g), torch.autograd.grad(want, (q, segment), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_keep_mask_rate_seed_and_thread_independence():
+    shape = (3000, 3000)  # several generator chunks
+    torch.manual_seed(1)
+    a = keep_mask(shape, 0.1)
+    b = keep_mask(shape, 0.1)
+    assert a.dtype == torch.bool and a.shape == shape
+    rate = a.double().mean().item()
+    assert abs(rate - 0.9) < 5 * math.sqrt(0.09 / a.numel())  # five standard deviations
+    assert not torch.equal(a, b)  # each call draws a new seed from torch's generator
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(1)
+            assert torch.equal(keep_mask(shape, 0.1), a)  # the seed decides, not the thread count
+    finally:
+        torch.set_num_threads(threads)
+    # chunks are independent streams: the mask's halves differ
+    flat = a.flatten()
+    assert not torch.equal(flat[: kernels._CHUNK], flat[kernels._CHUNK: 2 * kernels._CHUNK])
+
+
+def test_dropout_zeroes_and_rescales():
+    x = torch.randn(200, 300)
+    assert dropout(x, 0.2, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
+    torch.manual_seed(0)
+    y = dropout(x, 0.2, training=True)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.8)
+    assert abs(kept.double().mean().item() - 0.8) < 0.01
+
+
+@pytest.mark.parametrize("attn", ["penultimate", "all"])
+def test_model_cpu_path_equals_torch_path_in_training(attn, monkeypatch):
+    """Training mode, dropout off: the written-out attention gives the loss and every gradient of the SDPA path."""
+    cfg = ModelConfig(d_model=32, d_ff=64, n_layer=3, attn=attn, mem_len=20, dropout=0, dropouth=0, dropouti=0)
+    torch.manual_seed(0)
+    model = SHARNN(cfg).double().train()
+    x, y = torch.randint(0, 256, (8, 2)), torch.randint(0, 256, (8, 2))
+    with torch.no_grad():
+        _, _, state = model(torch.randint(0, 256, (16, 2)))
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(sharnn.model, "fast_path", lambda t, fast=fast: fast)
+        model.zero_grad()
+        _, loss, _ = model(x, state, targets=y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_fast, grads_fast), (loss_torch, grads_torch) = results
+    torch.testing.assert_close(loss_fast, loss_torch, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_fast, grads_torch):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
