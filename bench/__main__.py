@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", action="append", help="scenario name (repeatable); default: all")
     parser.add_argument("--json", type=Path, help="write the records as a JSON list here")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="also run bf16/fp16 scenarios on a CPU without bf16/fp16 matrix instructions "
+                             "(emulated: 100x slower than fp32; skipped by default)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -286,8 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'scenario':22s} {'kind':8s} {'prec':5s} {'comp':5s} {'ws':>2s} {'bytes/s':>10s} "
               f"{'spread':>17s} {'GFLOP/s':>8s} {'ceiling':>8s} {'MFU':>6s} {'peak MiB':>9s}")
     print(header)
+    from train.step import native_cpu_matmul
+
     for name in names:
         sc = table[name]
+        if device == "cpu" and not native_cpu_matmul(sc.precision) and not args.force:
+            reason = (f"this CPU has no {sc.precision} matrix instructions (avx512_bf16/AMX): emulated, "
+                      f"100x slower than fp32; --force runs it")
+            print(f"{name:22s} skipped: {reason}", flush=True)
+            records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
+                            "compile": sc.compile, "world_size": sc.world_size, "bytes_per_s": None, "mfu": None,
+                            "peak_mem_bytes": None, "skipped": reason})
+            continue
         if sc.kind == "scaling":
             corpus = corpus or _scaling_corpus()
             result = run_scaling(sc, corpus)
@@ -297,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 print(f"{name:22s} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
-                records.append({"scenario": name, "error": proc.stderr[-2000:]})
+                records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
+                                "compile": sc.compile, "world_size": sc.world_size, "bytes_per_s": None,
+                                "mfu": None, "peak_mem_bytes": None, "error": proc.stderr[-2000:]})
                 continue
             result = json.loads(lines[0][len("RESULT "):])
         record = {"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,

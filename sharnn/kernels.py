@@ -9,8 +9,9 @@ applied with `torch.where`, whose backward reuses it.
 
 The attention is written out on CPU (`attend_cpu`) so that its two large dropouts (on the (B, T, K) weights
 and on the (K, B, C) values) use those masks, and their 1/(1-p) scales move onto the small (T, B, C) output.
-It computes what `F.scaled_dot_product_attention` computes. On CUDA, and under `torch.compile`, both ops
-are torch's own (fused kernels with on-device random numbers).
+It computes what `F.scaled_dot_product_attention` computes. On CUDA both ops are torch's own (fused kernels
+with on-device random numbers); under `torch.compile` on CPU, dropout is torch's (inductor fuses it with its
+neighbours) and the attention stays this one (the graph breaks around it).
 """
 
 from __future__ import annotations
@@ -26,39 +27,82 @@ from torch import Tensor, nn
 
 
 def fast_path(x: Tensor) -> bool:
-    """Whether the CPU versions apply: a CPU tensor outside torch.compile's tracing."""
+    """Whether dropout uses the CPU masks: a CPU tensor outside torch.compile's tracing."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-_CHUNK = 1 << 22  # elements per generator: a mask depends on the seed and its size, not on the thread count
+def cpu_attention(keys: Tensor) -> bool:
+    """Whether the attention runs as `attend_cpu` (on CPU, compiled or not) rather than torch's SDPA."""
+    return keys.device.type == "cpu"
+
+
+_CHUNK = 1 << 20  # elements per generator: a mask depends on the seed and its size, not on the thread count
 _pool: ThreadPoolExecutor | None = None
 
 
-def keep_mask(shape: tuple[int, ...], p: float) -> Tensor:
-    """A bool CPU tensor, True with probability 1 - p for each element independently.
-
-    Uniform float32 numbers u from PCG64 (24 random bits each); keep where u >= p. One 63-bit draw from
-    torch's default CPU generator seeds the mask; chunks of 4M elements get their own streams ([seed, i])
-    and fill in parallel on torch's thread count (numpy releases the GIL while it fills)."""
+def _in_chunks(n: int, fill) -> None:
+    """fill(i, seed, part) for the chunks i of n elements, in parallel on torch's thread count (numpy releases
+    the GIL while it works). One 63-bit draw from torch's default CPU generator seeds them all."""
     global _pool
-    n = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    parts = [slice(i * _CHUNK, min(n, (i + 1) * _CHUNK)) for i in range(-(-n // _CHUNK))]
+    workers = torch.get_num_threads()
+    if len(parts) == 1 or workers == 1:
+        for i, part in enumerate(parts):
+            fill(i, seed, part)
+        return
+    if _pool is None or _pool._max_workers != workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sharnn-mask")
+    list(_pool.map(fill, range(len(parts)), [seed] * len(parts), parts))
+
+
+def _draw_keep(i: int, seed: int, p: float, out: np.ndarray) -> None:
+    """Chunk i's mask: uniform float32 u from PCG64 stream [seed, i] (24 random bits each), keep where u >= p."""
+    u = np.random.Generator(np.random.PCG64([seed, i])).random(out.size, dtype=np.float32)
+    np.greater_equal(u, np.float32(p), out=out)
+
+
+def keep_mask(shape: tuple[int, ...], p: float) -> Tensor:
+    """A bool CPU tensor, True with probability 1 - p for each element independently."""
+    n = math.prod(shape)
     keep = np.empty(n, dtype=np.bool_)
-
-    def fill(i: int) -> None:
-        part = keep[i * _CHUNK:(i + 1) * _CHUNK]
-        u = np.random.Generator(np.random.PCG64([seed, i])).random(part.size, dtype=np.float32)
-        np.greater_equal(u, np.float32(p), out=part)
-
-    n_chunks, workers = -(-n // _CHUNK), torch.get_num_threads()
-    if n_chunks == 1 or workers == 1:
-        for i in range(n_chunks):
-            fill(i)
-    else:
-        if _pool is None or _pool._max_workers != workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sharnn-mask")
-        list(_pool.map(fill, range(n_chunks)))
+    _in_chunks(n, lambda i, seed, part: _draw_keep(i, seed, p, keep[part]))
     return torch.from_numpy(keep).view(shape)
+
+
+def masked(x: Tensor, p: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(x * keep * scale, keep) with keep = keep_mask(x.shape, p): the same mask for the same seed. For a
+    contiguous float32 x the mask is applied chunk by chunk right after it is drawn, while both are in cache."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        keep = keep_mask(x.shape, p)
+        out = torch.where(keep, x, 0)
+        return (out.mul_(scale) if scale != 1.0 else out), keep
+    n = x.numel()
+    src = x.detach().numpy().reshape(n)
+    keep, out = np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.float32)
+
+    def fill(i: int, seed: int, part: slice) -> None:
+        _draw_keep(i, seed, p, keep[part])
+        np.multiply(src[part], keep[part], out=out[part])
+        if scale != 1.0:
+            out[part] *= np.float32(scale)
+
+    _in_chunks(n, fill)
+    return torch.from_numpy(out).view(x.shape), torch.from_numpy(keep).view(x.shape)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        out, keep = masked(x, p, 1.0 / (1.0 - p))
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -67,7 +111,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if not fast_path(x):
         return F.dropout(x, p, True)
-    return torch.where(keep_mask(x.shape, p), x, 0).mul_(1.0 / (1.0 - p))
+    return _Dropout.apply(x, p)
 
 
 class Dropout(nn.Dropout):
@@ -83,6 +127,7 @@ def future_mask(T: int, device: torch.device) -> Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
 
 
+@torch.compiler.disable  # under torch.compile too: the compiled graph breaks around it
 def attend_cpu(q: Tensor, keys: Tensor, segment_keys: Tensor, p: float) -> Tensor:
     """softmax(q keys^T / sqrt(C) + causal mask) with dropout p on the weights, times dropout(keys).
 
@@ -105,8 +150,8 @@ def _attend(q: Tensor, keys: Tensor, p: float):
     keep_w = keep_v = None
     dropped, values, scale = weights, keys, 1.0
     if p > 0.0:
-        keep_w, keep_v = keep_mask(weights.shape, p), keep_mask(keys.shape, p)
-        dropped, values = torch.where(keep_w, weights, 0), torch.where(keep_v, keys, 0)
+        dropped, keep_w = masked(weights, p)
+        values, keep_v = masked(keys, p)
         scale = 1.0 / (1.0 - p) ** 2  # both dropouts' rescaling, applied to the (T, B, C) result
     out = torch.bmm(dropped, values.transpose(0, 1)).transpose(0, 1) * scale  # (T, B, C)
     return out, weights, dropped, values, keep_w, keep_v, scale

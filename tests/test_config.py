@@ -2,6 +2,7 @@
 
 
 import pytest
+import torch
 
 from train.config import TrainConfig, lr_at, parse_args, preset
 from train.loop import draw_resets, fill_deepspeed_config
@@ -105,3 +106,15 @@ def test_state_resets_are_drawn_from_seed_and_step():
     rate = sum(h for h, _ in draws) / len(draws)
     assert 0.15 < rate < 0.45 and draws != [draw_resets(6, s, 0.3) for s in range(200)]
     assert not any(any(d) for d in (draw_resets(5, s, 0.0) for s in range(50)))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(native, monkeypatch):
+    from train.step import check_precision
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda native=native: native, raising=False)
+    line = check_precision("bf16", torch.device("cpu"))
+    assert line.startswith("precision bf16: LSTM forward/backward checked")
+    assert ("warning: this CPU has no bf16 matrix instructions" in line) is (not native)
+    assert "Use --precision fp32" in line or native

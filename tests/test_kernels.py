@@ -47,11 +47,11 @@ def test_attention_dropout_is_the_reference_formula(monkeypatch):
     keys = torch.cat([memory, segment])
     masks = []
 
-    def recording_mask(shape, p):
-        masks.append(keep_mask(shape, p))
-        return masks[-1]
+    def recording_masked(x, p):
+        masks.append(keep_mask(x.shape, p))
+        return torch.where(masks[-1], x, 0), masks[-1]
 
-    monkeypatch.setattr(kernels, "keep_mask", recording_mask)
+    monkeypatch.setattr(kernels, "masked", recording_masked)
     p = 0.3
     out = attend_cpu(q, keys, segment, p)
     keep_weights, keep_values = masks
@@ -88,6 +88,26 @@ def test_keep_mask_rate_seed_and_thread_independence():
     assert not torch.equal(flat[: kernels._CHUNK], flat[kernels._CHUNK: 2 * kernels._CHUNK])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_applies_the_mask_keep_mask_draws(dtype):
+    """Chunked float32 fast path and the generic path: the same mask as keep_mask for the same seed."""
+    x = torch.randn(3 * kernels._CHUNK + 5, dtype=dtype)
+    torch.manual_seed(3)
+    want_keep = keep_mask(x.shape, 0.25)
+    torch.manual_seed(3)
+    out, keep = kernels.masked(x, 0.25, scale=2.0)
+    assert torch.equal(keep, want_keep)
+    torch.testing.assert_close(out, torch.where(keep, x * 2.0, 0), rtol=0, atol=0)
+
+
+def test_dropout_gradient_uses_the_forward_mask():
+    x = torch.randn(300, 200, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.3, training=True)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.testing.assert_close(grad, (y != 0).float() / 0.7)
+
+
 def test_dropout_zeroes_and_rescales():
     x = torch.randn(200, 300)
     assert dropout(x, 0.2, training=False) is x
@@ -108,13 +128,21 @@ def test_model_cpu_path_equals_torch_path_in_training(attn, monkeypatch):
     x, y = torch.randint(0, 256, (8, 2)), torch.randint(0, 256, (8, 2))
     with torch.no_grad():
         _, _, state = model(torch.randint(0, 256, (16, 2)))
-    results = []
+    results, calls = [], []
+
+    def counted(*args):
+        calls.append(1)
+        return attend_cpu(*args)
+
+    monkeypatch.setattr(sharnn.model, "attend_cpu", counted)
     for fast in (True, False):
-        monkeypatch.setattr(sharnn.model, "fast_path", lambda t, fast=fast: fast)
+        monkeypatch.setattr(sharnn.model, "cpu_attention", lambda keys, fast=fast: fast)
         model.zero_grad()
         _, loss, _ = model(x, state, targets=y)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert len(calls) == (len(cfg.attn_layers) if fast else 0)
+        calls.clear()
     (loss_fast, grads_fast), (loss_torch, grads_torch) = results
     torch.testing.assert_close(loss_fast, loss_torch, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_fast, grads_torch):
