@@ -237,11 +237,13 @@ def run_scaling(sc: Scenario, corpus: Path) -> dict:
     torch.set_num_threads(sc.threads or 1)
     ceiling = matmul_ceiling(torch.device("cpu"), torch.float32)
     mem = max(r.get("perf/memory_bytes", 0) for r in records)
+    data = statistics.median(r["perf/data_fraction"] for r in records[steps // 2:])
+    log = statistics.median(r["perf/log_fraction"] for r in records[steps // 2:])
     return {"bytes_per_s": rate, "bytes_per_s_min": steady[0], "bytes_per_s_max": steady[-1],
             "step_time_s": B * T / rate, "flops_per_byte": flops_per_byte, "achieved_flops": rate * flops_per_byte,
             "ceiling_flops": ceiling, "mfu": rate * flops_per_byte / ceiling, "peak_mem_bytes": mem,
             "threads": sc.threads or 1, "device": _device_name(torch.device("cpu")), "batch": B, "bptt": T,
-            "mem_len": model_cfg.mem_len}
+            "mem_len": model_cfg.mem_len, "data_fraction": data, "log_fraction": log}
 
 
 def _scaling_corpus() -> Path:
@@ -321,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:22s} {sc.kind:8s} {sc.precision:5s} {str(sc.compile):5s} {sc.world_size:2d} "
               f"{record['bytes_per_s']:10,.0f} {record['bytes_per_s_min']:8,.0f}-{record['bytes_per_s_max']:<8,.0f} "
               f"{record['achieved_flops'] / 1e9:8.1f} {record['ceiling_flops'] / 1e9:8.1f} "
-              f"{record['mfu']:6.1%} {record['peak_mem_bytes'] / 2**20:9,.0f}", flush=True)
+              f"{record['mfu']:6.1%} {record['peak_mem_bytes'] / 2**20:9,.0f}"
+              + (f"  loader {record['data_fraction']:.2%} of step time, logging {record['log_fraction']:.2%}"
+                 if "data_fraction" in record else ""), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(".tmp")

@@ -228,8 +228,12 @@ def test_tensorboard_holds_the_scalars(single_lamb):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     want = {"train/loss", "train/bpc", "train/lr", "train/grad_norm", "perf/bytes_per_s",
-            "perf/bytes_per_s_per_rank", "perf/step_time_s", "perf/memory_bytes", "val/bpc", "test/bpc"}
+            "perf/bytes_per_s_per_rank", "perf/step_time_s", "perf/memory_bytes", "perf/data_fraction",
+            "perf/log_fraction", "val/bpc", "test/bpc"}
     assert want <= tags, want - tags
+    for tag in ("perf/data_fraction", "perf/log_fraction"):  # shares of the interval's wall time
+        assert all(0 <= e.value < 1 for e in acc.Scalars(tag))
+    assert any(e.value > 0 for e in acc.Scalars("perf/data_fraction"))
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
     assert math.isclose(acc.Scalars("train/loss")[0].value, series(single_lamb, "train/loss")[1], rel_tol=1e-6)
     assert "train/lamb_trust_ratio" in acc.Tags()["histograms"]

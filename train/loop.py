@@ -249,16 +249,19 @@ def main(argv: list[str] | None = None) -> int:
                dynamic_ncols=True)
     loss_sum, grad_norm = torch.zeros((), device=device), torch.tensor(float("nan"))
     n_bytes, t_last, steps_since_log, val_bpc, exit_reason = 0, time.perf_counter(), 0, float("nan"), "finished"
+    data_s = log_s = 0.0  # time in the loader and in the last logging call: perf/data_fraction, perf/log_fraction
     while not done():
         # set lr for this optimizer step
         for group in optimizer.param_groups:
             group["lr"] = lr_at(ts.step, peak_lr, cfg)
         # micro-steps: forward/backward on this rank's streams, state carried and detached
         for _ in range(cfg.grad_accum):
+            t_data = time.perf_counter()
             batch = next(loader)
             if batch.is_epoch_start:  # the reference starts every epoch with empty state
                 carry = carry.reset()
             x, y = batch.inputs.to(device, non_blocking=True).t(), batch.targets.to(device, non_blocking=True).t()
+            data_s += time.perf_counter() - t_data
             with accelerator.accumulate(model):
                 _, loss, carry = model(x, carry, targets=y)
                 norm = backward_and_step(accelerator, model, optimizer, loss, cfg.clip, cfg.on_nonfinite, ts.step + 1)
@@ -282,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
             if not math.isfinite(train_loss):
                 raise SystemExit(f"error: non-finite training loss at step {ts.step}; the last good checkpoint "
                                  "is intact. Lower --lr or use --precision fp32.")
+            t_log = time.perf_counter()  # after the host sync above: what follows is logging work only
             rate = n_bytes / (now - t_last)
             metrics = {"train/loss": train_loss, "train/bpc": train_loss / math.log(2),
                        "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm.item(),
                        "perf/bytes_per_s": rate * world, "perf/bytes_per_s_per_rank": rate,
                        "perf/step_time_s": (now - t_last) / steps_since_log,
+                       "perf/data_fraction": data_s / (now - t_last), "perf/log_fraction": log_s / (now - t_last),
                        "perf/memory_bytes": memory_bytes(device), "train/epoch": ts.epoch}
             logger.scalars(metrics, ts.step)
             if cfg.optimizer == "lamb":
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(loss=f"{train_loss:.3f}", bpc=f"{train_loss / math.log(2):.3f}",
                             val=f"{val_bpc:.3f}", Bps=f"{rate * world:,.0f}")
             loss_sum.zero_()
-            n_bytes, t_last, steps_since_log = 0, now, 0
+            n_bytes, t_last, steps_since_log, data_s = 0, now, 0, 0.0
+            log_s = time.perf_counter() - t_log  # falls in the next interval, which reports it
         # evaluate and save
         epoch_ended = loader.state_dict()["epoch"] > ts.epoch
         if (cfg.eval_every and ts.step % cfg.eval_every == 0) or epoch_ended:
