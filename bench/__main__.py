@@ -38,7 +38,7 @@ class Scenario:
     precision: str = "fp32"
     compile: bool = False
     world_size: int = 1
-    launcher: str = "none"  # none | ddp | deepspeed (scaling scenarios)
+    launcher: str = "none"  # none | ddp | deepspeed | independent (scaling scenarios)
     mem_len: int | None = None
     batch: int | None = None
     bptt: int | None = None
@@ -71,7 +71,8 @@ def scenarios(device: str) -> dict[str, Scenario]:
         scaling = {"mem_len": 1000, "threads": 1}
         out += [Scenario("scaling-ws1", kind="scaling", **scaling),
                 Scenario("scaling-ws2-ddp", kind="scaling", world_size=2, launcher="ddp", **scaling),
-                Scenario("scaling-ws2-deepspeed", kind="scaling", world_size=2, launcher="deepspeed", **scaling)]
+                Scenario("scaling-ws2-deepspeed", kind="scaling", world_size=2, launcher="deepspeed", **scaling),
+                Scenario("scaling-2x-independent", kind="scaling", world_size=2, launcher="independent", **scaling)]
     return {s.name: s for s in out}
 
 
@@ -84,8 +85,10 @@ def _model_config(sc: Scenario):
     return cfg, model_cfg, sc.batch or cfg.batch_size, sc.bptt or cfg.bptt
 
 
-def matmul_ceiling(device, dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` n x n matrix products: the device's practical ceiling for dtype."""
+def matmul_ceiling(device, dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the best of `repeats` n x n matrix products: the device's practical ceiling for dtype.
+    Callers measure it before and after their timed work and keep the higher: on a shared VM a single
+    measurement can catch a slow moment (seen here: 78 to 135 GFLOP/s for the same product)."""
     import torch
 
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -180,6 +183,7 @@ def run_in_process(sc: Scenario) -> dict:
 
     for _ in range(2):  # warm-up (and compilation)
         work()
+    ceiling = matmul_ceiling(device, dtype)
     times = []
     for _ in range(sc.repeats):
         _sync(device)
@@ -187,7 +191,7 @@ def run_in_process(sc: Scenario) -> dict:
         work()
         _sync(device)
         times.append(time.perf_counter() - t)
-    ceiling = matmul_ceiling(device, dtype)
+    ceiling = max(ceiling, matmul_ceiling(device, dtype))
     rates = sorted(n_bytes / t for t in times)
     rate = statistics.median(rates)
     return {"bytes_per_s": rate, "bytes_per_s_min": rates[0], "bytes_per_s_max": rates[-1],
@@ -212,33 +216,45 @@ def run_scaling(sc: Scenario, corpus: Path) -> dict:
     from bench.flops import steady_keys, train_flops_per_byte
 
     cfg, model_cfg, B, T = _model_config(sc)
-    steps = 16
-    out = Path(tempfile.mkdtemp(prefix="sharnn-bench-run-"))
-    args = ["--preset", sc.preset, "--data", str(corpus), "--out", str(out), "--max_steps", str(steps),
-            "--eval_every", "0", "--save_every", "0", "--no_test_at_end", "--log_every", "1",
-            "--sample_bytes", "0", "--no_vary_bptt", "--warmup_steps", "1"]
-    if sc.mem_len:
-        args += ["--model.mem_len", str(sc.mem_len)]
-    launch = {"none": [], "ddp": ["--config_file", "launch/cpu_ddp.yaml"],
-              "deepspeed": ["--config_file", "launch/cpu_deepspeed.yaml"]}[sc.launcher]
-    cmd = ([sys.executable, "-m", "train"] if sc.launcher == "none" else
-           [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes",
-            str(sc.world_size), "-m", "train"]) + args
+    steps = 24
+    # "independent": world_size single processes at once, no communication: what sharing the machine costs
+    copies = sc.world_size if sc.launcher == "independent" else 1
+    outs = [Path(tempfile.mkdtemp(prefix="sharnn-bench-run-")) for _ in range(copies)]
+
+    def command(out: Path) -> list[str]:
+        args = ["--preset", sc.preset, "--data", str(corpus), "--out", str(out), "--max_steps", str(steps),
+                "--eval_every", "0", "--save_every", "0", "--no_test_at_end", "--log_every", "1",
+                "--sample_bytes", "0", "--no_vary_bptt", "--warmup_steps", "1"]
+        if sc.mem_len:
+            args += ["--model.mem_len", str(sc.mem_len)]
+        if sc.launcher in ("none", "independent"):
+            return [sys.executable, "-m", "train", *args]
+        config = {"ddp": "launch/cpu_ddp.yaml", "deepspeed": "launch/cpu_deepspeed.yaml"}[sc.launcher]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes",
+                str(sc.world_size), "-m", "train", *args]
+
     env = dict(os.environ, OMP_NUM_THREADS=str(sc.threads or 1), PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    per_rank = [r["perf/bytes_per_s_per_rank"] for r in records if "perf/bytes_per_s_per_rank" in r]
-    steady = sorted(per_rank[steps // 2:])  # the memory (mem_len / bptt steps) has filled by then
-    rate = statistics.median(steady)
-    flops_per_byte = train_flops_per_byte(model_cfg, steady_keys(model_cfg, T), T)
     import torch
     torch.set_num_threads(sc.threads or 1)
-    ceiling = matmul_ceiling(torch.device("cpu"), torch.float32)
+    ceiling = matmul_ceiling(torch.device("cpu"), torch.float32)  # before and after the run, the higher
+    procs = [subprocess.Popen(command(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for out in outs]
+    for proc, out in zip(procs, outs):
+        _, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command(out))} failed:\n{stderr[-3000:]}")
+    records = []
+    for out in outs:  # the second half of each run's steps: the memory (mem_len / bptt steps) has filled
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        steps_records = [r for r in map(json.loads, lines) if "perf/bytes_per_s_per_rank" in r]
+        records += steps_records[steps // 2:]
+    steady = sorted(r["perf/bytes_per_s_per_rank"] for r in records)
+    rate = statistics.median(steady)
+    flops_per_byte = train_flops_per_byte(model_cfg, steady_keys(model_cfg, T), T)
+    ceiling = max(ceiling, matmul_ceiling(torch.device("cpu"), torch.float32))
     mem = max(r.get("perf/memory_bytes", 0) for r in records)
-    data = statistics.median(r["perf/data_fraction"] for r in records[steps // 2:])
-    log = statistics.median(r["perf/log_fraction"] for r in records[steps // 2:])
+    data = statistics.median(r["perf/data_fraction"] for r in records)
+    log = statistics.median(r["perf/log_fraction"] for r in records)
     return {"bytes_per_s": rate, "bytes_per_s_min": steady[0], "bytes_per_s_max": steady[-1],
             "step_time_s": B * T / rate, "flops_per_byte": flops_per_byte, "achieved_flops": rate * flops_per_byte,
             "ceiling_flops": ceiling, "mfu": rate * flops_per_byte / ceiling, "peak_mem_bytes": mem,
@@ -280,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for sc in table.values():
             print(f"{sc.name:24s} {sc.kind:9s} preset={sc.preset} precision={sc.precision} compile={sc.compile} "
-                  f"world_size={sc.world_size}")
+                  f"world_size={sc.world_size} launcher={sc.launcher}")
         return 0
     names = args.scenario or list(table)
     unknown = [n for n in names if n not in table]
@@ -305,7 +321,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if sc.kind == "scaling":
             corpus = corpus or _scaling_corpus()
-            result = run_scaling(sc, corpus)
+            try:
+                result = run_scaling(sc, corpus)
+            except RuntimeError as e:
+                print(f"{name:22s} FAILED: {str(e).strip().splitlines()[-1]}", flush=True)
+                records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
+                                "compile": sc.compile, "world_size": sc.world_size, "bytes_per_s": None,
+                                "mfu": None, "peak_mem_bytes": None, "error": str(e)[-2000:]})
+                continue
         else:
             proc = subprocess.run([sys.executable, "-m", "bench", "--_worker", name], cwd=REPO,
                                   env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)

@@ -4,8 +4,9 @@ On a CPU most of a SHA-RNN training step used to go to dropout: torch draws a Be
 to its Mersenne Twister per element (about 400 ms for the 21M-element memory-long keys of the `small`
 preset, more than the attention's matrix products). Here the mask comes from numpy's PCG64, which fills
 a buffer 3-6x faster, seeded by one draw from torch's default generator: `torch.manual_seed` and saved RNG
-states still govern every mask, so runs stay reproducible and resume bitwise. The mask is kept as bool and
-applied with `torch.where`, whose backward reuses it.
+states still govern every mask, so runs stay reproducible and resume bitwise. Masks are drawn in chunks of
+1M elements on torch's thread count and applied to each chunk as it is drawn; the backward reuses the mask,
+kept as bool.
 
 The attention is written out on CPU (`attend_cpu`) so that its two large dropouts (on the (B, T, K) weights
 and on the (K, B, C) values) use those masks, and their 1/(1-p) scales move onto the small (T, B, C) output.
@@ -131,10 +132,11 @@ def future_mask(T: int, device: torch.device) -> Tensor:
 def attend_cpu(q: Tensor, keys: Tensor, segment_keys: Tensor, p: float) -> Tensor:
     """softmax(q keys^T / sqrt(C) + causal mask) with dropout p on the weights, times dropout(keys).
 
-    q: (T, B, C) queries of the segment; keys: (K, B, C), the detached memory then the segment's T keys
-    (`segment_keys`, the tensor gradients flow to), used as values too. Every query sees the K - T memory positions and the segment up to itself.
-    Returns (T, B, C). Gradients flow to q and to the segment's keys only: the memory is carried state
-    without gradient, so its (K - T)-long gradient products are never computed."""
+    q: (T, B, C) queries of the segment; keys: (K, B, C), the memory then the segment's T keys, which are
+    `segment_keys` (the tensor gradients flow to); keys are the values too. Every query sees the K - T
+    memory positions and the segment up to itself. Returns (T, B, C). Gradients flow to q and to the
+    segment's keys only: the memory is carried state without gradient, so its (K - T)-long gradient
+    products are never computed."""
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
         return _Attention.apply(q, keys.detach(), segment_keys, p)
     return _attend(q, keys, p)[0]
