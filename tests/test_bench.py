@@ -39,3 +39,23 @@ def test_unknown_scenario_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--scenario", "nope"])
     assert e.value.code == 2 and "unknown scenario" in capsys.readouterr().err
+
+
+def test_profile_prints_the_step_operators(capsys):
+    import bench.profile
+
+    assert bench.profile.main(["--scenario", "tiny-fp32", "--steps", "1", "--rows", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-fp32: 1 steps of 64 x 8 bytes" in out
+    for op in ("aten::mkldnn_rnn_layer_backward", "_Attention", "_Dropout", "aten::addmm"):
+        assert op in out, op
+
+
+def test_profile_refuses_a_scenario_that_is_not_training(capsys):
+    import pytest
+
+    import bench.profile
+
+    with pytest.raises(SystemExit) as e:
+        bench.profile.main(["--scenario", "small-eval"])
+    assert e.value.code == 2 and "training scenario" in capsys.readouterr().err
