@@ -555,3 +555,13 @@ def test_loading_errors_name_the_problem(tmp_path, random_model):
     with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path / "no_config")
     assert load_model(exported / "model.safetensors").cfg.d_model == 128  # inside a model directory: fine
+
+
+@pytest.mark.parametrize("module, flag", [("train.evaluate", "--streams"), ("sharnn.generate", "--mem-len")])
+@pytest.mark.parametrize("value, message", [("x", "expected a whole number, got 'x'"), ("0", "must be >= 1, got 0")])
+def test_count_arguments_are_checked_by_both_clis(module, flag, value, message, capsys):
+    parser = importlib.import_module(module).build_parser()
+    args = ["model", "--data", "d"] if module == "train.evaluate" else ["model", "--prompt", "a"]
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*args, flag, value])
+    assert e.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from pathlib import Path
 from accelerate.utils import DistributedType
 
 from sharnn.data import SPLITS, CorpusError, EvalStreams, open_split
+from sharnn.generate import positive_int
 from sharnn.pretrained import (ModelError, ModelSource, build_model, check_state_dict, find_model,
                                read_state_dict)
 from train.config import TrainConfig
@@ -35,16 +36,6 @@ PAPER_SEG_LEN = 1024
 """The reference evaluates in segments of bptt = 1024 bytes."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sharnn-eval",
@@ -55,22 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run directory (its best checkpoint), checkpoint, or exported model directory")
     parser.add_argument("--data", required=True, help="prepared corpus directory (made by sharnn-prepare)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to score (default: test)")
-    parser.add_argument("--streams", type=_positive_int,
+    parser.add_argument("--streams", type=positive_int,
                         help="number of contiguous streams the split is cut into (default: the paper's, 16 "
                              "for valid and 8 for test)")
-    parser.add_argument("--seg-len", type=_positive_int,
+    parser.add_argument("--seg-len", type=positive_int,
                         help="segment length in bytes (default: the run's evaluation length for a "
                              f"checkpoint, else {PAPER_SEG_LEN} as the paper)")
-    parser.add_argument("--mem-len", type=_positive_int, nargs="+", metavar="N",
+    parser.add_argument("--mem-len", type=positive_int, nargs="+", metavar="N",
                         help="attention memory length(s) to evaluate with, replacing the model's own; "
                              "several values print a table, e.g. --mem-len 1000 5000 10000")
-    parser.add_argument("--max-segments", type=_positive_int,
+    parser.add_argument("--max-segments", type=positive_int,
                         help="score only the first N segments of every stream (quick checks; not a full "
                              "result)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 autocast (default fp32)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file (atomically)")
-    parser.add_argument("--timeout-s", type=_positive_int, default=600,
+    parser.add_argument("--timeout-s", type=positive_int, default=600,
                         help="seconds a collective may wait for a missing rank (default 600)")
     return parser
 
