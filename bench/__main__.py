@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'scenario':22s} {'kind':8s} {'prec':5s} {'comp':5s} {'ws':>2s} {'bytes/s':>10s} "
               f"{'spread':>17s} {'GFLOP/s':>8s} {'ceiling':>8s} {'MFU':>6s} {'peak MiB':>9s}")
     print(header)
-    from train.step import native_cpu_matmul
+    from train.distributed import native_cpu_matmul
 
     for name in names:
         sc = table[name]

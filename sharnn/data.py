@@ -133,6 +133,13 @@ class ByteSplit:
             array = np.frombuffer(data, dtype=np.uint8)
         return cls([array], name=name)
 
+    def byte_counts(self) -> np.ndarray:
+        """How often each of the 256 byte values occurs in the split: int64 array of shape [256]."""
+        counts = np.zeros(256, dtype=np.int64)
+        for chunk in self._chunks:
+            counts += np.bincount(chunk, minlength=256)
+        return counts
+
     def __len__(self) -> int:
         return self._len
 

@@ -3,13 +3,13 @@
 import json
 
 import bench.__main__ as bench
-import train.step
+import train.distributed
 
 FIELDS = {"scenario", "preset", "precision", "world_size", "compile", "bytes_per_s", "mfu", "peak_mem_bytes"}
 
 
 def test_bench_runs_a_scenario_and_skips_emulated_bf16(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train.step, "native_cpu_matmul", lambda precision: precision == "fp32")
+    monkeypatch.setattr(train.distributed, "native_cpu_matmul", lambda precision: precision == "fp32")
     out = tmp_path / "results.json"
     assert bench.main(["--scenario", "tiny-fp32", "--scenario", "small-bf16", "--json", str(out)]) == 0
     table = capsys.readouterr().out

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from train.config import TrainConfig, lr_at, parse_args, preset
-from train.loop import draw_resets, fill_deepspeed_config
+from train.distributed import fill_deepspeed_config
+from train.step import draw_resets
+
+
+def fill(ds: dict, cfg: TrainConfig, world_size: int) -> None:
+    fill_deepspeed_config(ds, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, world_size=world_size,
+                          clip=cfg.clip, precision=cfg.precision, optimizer=cfg.optimizer)
 
 
 def test_flags_override_yaml_override_preset(tmp_path):
@@ -50,10 +56,17 @@ def test_paper_preset_is_the_papers_recipe():
         (16, 1024, 2e-3, 800, 0.25, 5512, 32)
     assert (cfg.weight_decay, cfg.min_trust, cfg.eval_streams, cfg.test_streams) == (1.2e-6, 0.25, 16, 8)
     assert (m.dropout, m.dropouth, m.dropouti) == (0.1, 0.1, 0.1)
+    # 218d748's README: stage 2 passes --warmup 800 and restarts the step count, so the lr ramps up again
     stage2 = preset("paper-stage2")
-    assert (stage2.lr, stage2.seed, stage2.epochs) == (1e-3, 125, 5)
-    assert preset("paper-all").model.attn == "all" and preset("paper-all").batch_size == 8
+    assert (stage2.lr, stage2.seed, stage2.epochs, stage2.warmup_steps) == (1e-3, 125, 5, 800)
+    # the reference validates on min(100, batch) streams: 8 for paper-all's batch of 8
+    paper_all = preset("paper-all")
+    assert (paper_all.model.attn, paper_all.batch_size, paper_all.eval_streams) == ("all", 8, 8)
     assert preset("lstm").model.attn == "none"
+    for name in ("paper", "paper-stage2", "paper-all", "lstm"):
+        cfg = preset(name)
+        # the reference validates at epoch ends only, never drops its state mid-epoch, and has a zero output bias
+        assert (cfg.eval_every, cfg.state_reset_prob, cfg.output_bias_init) == (0, 0.0, "zeros"), name
 
 
 def test_lr_schedule_warmup_constant_cooldown():
@@ -75,7 +88,7 @@ def test_deepspeed_auto_values_come_from_the_run_config():
           "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
           "zero_optimization": {"stage": 0}}
     cfg = TrainConfig(batch_size=3, grad_accum=2, clip=0.25, precision="fp16")
-    fill_deepspeed_config(ds, cfg, world_size=4)
+    fill(ds, cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.25
     assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
@@ -83,7 +96,7 @@ def test_deepspeed_auto_values_come_from_the_run_config():
 
 def test_deepspeed_value_that_disagrees_is_refused():
     with pytest.raises(SystemExit, match="gradient_clipping"):
-        fill_deepspeed_config({"gradient_clipping": 1.0}, TrainConfig(clip=0.25), world_size=1)
+        fill({"gradient_clipping": 1.0}, TrainConfig(clip=0.25), world_size=1)
 
 
 @pytest.mark.parametrize("stage,precision,optimizer,ok", [
@@ -94,10 +107,10 @@ def test_deepspeed_combinations(stage, precision, optimizer, ok):
     ds = {"zero_optimization": {"stage": stage}}
     cfg = TrainConfig(precision=precision, optimizer=optimizer)
     if ok:
-        fill_deepspeed_config(ds, cfg, world_size=2)
+        fill(ds, cfg, world_size=2)
     else:
         with pytest.raises(SystemExit):
-            fill_deepspeed_config(ds, cfg, world_size=2)
+            fill(ds, cfg, world_size=2)
 
 
 def test_state_resets_are_drawn_from_seed_and_step():
@@ -110,7 +123,7 @@ def test_state_resets_are_drawn_from_seed_and_step():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(native, monkeypatch):
-    from train.step import check_precision
+    from train.distributed import check_precision
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda native=native: native, raising=False)

@@ -61,15 +61,23 @@ class TrainConfig:
     """LAMB's minimum trust ratio."""
     clip: float = 0.25
     """Clip the global gradient norm to this (0: no clipping)."""
-    state_reset_prob: float = 0.025
-    """After each step, forget LSTM state and (independently) memory with this probability (reference)."""
+    state_reset_prob: float = 0.0
+    """After each step, forget LSTM state and (independently) memory with this probability. 0 as the reference
+    at 218d748 (an earlier commit of it used 0.025)."""
+    output_bias_init: Literal["zeros", "unigram"] = "zeros"
+    """Output bias at the start of a fresh run: zeros (the reference) or the log of the training split's
+    add-one smoothed byte frequencies (bytes that never occur start near zero probability)."""
+    cpu_kernels: Literal["fast", "torch"] | None = None
+    """On CPU, dropout and attention as sharnn.kernels' fast path or as torch's own ops (None: the default
+    of sharnn.kernels). CUDA always uses torch's."""
 
     precision: Precision = "fp32"
     """fp32, bf16 (autocast / DeepSpeed bf16) or fp16 (with loss scaling)."""
     seed: int = 5512
 
     eval_every: int = 1000
-    """Validate every N optimizer steps (and at every epoch end). 0: only at epoch ends and the end."""
+    """Validate every N optimizer steps (and at every epoch end). 0: only at epoch ends and the end, as the
+    reference. A checkpoint is written at every new best validation bpc."""
     eval_streams: int = 16
     """Validation streams, independent of the world size (the paper: 16)."""
     test_streams: int = 8
@@ -88,7 +96,7 @@ class TrainConfig:
     save_every: int = 1000
     """Write a checkpoint every N optimizer steps (0: only at the end / on signals)."""
     keep_last: int = 3
-    """Checkpoints kept besides the best one."""
+    """Checkpoints kept besides the best one (which is never pruned)."""
     init_from: str | None = None
     """Start from these weights only (a run directory's best checkpoint, a checkpoint, or a .safetensors
     file), with a fresh optimizer, schedule and data position: the paper's second stage."""
@@ -147,20 +155,22 @@ def lr_at(step: int, peak_lr: float, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------------------------- presets
 def paper() -> TrainConfig:
-    """The author's single-GPU enwik8 recipe for the single-head SHA-RNN (Merity 2019)."""
+    """The author's single-GPU enwik8 recipe for the single-head SHA-RNN (Merity 2019; Smerity/sha-rnn at
+    218d748, README's first command): validation at epoch ends only, on min(100, batch) streams."""
     return TrainConfig(model=model_preset("paper"), batch_size=16, bptt=1024, epochs=32, lr=2e-3,
                        warmup_steps=800, weight_decay=1.2e-6, min_trust=0.25, clip=0.25, seed=5512,
-                       precision="bf16", eval_streams=16, test_streams=8)
+                       precision="bf16", eval_every=0, eval_streams=16, test_streams=8)
 
 
 def paper_stage2() -> TrainConfig:
-    """The paper's second stage: continue from stage 1's best weights at lr 1e-3, seed 125, 5 epochs."""
-    return dataclasses.replace(paper(), lr=1e-3, seed=125, epochs=5, warmup_steps=0)
+    """The paper's second stage (the README's second command): from stage 1's best weights, lr 1e-3, seed
+    125, 5 epochs; its `--warmup 800` with a step count that restarts ramps the lr up again."""
+    return dataclasses.replace(paper(), lr=1e-3, seed=125, epochs=5, warmup_steps=800)
 
 
 def paper_all() -> TrainConfig:
-    """Attention in every block; batch 8 (as the paper, for memory)."""
-    return dataclasses.replace(paper(), model=model_preset("paper-all"), batch_size=8)
+    """Attention in every block; batch 8 (as the paper, for memory), so validation on min(100, 8) streams."""
+    return dataclasses.replace(paper(), model=model_preset("paper-all"), batch_size=8, eval_streams=8)
 
 
 def lstm() -> TrainConfig:

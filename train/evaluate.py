@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +25,8 @@ from sharnn.data import SPLITS, CorpusError, EvalStreams, open_split
 from sharnn.generate import positive_int
 from sharnn.pretrained import (ModelError, ModelSource, build_model, check_state_dict, find_model,
                                read_state_dict)
-from train.config import TrainConfig
-from train.loop import build_accelerator
-from train.step import check_precision, evaluate
+from train.distributed import build_accelerator, check_precision
+from train.evaluation import evaluate
 
 PAPER_STREAMS = {"train": 16, "valid": 16, "test": 8}
 """The reference evaluates validation on 16 streams and test on 8 (eval_batch_size, test_batch_size)."""
@@ -117,11 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --json {args.json} is a directory; give a file path")
         args.json.parent.mkdir(parents=True, exist_ok=True)
 
-    # The training loop's Accelerator (process group, device, precision, world-size guard). accelerate only
-    # uses the project dir for trackers and save_state, which evaluation never calls; "adamw" only keeps the
-    # DeepSpeed config check from refusing LAMB, which evaluation does not use.
-    accelerator = build_accelerator(TrainConfig(precision=args.precision, optimizer="adamw",
-                                                timeout_s=args.timeout_s, out=tempfile.gettempdir()))
+    # The training loop's Accelerator (process group, device, precision, world-size guard).
+    accelerator = build_accelerator(args.precision, timeout_s=args.timeout_s)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and args.precision != "fp32":
         raise SystemExit(f"error: --precision {args.precision} under a DeepSpeed launch: accelerate leaves "
                          "precision to DeepSpeed's engine, which evaluation does not use. Launch with a DDP "

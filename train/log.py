@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import torch
 
 log = logging.getLogger("sharnn")
@@ -80,3 +84,61 @@ class NullLogger:
 
     def close(self):
         pass
+
+
+class TrainMeter:
+    """Accumulates the steps between two log lines; `metrics()` turns them into the logged numbers with one
+    all-reduce and one host sync per interval."""
+
+    def __init__(self, world_size: int, grad_accum: int, device: torch.device):
+        self.world_size, self.grad_accum, self.device = world_size, grad_accum, device
+        self.log_s = 0.0  # time spent in the previous logging call: reported in the next interval
+        self._start()
+
+    def _start(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.grad_norm = torch.tensor(float("nan"))
+        self.steps, self.bytes, self.data_s, self.t_start = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, out) -> None:
+        """Record one `train.step.StepOutput`."""
+        self.loss_sum += out.loss
+        self.grad_norm = out.grad_norm if out.grad_norm is not None else self.grad_norm
+        self.steps, self.bytes, self.data_s = self.steps + 1, self.bytes + out.bytes, self.data_s + out.data_s
+
+    def metrics(self, accelerator, step: int, lr: float, epoch: int) -> dict[str, float]:
+        """The interval's numbers (every rank calls this: it all-reduces), then a new interval starts."""
+        now = time.perf_counter()
+        # one all-reduce and host sync per log interval
+        train_loss = accelerator.reduce(self.loss_sum, reduction="mean").item() / (self.steps * self.grad_accum)
+        if not math.isfinite(train_loss):
+            raise SystemExit(f"error: non-finite training loss at step {step}; the last good checkpoint is intact. "
+                             "Lower --lr or use --precision fp32.")
+        elapsed = now - self.t_start
+        rate = self.bytes / elapsed
+        out = {"train/loss": train_loss, "train/bpc": train_loss / math.log(2), "train/lr": lr,
+               "train/grad_norm": float(self.grad_norm), "perf/bytes_per_s": rate * self.world_size,
+               "perf/bytes_per_s_per_rank": rate, "perf/step_time_s": elapsed / self.steps,
+               "perf/data_fraction": self.data_s / elapsed, "perf/log_fraction": self.log_s / elapsed,
+               "perf/memory_bytes": memory_bytes(self.device), "train/epoch": epoch}
+        self._start()
+        return out
+
+
+def memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN or Infinity: 'not measured' is null."""
+    return x if math.isfinite(x) else None
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"

@@ -1,81 +1,77 @@
-"""Pieces of the loop that are reused or tested on their own: evaluation and the precision check."""
+"""One optimizer step, whole: micro-batches forward with the carried state, backward, clip, step, carry on.
+
+`train_step` is the only place that touches the carried LSTM state and attention memory during training:
+it resets them at every epoch start (the reference's `hidden = None; mems = None` in `train()`), detaches them
+after every micro-batch (truncated backpropagation through time) and, if `state_reset_prob` > 0, forgets them
+at random after a step (an option; the reference at 218d748 has it commented out).
+"""
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from accelerate.utils import DistributedType
 
-from sharnn.data import ByteSplit, EvalStreams
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, split: ByteSplit, n_streams: int, seg_len: int,
-             max_segments: int | None = None) -> float:
-    """Bits per byte over `n_streams` streams of `split`, split among the ranks, state carried.
-
-    Every rank calls this (it all-reduces). The number does not depend on the world size: the streams are
-    the same for any world size, each rank scores its share, and the sums are added. bpc = sum of per-byte
-    losses / bytes predicted / ln 2 (the reference divides by the stream length, one more than the bytes
-    predicted: a relative difference of 1/L).
-    """
-    was_training = model.training
-    model.eval()
-    streams = EvalStreams(split, n_streams, seg_len, accelerator.process_index, accelerator.num_processes)
-    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, bytes)
-    state = None
-    with accelerator.autocast():
-        for i, (x, y) in enumerate(streams):
-            if max_segments is not None and i >= max_segments:
-                break
-            x, y = x.to(accelerator.device).t(), y.to(accelerator.device).t()  # (T, b): time-major
-            _, loss, state = model(x, state, targets=y)
-            totals += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), dtype=torch.float64,
-                                                                           device=totals.device)])
-    model.train(was_training)
-    totals = accelerator.reduce(totals, reduction="sum")
-    return (totals[0] / totals[1]).item() / math.log(2)
+from sharnn.data import StreamLoader
+from sharnn.state import CarryState
+from train.config import TrainConfig
+from train.distributed import is_deepspeed
 
 
-def native_cpu_matmul(precision: str) -> bool:
-    """Whether this CPU multiplies bf16/fp16 matrices in hardware (avx512_bf16 or AMX). Without it, oneDNN
-    emulates them: measured on a 2-core AMD EPYC without avx512, a 2048^2 bf16 product ran at 0.3 GFLOP/s
-    against 120 in fp32."""
-    cpu = torch.cpu
-    if precision == "fp32":
-        return True
-    if precision == "bf16":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    else:
-        probes = ("_is_amx_fp16_supported",)
-    return any(getattr(cpu, name, lambda: False)() for name in probes)
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    """Sum of the micro-batches' mean losses (nats), on the device: no host sync."""
+    grad_norm: torch.Tensor | None
+    """Global gradient norm before clipping (None if the engine reported none)."""
+    bytes: int
+    """Bytes predicted on this rank."""
+    epoch: int
+    """Epoch of the last micro-batch."""
+    data_s: float
+    """Seconds spent fetching the batches."""
 
 
-def check_precision(precision: str, device: torch.device) -> str:
-    """Run a small LSTM forward and backward in the chosen precision; return a line saying what runs.
+def train_step(accelerator, model, optimizer, loader: StreamLoader, carry: CarryState, cfg: TrainConfig,
+               step: int) -> tuple[StepOutput, CarryState]:
+    """Optimizer step `step` (1-based) over `cfg.grad_accum` micro-batches of this rank's streams."""
+    loss_sum, n_bytes, data_s, grad_norm = torch.zeros((), device=accelerator.device), 0, 0.0, None
+    for _ in range(cfg.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(loader)
+        if batch.is_epoch_start:  # the streams restart: so does the state
+            carry = carry.reset()
+        x = batch.inputs.to(accelerator.device, non_blocking=True).t()  # (T, B): time-major
+        y = batch.targets.to(accelerator.device, non_blocking=True).t()
+        data_s += time.perf_counter() - t0
+        with accelerator.accumulate(model):
+            _, loss, carry = model(x, carry, targets=y)
+            norm = backward_and_step(accelerator, model, optimizer, loss, cfg.clip, cfg.on_nonfinite, step)
+        grad_norm = norm if norm is not None else grad_norm
+        carry = carry.detach()
+        loss_sum += loss.detach().float()
+        n_bytes += y.numel()
+    carry = random_reset(carry, cfg.seed, step, cfg.state_reset_prob)
+    return StepOutput(loss_sum, grad_norm, n_bytes, batch.epoch, data_s), carry
 
-    bf16/fp16 support for nn.LSTM differs between devices and CUDA/oneDNN versions: fail at start-up with a
-    clear message rather than 20 minutes into a run.
-    """
-    if precision == "fp32":
-        return "precision fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    lstm = torch.nn.LSTM(64, 64).to(device)
-    x = torch.randn(8, 2, 64, device=device)
-    try:
-        with torch.autocast(device.type, dtype=dtype):
-            y, _ = lstm(x.to(dtype))
-        y.float().sum().backward()
-    except RuntimeError as e:
-        raise SystemExit(f"error: --precision {precision}: nn.LSTM does not run in {precision} on "
-                         f"{device.type} here ({str(e).splitlines()[0]}). Use --precision fp32"
-                         f"{'' if precision == 'bf16' else ' or bf16'}.") from None
-    line = f"precision {precision}: LSTM forward/backward checked on {device.type} (output {y.dtype})"
-    if device.type == "cpu" and not native_cpu_matmul(precision):
-        line += (f"\nwarning: this CPU has no {precision} matrix instructions (avx512_bf16/AMX): {precision} runs "
-                 f"emulated, typically 100x slower than fp32 here. Use --precision fp32 on this machine.")
-    return line
+
+def random_reset(carry: CarryState, seed: int, step: int, p: float) -> CarryState:
+    """Forget the LSTM state and (independently) the memory with probability p each, after step `step`."""
+    reset_hidden, reset_memory = draw_resets(seed, step, p)
+    empty = carry.reset()
+    return CarryState(hidden=empty.hidden if reset_hidden else carry.hidden,
+                      memory=empty.memory if reset_memory else carry.memory)
+
+
+def draw_resets(seed: int, step: int, p: float) -> tuple[bool, bool]:
+    """Drawn from (seed, step), so that every rank and every resumed run draws the same."""
+    if p == 0:
+        return False, False
+    u = np.random.default_rng([seed, step, 1]).random(2)
+    return bool(u[0] < p), bool(u[1] < p)
 
 
 def backward_and_step(accelerator, model, optimizer, loss: torch.Tensor, clip: float,
@@ -83,7 +79,7 @@ def backward_and_step(accelerator, model, optimizer, loss: torch.Tensor, clip: f
     """Backward; at an optimizer step also clip and step. Returns the pre-clip global gradient norm at
     optimizer steps (None on accumulation micro-steps). The norm is all-reduced, hence the same on every
     rank, so every rank takes the same decision on a non-finite one."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if is_deepspeed(accelerator):
         return _deepspeed_backward_and_step(accelerator, model, loss, step)
     accelerator.backward(loss)
     if not accelerator.sync_gradients:

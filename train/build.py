@@ -1,0 +1,61 @@
+"""What a run starts from: the model (fresh, from --init_from weights, or the checkpoint's architecture) and
+the optimizer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sharnn import SHARNN, ModelConfig
+from sharnn.data import ByteSplit
+from sharnn.optim import LAMB
+from train import checkpoint
+from train.config import TrainConfig
+
+
+def model_config_for_resume(cfg: TrainConfig, ckpt: Path) -> ModelConfig:
+    """On resume the architecture comes from the checkpoint, whatever the flags say."""
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
+    if saved != cfg.model.to_dict():
+        print(f"resume: using the checkpoint's model config {saved}", file=sys.stderr)
+    return ModelConfig.from_dict(saved)
+
+
+def build_model(cfg: TrainConfig, train_split: ByteSplit, fresh: bool) -> tuple[SHARNN, str]:
+    """The model and a line saying where its weights come from. `fresh`: not resuming a checkpoint (whose
+    weights are loaded later, with the optimizer)."""
+    model = SHARNN(cfg.model)
+    if not fresh:
+        return model, "weights: from the checkpoint"
+    if cfg.init_from:  # weights only: a new optimizer, schedule and data position (the paper's second stage)
+        weights = checkpoint.weights_file(cfg.init_from)
+        try:
+            model.load_state_dict(load_file(weights))
+        except RuntimeError as e:
+            raise SystemExit(f"error: --init_from {cfg.init_from}: the weights do not fit the model config "
+                             f"({str(e).splitlines()[0]} ...); set the same --model.* fields") from None
+        return model, f"initialised weights from {weights}"
+    if cfg.output_bias_init == "unigram":
+        with torch.no_grad():
+            model.out_bias.copy_(unigram_log_probs(train_split.byte_counts()))
+        return model, "weights: random, output bias from the training split's byte frequencies"
+    return model, "weights: random (the reference's initialisation)"
+
+
+def unigram_log_probs(counts: np.ndarray) -> torch.Tensor:
+    """log of add-one smoothed frequencies: a softmax over them gives each byte its share of the split, and
+    a byte that never occurs 1 / (N + 256)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    return torch.log((counts + 1) / (counts.sum() + len(counts))).float()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    # The reference applies weight decay to every parameter (LAMB(params, weight_decay=wdecay)).
+    if cfg.optimizer == "lamb":
+        return LAMB(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, min_trust=cfg.min_trust)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=1e-6)

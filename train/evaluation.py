@@ -1,0 +1,46 @@
+"""Evaluation: bits per byte over held-out streams with carried state (the trainer and `sharnn-eval`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sharnn.data import ByteSplit, EvalStreams
+from sharnn.generate import generate
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, split: ByteSplit, n_streams: int, bptt: int,
+             max_segments: int | None = None) -> float:
+    """Bits per byte over `n_streams` streams of `split`, split among the ranks, state carried.
+
+    Every rank calls this (it all-reduces). The number does not depend on the world size: the streams are
+    the same for any world size, each rank scores its share, and the sums are added. bpc = sum of per-byte
+    losses / bytes predicted / ln 2 (the reference divides by the stream length, one more than the bytes
+    predicted: a relative difference of 1/L).
+    """
+    was_training = model.training
+    model.eval()
+    streams = EvalStreams(split, n_streams, bptt, accelerator.process_index, accelerator.num_processes)
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, bytes)
+    state = None
+    with accelerator.autocast():
+        for i, (x, y) in enumerate(streams):
+            if max_segments is not None and i >= max_segments:
+                break
+            x, y = x.to(accelerator.device).t(), y.to(accelerator.device).t()  # (T, b): time-major
+            _, loss, state = model(x, state, targets=y)
+            totals += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), dtype=torch.float64,
+                                                                           device=totals.device)])
+    model.train(was_training)
+    totals = accelerator.reduce(totals, reduction="sum")
+    return (totals[0] / totals[1]).item() / math.log(2)
+
+
+def sample_text(model, split: ByteSplit, n_bytes: int, seed: int, device: torch.device) -> str:
+    """What the model writes after the first 64 bytes of `split` (temperature 0.8), for the run's logs."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    prompt = bytes(split.read(0, 64))
+    text = generate(model, prompt, n_bytes, temperature=0.8, generator=g)
+    return (prompt + b" >>> " + text).decode("utf-8", errors="replace")
