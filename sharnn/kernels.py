@@ -13,11 +13,22 @@ and on the (K, B, C) values) use those masks, and their 1/(1-p) scales move onto
 It computes what `F.scaled_dot_product_attention` computes. On CUDA both ops are torch's own (fused kernels
 with on-device random numbers); under `torch.compile` on CPU, dropout is torch's (inductor fuses it with its
 neighbours) and the attention stays this one (the graph breaks around it).
+
+Which implementation runs on CPU is a switch, `set_cpu_kernels(name)` / `get_cpu_kernels()`, initialised at
+import from the environment variable SHARNN_CPU_KERNELS (default "fast"):
+
+    "fast"            numpy masks in every dropout, the attention as `attend_cpu`
+    "torch"           F.dropout and F.scaled_dot_product_attention: exactly the CUDA code path
+    "fast-masks"      numpy masks in every dropout (also on the values), torch's SDPA for the attention
+    "fast-attention"  `attend_cpu`, its two masks and every other dropout's drawn by torch (bernoulli_)
+
+The last two split "fast" into its halves, for diagnosis. CUDA tensors always take torch's ops.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -27,14 +38,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+CPU_KERNELS = ("fast", "torch", "fast-masks", "fast-attention")
+ENV_VAR = "SHARNN_CPU_KERNELS"
+_NUMPY_MASKS = {"fast", "fast-masks"}  # settings whose masks come from numpy's PCG64
+_WRITTEN_ATTENTION = {"fast", "fast-attention"}  # settings whose attention is attend_cpu
+_cpu_kernels = "fast"
+
+
+def set_cpu_kernels(name: str) -> str:
+    """Select the CPU implementation of dropout and attention (see the module docstring); returns the previous
+    setting. Takes effect at the next forward."""
+    global _cpu_kernels
+    if name not in CPU_KERNELS:
+        raise ValueError(f"cpu kernels must be one of {', '.join(CPU_KERNELS)}; got {name!r}")
+    previous, _cpu_kernels = _cpu_kernels, name
+    return previous
+
+
+def get_cpu_kernels() -> str:
+    """The current CPU implementation: one of CPU_KERNELS."""
+    return _cpu_kernels
+
+
+def _numpy_masks() -> bool:
+    return _cpu_kernels in _NUMPY_MASKS
+
+
 def fast_path(x: Tensor) -> bool:
-    """Whether dropout uses the CPU masks: a CPU tensor outside torch.compile's tracing."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether dropout uses the numpy CPU masks: a CPU tensor outside torch.compile's tracing, with a setting
+    that draws them ("fast", "fast-masks")."""
+    return x.device.type == "cpu" and _numpy_masks() and not torch.compiler.is_compiling()
 
 
 def cpu_attention(keys: Tensor) -> bool:
-    """Whether the attention runs as `attend_cpu` (on CPU, compiled or not) rather than torch's SDPA."""
-    return keys.device.type == "cpu"
+    """Whether the attention runs as `attend_cpu` (on CPU, compiled or not, with the setting "fast" or
+    "fast-attention") rather than torch's SDPA."""
+    return keys.device.type == "cpu" and _cpu_kernels in _WRITTEN_ATTENTION
+
+
+set_cpu_kernels(os.environ.get(ENV_VAR) or "fast")
 
 
 _CHUNK = 1 << 20  # elements per generator: a mask depends on the seed and its size, not on the thread count
@@ -64,7 +106,10 @@ def _draw_keep(i: int, seed: int, p: float, out: np.ndarray) -> None:
 
 
 def keep_mask(shape: tuple[int, ...], p: float) -> Tensor:
-    """A bool CPU tensor, True with probability 1 - p for each element independently."""
+    """A bool CPU tensor, True with probability 1 - p for each element independently (drawn by torch's
+    bernoulli_ under the setting "fast-attention", else by numpy)."""
+    if not _numpy_masks():
+        return torch.empty(shape, dtype=torch.float32).bernoulli_(1.0 - p).bool()
     n = math.prod(shape)
     keep = np.empty(n, dtype=np.bool_)
     _in_chunks(n, lambda i, seed, part: _draw_keep(i, seed, p, keep[part]))
@@ -74,7 +119,7 @@ def keep_mask(shape: tuple[int, ...], p: float) -> Tensor:
 def masked(x: Tensor, p: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """(x * keep * scale, keep) with keep = keep_mask(x.shape, p): the same mask for the same seed. For a
     contiguous float32 x the mask is applied chunk by chunk right after it is drawn, while both are in cache."""
-    if x.dtype != torch.float32 or not x.is_contiguous():
+    if x.dtype != torch.float32 or not x.is_contiguous() or not _numpy_masks():
         keep = keep_mask(x.shape, p)
         out = torch.where(keep, x, 0)
         return (out.mul_(scale) if scale != 1.0 else out), keep

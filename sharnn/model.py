@@ -112,10 +112,10 @@ class SingleHeadAttention(nn.Module):
         # T-long side: q . (k_gate * keys) == (q * k_gate) . keys, and A @ (v_gate * keys) == v_gate * (A @ keys).
         # The dropout the reference applies to v = v_gate * keys is drawn on keys: same shape, same mask.
         q = (q * torch.sigmoid(self.k_gate.float())).to(keys.dtype)
-        if cpu_attention(keys):  # written out, with sharnn.kernels' fast dropout masks
+        if cpu_attention(keys):  # CPU, sharnn.kernels.set_cpu_kernels("fast"): written out, fast dropout masks
             out = attend_cpu(q, keys, segment_keys, drop)
-        else:  # (T, B, C) -> (B, 1, T, C): one head
-            v = F.dropout(keys, drop, self.training)
+        else:  # CUDA, or CPU with set_cpu_kernels("torch"): torch's SDPA. (T, B, C) -> (B, 1, T, C): one head
+            v = dropout(keys, drop, self.training)  # F.dropout, except under set_cpu_kernels("fast-masks")
             q, k, v = (t.transpose(0, 1).unsqueeze(1) for t in (q, keys, v))
             mask = causal_mask(T, keys.shape[0] - T, h.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, 1, T, C)

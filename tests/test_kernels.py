@@ -170,3 +170,147 @@ def test_training_under_bf16_autocast_tracks_fp32_with_the_same_masks():
     assert abs(loss16 - loss32) < 0.005  # other masks: ~0.014 apart
     assert torch.isfinite(grad16).all()
     assert F.cosine_similarity(grad16, grad32, dim=0) > 0.999  # other masks: ~0.63
+
+
+# ------------------------------------------------------------------------------ the CPU kernel switch
+@pytest.fixture
+def kernels_setting():
+    """Restores the process-wide setting after a test that changes it."""
+    previous = kernels.get_cpu_kernels()
+    yield
+    kernels.set_cpu_kernels(previous)
+
+
+def test_switch_sets_gets_and_refuses_unknown_names(kernels_setting):
+    for name in kernels.CPU_KERNELS:
+        kernels.set_cpu_kernels(name)
+        assert kernels.get_cpu_kernels() == name
+    assert kernels.set_cpu_kernels("fast") == kernels.CPU_KERNELS[-1]  # returns the previous setting
+    with pytest.raises(ValueError, match="fast, torch"):
+        kernels.set_cpu_kernels("numpy")
+    assert kernels.get_cpu_kernels() == "fast"
+
+
+@pytest.mark.parametrize("value, want", [(None, "fast"), ("", "fast"), ("torch", "torch"),
+                                         ("fast-attention", "fast-attention"), ("bogus", None)])
+def test_switch_starts_from_the_environment(value, want):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != kernels.ENV_VAR}
+    if value is not None:
+        env[kernels.ENV_VAR] = value
+    proc = subprocess.run([sys.executable, "-c", "import sharnn.kernels as k; print(k.get_cpu_kernels())"],
+                          env=env, capture_output=True, text=True)
+    if want is None:
+        assert proc.returncode != 0 and "cpu kernels must be one of" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == want
+
+
+def small_training_model(dropout=0.1, dtype=torch.float32):
+    cfg = ModelConfig(d_model=32, d_ff=64, n_layer=3, attn="all", mem_len=20, dropout=dropout, dropouth=dropout,
+                      dropouti=dropout)
+    torch.manual_seed(0)
+    model = SHARNN(cfg).to(dtype).train()
+    x, y = torch.randint(0, 256, (8, 2)), torch.randint(0, 256, (8, 2))
+    with torch.no_grad():
+        _, _, state = model(torch.randint(0, 256, (16, 2)))
+    return model, x, y, state
+
+
+def loss_and_grads(model, x, y, state, seed=1):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    _, loss, _ = model(x, state, targets=y)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], torch.get_rng_state()
+
+
+# which code each setting runs, per training forward of the 3-block model with attention in every block
+PATHS = {  # setting: (attend_cpu called, SDPA called, numpy masks drawn, F.dropout called)
+    "fast": (True, False, True, False),
+    "torch": (False, True, False, True),
+    "fast-masks": (False, True, True, False),
+    "fast-attention": (True, False, False, True),
+}
+
+
+@pytest.mark.parametrize("setting", list(PATHS))
+def test_each_setting_takes_its_path(setting, kernels_setting, monkeypatch):
+    model, x, y, state = small_training_model()
+    calls = {"attend_cpu": 0, "sdpa": 0, "numpy": 0, "F.dropout": 0, "bernoulli": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(sharnn.model, "attend_cpu", counting("attend_cpu", attend_cpu))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting("sdpa", F.scaled_dot_product_attention))
+    monkeypatch.setattr(F, "dropout", counting("F.dropout", F.dropout))
+    monkeypatch.setattr(kernels, "_draw_keep", counting("numpy", kernels._draw_keep))
+    monkeypatch.setattr(torch.Tensor, "bernoulli_", counting("bernoulli", torch.Tensor.bernoulli_))
+    kernels.set_cpu_kernels(setting)
+    loss_and_grads(model, x, y, state)
+    attend, sdpa, numpy_masks, torch_dropout = PATHS[setting]
+    assert (calls["attend_cpu"] == 3) == attend and (calls["sdpa"] == 3) == sdpa
+    assert (calls["numpy"] > 0) == numpy_masks and (calls["F.dropout"] > 0) == torch_dropout
+    if setting == "fast-attention":  # the written-out attention's two masks come from torch's generator
+        assert calls["bernoulli"] == 2 * 3
+    if setting == "fast-masks":  # SDPA's weights dropout is torch's own; every other dropout is numpy's
+        assert calls["F.dropout"] == 0
+    model.eval()  # evaluation: no dropout anywhere, the attention as the setting says
+    calls.update(dict.fromkeys(calls, 0))
+    with torch.no_grad():
+        model(x, state)
+    assert calls["numpy"] == calls["F.dropout"] == calls["bernoulli"] == 0
+    assert (calls["attend_cpu"] == 3) == attend and (calls["sdpa"] == 3) == sdpa
+
+
+def test_torch_setting_is_the_cuda_code_path(kernels_setting, monkeypatch):
+    """Under "torch" a CPU step runs what the model runs on CUDA (where fast_path and cpu_attention are False):
+    the same loss and gradients bit for bit from the same seed, and the same draws from torch's generator."""
+    model, x, y, state = small_training_model()
+    kernels.set_cpu_kernels("torch")
+    loss_t, grads_t, rng_t = loss_and_grads(model, x, y, state)
+    kernels.set_cpu_kernels("fast")
+    monkeypatch.setattr(kernels, "fast_path", lambda x: False)  # what a CUDA tensor answers
+    monkeypatch.setattr(sharnn.model, "cpu_attention", lambda keys: False)
+    loss_c, grads_c, rng_c = loss_and_grads(model, x, y, state)
+    assert torch.equal(loss_t, loss_c) and torch.equal(rng_t, rng_c)
+    for a, b in zip(grads_t, grads_c):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    kernels.set_cpu_kernels("fast")
+    loss_f, _, _ = loss_and_grads(model, x, y, state)
+    assert not torch.equal(loss_f, loss_t)  # other masks: the switch really changed the path
+
+
+def test_all_settings_agree_without_dropout(kernels_setting):
+    """Dropout off: the four settings differ only in how they compute, not in what (float64)."""
+    model, x, y, state = small_training_model(dropout=0.0, dtype=torch.float64)
+    results = {}
+    for setting in kernels.CPU_KERNELS:
+        kernels.set_cpu_kernels(setting)
+        results[setting] = loss_and_grads(model, x, y, state)
+    loss0, grads0, _ = results["torch"]
+    for setting, (loss, grads, _) in results.items():
+        torch.testing.assert_close(loss, loss0, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, grads0):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fast_attention_setting_draws_torch_masks_at_the_rate(kernels_setting):
+    kernels.set_cpu_kernels("fast-attention")
+    torch.manual_seed(0)
+    keep = keep_mask((1000, 1000), 0.1)
+    assert keep.dtype == torch.bool and abs(keep.double().mean().item() - 0.9) < 5 * math.sqrt(0.09 / 1e6)
+    torch.manual_seed(0)
+    assert torch.equal(keep, torch.empty(1000, 1000).bernoulli_(0.9).bool())
+    x = torch.randn(300, 200)
+    torch.manual_seed(0)
+    out, kept = kernels.masked(x, 0.1, scale=2.0)
+    torch.testing.assert_close(out, torch.where(kept, x * 2.0, 0), rtol=0, atol=0)
