@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import bench.__main__ as bench
 import train.distributed
 
@@ -59,3 +61,53 @@ def test_profile_refuses_a_scenario_that_is_not_training(capsys):
     with pytest.raises(SystemExit) as e:
         bench.profile.main(["--scenario", "small-eval"])
     assert e.value.code == 2 and "training scenario" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two trainer processes
+def test_quality_trains_each_implementation_and_pairs_the_seeds(text_corpus, tmp_path, capsys):
+    """python -m bench.quality at a trivial size: both CPU kernel settings train in their own process."""
+    import bench.quality
+
+    out = tmp_path / "quality.json"
+    assert bench.quality.main(["--preset", "tiny", "--steps", "2", "--seeds", "1", "--data", str(text_corpus),
+                               "--json", str(out), "--", "--eval_max_segments", "2", "--batch_size", "2"]) == 0
+    record = json.loads(out.read_text())
+    assert record["impls"] == ["fast", "torch"] and record["steps"] == 2 and record["preset"] == "tiny"
+    assert record["command"].startswith("python -m bench.quality") and record["date"] and record["machine"]
+    assert record["trainer_flags"] == ["--eval_max_segments", "2", "--batch_size", "2"]
+    assert [(r["impl"], r["seed"]) for r in record["runs"]] == [("fast", 1), ("torch", 1)]
+    assert all(0 < r["val_bpc"] < 10 and r["wall_s"] > 0 for r in record["runs"])
+    summary = record["summary"]
+    assert summary["reference"] == "torch"
+    for impl in ("fast", "torch"):
+        d = summary["impls"][impl]
+        assert d["n"] == 1 and d["std"] is None and d["mean"] == d["values"]["1"]
+    paired = summary["paired"]["fast"]
+    assert paired["n"] == 1 and paired["mean"] == summary["impls"]["fast"]["mean"] - summary["impls"]["torch"]["mean"]
+    table = capsys.readouterr().out
+    assert "fast - torch" in table and "paired n=1" in table
+
+
+def test_quality_summary_statistics():
+    from bench.quality import summarize
+
+    runs = [{"impl": i, "seed": s, "val_bpc": v} for i, s, v in
+            [("fast", 1, 2.0), ("torch", 1, 2.1), ("fast", 2, 2.4), ("torch", 2, 2.3), ("fast", 3, 2.2)]]
+    summary = summarize(runs, ["fast", "torch"])
+    fast, torch_ = summary["impls"]["fast"], summary["impls"]["torch"]
+    assert fast["n"] == 3 and abs(fast["mean"] - 2.2) < 1e-12 and abs(fast["std"] - 0.2) < 1e-12
+    assert abs(fast["se"] - 0.2 / 3 ** 0.5) < 1e-12 and torch_["n"] == 2
+    paired = summary["paired"]["fast"]  # seeds 1 and 2 only: -0.1 and +0.1
+    assert paired["n"] == 2 and abs(paired["mean"]) < 1e-12 and abs(paired["std"] - 2 ** 0.5 * 0.1) < 1e-12
+    assert sorted(paired["values"]) == [1, 2]
+
+
+def test_quality_refuses_unknown_settings_and_missing_corpora(tmp_path, capsys):
+    import pytest
+
+    import bench.quality
+
+    for argv, message in ([["--impl", "numpy"], "unknown --impl"], [["--data", str(tmp_path)], "sharnn-prepare demo"]):
+        with pytest.raises(SystemExit) as e:
+            bench.quality.main(argv + (["--data", str(tmp_path)] if "--data" not in argv else []))
+        assert e.value.code == 2 and message in capsys.readouterr().err
