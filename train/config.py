@@ -67,9 +67,9 @@ class TrainConfig:
     output_bias_init: Literal["zeros", "unigram"] = "zeros"
     """Output bias at the start of a fresh run: zeros (the reference) or the log of the training split's
     add-one smoothed byte frequencies (bytes that never occur start near zero probability)."""
-    cpu_kernels: Literal["fast", "torch"] | None = None
-    """On CPU, dropout and attention as sharnn.kernels' fast path or as torch's own ops (None: the default
-    of sharnn.kernels). CUDA always uses torch's."""
+    cpu_kernels: Literal["fast", "torch", "fast-masks", "fast-attention"] | None = None
+    """On CPU, dropout and attention as sharnn.kernels' fast path, as torch's own ops (the CUDA code path), or
+    one half of the fast path (see sharnn/kernels.py). None: sharnn.kernels' default ($SHARNN_CPU_KERNELS)."""
 
     precision: Precision = "fp32"
     """fp32, bf16 (autocast / DeepSpeed bf16) or fp16 (with loss scaling)."""

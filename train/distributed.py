@@ -36,6 +36,11 @@ def build_accelerator(precision: str, timeout_s: int = 600, grad_accum: int = 1,
                          f"within --timeout_s={timeout_s}s: a process on another node failed at start-up (its "
                          f"log names the cause) or never started. ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]})") from None
+    if precision == "fp16" and accelerator.device.type == "cpu" and not use_deepspeed:
+        # accelerate makes fp16 autocast and its GradScaler on GPUs only: on CPU it would train in fp32
+        raise SystemExit("error: --precision fp16 on CPU: accelerate runs fp16 (autocast with loss scaling) on "
+                         "GPUs only, so this run would silently train in fp32. On CPU use --precision bf16 or "
+                         "fp32, or DeepSpeed's fp16 (launch/cpu_deepspeed.yaml).")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SystemExit(f"error: the launcher started {launched} processes but accelerate sees world size "
@@ -82,8 +87,11 @@ def fill_deepspeed_config(ds: dict, *, batch_size: int, grad_accum: int, world_s
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The client optimizer inside accelerate's (and DeepSpeed's) wrappers."""
-    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    """The client optimizer inside accelerate's wrapper and, under DeepSpeed fp16, DeepSpeed's
+    FP16_UnfusedOptimizer (two levels)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def check_optimizer_sees_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:

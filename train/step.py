@@ -86,6 +86,10 @@ def backward_and_step(accelerator, model, optimizer, loss: torch.Tensor, clip: f
         return None
     norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), clip or float("inf")))
     if not math.isfinite(norm.item()):  # host sync, once per optimizer step
+        if accelerator.scaler is not None:  # fp16 loss scaling: the scaler skips the step and lowers its scale
+            optimizer.step()
+            optimizer.zero_grad()
+            return norm
         if on_nonfinite == "stop":
             raise NonFiniteError(step, norm.item())
         accelerator.print(f"skipping step {step}: non-finite gradient norm {norm.item()}")

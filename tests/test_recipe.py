@@ -1,0 +1,364 @@
+"""The paths a long cluster run crosses, run for real: epoch boundaries, gradient accumulation under DDP and
+DeepSpeed, two-rank resume after SIGTERM and SIGKILL, --init_from and the two-stage recipe, best-checkpoint
+selection and pruning, --resume PATH, SIGINT, bf16/fp16 runs; and the recipe's unit-level pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from sharnn import SHARNN, CarryState, ModelConfig
+from sharnn.data import ByteSplit, StreamLoader, open_split
+from tests.conftest import REPO, run, subprocess_env, train_cmd
+from tests.test_train import DDP, assert_same_training, deepspeed, metrics, series, weights
+from train.build import unigram_log_probs
+from train.config import TrainConfig
+from train.loop import finished
+from train.step import train_step
+
+# Segments of 64 bytes over 8 streams of a 20 kB training split: an epoch is about 40 steps.
+EPOCH = ["--preset", "tiny", "--batch_size", "8", "--bptt", "64", "--warmup_steps", "5", "--log_every", "1",
+         "--sample_bytes", "0", "--eval_every", "0", "--save_every", "0", "--max_steps", "100000"]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    """20 kB train, 4 kB valid and test of real text: epochs of tens of steps."""
+    from sharnn.prepare import prepare_files
+
+    src = tmp_path_factory.mktemp("src") / "text.txt"
+    src.write_bytes((REPO / "README.md").read_bytes()[:28_000])
+    out = tmp_path_factory.mktemp("corpus") / "small"
+    prepare_files([src], out, valid_bytes=4_000, test_bytes=4_000)
+    return out
+
+
+def epoch_lengths(corpus: Path, batch_size: int, bptt: int, seed: int, n_epochs: int) -> list[int]:
+    """Steps per epoch as the trainer's loader draws them (one process)."""
+    loader = StreamLoader(open_split(corpus, "train"), batch_size, bptt, 0, 1, seed)
+    counts = [0] * n_epochs
+    while loader.epoch < n_epochs:
+        counts[next(loader).epoch] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------------- unit level
+@pytest.fixture
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_epoch_start_resets_the_carried_state(fresh_accelerate_state):
+    """train_step hands the model an empty state at every epoch start and the carried one otherwise."""
+    cfg = TrainConfig(model=ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=50), batch_size=2, bptt=8,
+                      vary_bptt=False, warmup_steps=0)
+    split = ByteSplit.from_bytes(bytes(range(256)) * 2)  # streams of 256 bytes: epochs of 32 segments
+    loader = StreamLoader(split, cfg.batch_size, cfg.bptt, 0, 1, cfg.seed, vary_bptt=False)
+    model = SHARNN(cfg.model)
+    seen = []
+    forward = model.forward
+
+    def recording(x, state=None, targets=None):
+        seen.append(state.memory_len if state is not None else 0)
+        return forward(x, state, targets=targets)
+
+    model.forward = recording
+    accelerator = Accelerator(cpu=True)  # a real one, reset afterwards (fixture `fresh_accelerate_state`)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    carry = CarryState.empty(cfg.model.n_layer)
+    epochs = []
+    for step in range(1, 70):
+        out, carry = train_step(accelerator, model, optimizer, loader, carry, cfg, step)
+        epochs.append(out.epoch)
+    starts = [i for i in range(1, len(epochs)) if epochs[i] != epochs[i - 1]]
+    assert starts == [32, 64]  # two epoch boundaries crossed
+    for i, memory_len in enumerate(seen):
+        assert memory_len == (0 if i in (0, *starts) else min(50, 8 * (i % 32))), (i, memory_len)
+
+
+def test_fp16_loss_scale_overflow_skips_the_step_instead_of_stopping(fresh_accelerate_state, monkeypatch):
+    """With fp16 under DDP or one process on a GPU, accelerate's GradScaler starts at 2^16, which overflows
+    in the first steps: the scaler must skip such a step and lower its scale, not stop the run. accelerate
+    makes that scaler only on GPUs; a CPU GradScaler stands in for it, set up as accelerate sets up the GPU's
+    (scaler before `prepare`, gradients unscaled in `clip_grad_norm_`), and an infinite gradient in step 1
+    stands in for the fp16 overflow."""
+    cfg = TrainConfig(model=ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=20), batch_size=2, bptt=8,
+                      vary_bptt=False, warmup_steps=0)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    model = SHARNN(cfg.model)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    accelerator.native_amp = True  # after prepare: only unscale_gradients reads it from here on
+    overflow = {"left": 1}
+
+    def overflowing(grad):
+        if overflow["left"]:
+            overflow["left"] -= 1
+            return grad * float("inf")
+        return grad
+
+    model.out_bias.register_hook(overflowing)
+    loader = StreamLoader(ByteSplit.from_bytes(bytes(range(256)) * 2), 2, 8, 0, 1, 1, vary_bptt=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out, _ = train_step(accelerator, model, optimizer, loader, CarryState.empty(2), cfg, 1)
+    assert not math.isfinite(float(out.grad_norm))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the step was skipped
+    assert accelerator.scaler.get_scale() == 2.0**15  # and the scale lowered
+    out, _ = train_step(accelerator, model, optimizer, loader, CarryState.empty(2), cfg, 2)
+    assert math.isfinite(float(out.grad_norm))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # this one was taken
+
+
+def test_fp16_without_deepspeed_on_cpu_is_refused(fresh_accelerate_state):
+    """accelerate would train it in fp32 without a word."""
+    from train.distributed import build_accelerator
+
+    with pytest.raises(SystemExit, match="silently train in fp32"):
+        build_accelerator("fp16")
+
+
+def test_a_run_bounded_by_epochs_stops_at_the_epoch_end():
+    """No step of the next epoch: `finished` looks at where the next segment starts."""
+    split = ByteSplit.from_bytes(bytes(range(256)) * 2)
+    loader = StreamLoader(split, 2, 8, 0, 1, 1, vary_bptt=False)
+    cfg = TrainConfig(epochs=1, warmup_steps=0)
+
+    class Progress:
+        step = 0
+
+    steps = 0
+    while not finished(cfg, Progress, loader):
+        batch = next(loader)
+        steps += 1
+        assert batch.epoch == 0
+    assert steps == 32 and loader.epoch == 1
+    half = TrainConfig(epochs=1.5, warmup_steps=0)
+    while not finished(half, Progress, loader):
+        next(loader)
+        steps += 1
+    assert steps == 32 + 16
+
+
+def test_unigram_output_bias_gives_each_byte_its_share():
+    counts = np.zeros(256, dtype=np.int64)
+    counts[ord("a")], counts[ord("b")] = 700, 300
+    probs = torch.softmax(unigram_log_probs(counts).double(), 0)
+    assert probs[ord("a")] == pytest.approx(701 / 1256) and probs[ord("b")] == pytest.approx(301 / 1256)
+    assert probs[0] == pytest.approx(1 / 1256)  # never seen: add-one smoothing
+    split = ByteSplit.from_bytes(b"aab" * 10)
+    assert split.byte_counts()[ord("a")] == 20 and split.byte_counts().sum() == 30
+
+
+def test_the_precision_check_stops_when_the_lstm_cannot_run(monkeypatch):
+    """The failing branch (seen on devices whose LSTM kernels lack a dtype), with a stand-in LSTM that raises
+    what oneDNN raises."""
+    from train.distributed import check_precision
+
+    def unsupported(self, *args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation primitive")
+
+    monkeypatch.setattr(torch.nn.LSTM, "forward", unsupported)
+    with pytest.raises(SystemExit) as e:
+        check_precision("fp16", torch.device("cpu"))
+    assert "nn.LSTM does not run in fp16" in str(e.value) and "--precision fp32 or bf16" in str(e.value)
+    assert check_precision("fp32", torch.device("cpu")) == "precision fp32"  # fp32 is never probed
+
+
+# ------------------------------------------------------------------------------------------ real runs
+@pytest.mark.slow
+def test_epochs_end_with_validation_and_resume_across_the_boundary(small_corpus, tmp_path):
+    n0, n1 = epoch_lengths(small_corpus, 8, 64, 1234, 2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*EPOCH, "--data", str(small_corpus), "--epochs", "2", "--no_test_at_end"]
+    run(train_cmd(*args, "--out", str(straight)), threads=2)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["step"] == n0 + n1 and summary["epoch"] == 1  # no step of a third epoch
+    assert list(series(straight, "val/bpc")) == [n0, n0 + n1]  # at each epoch end, once
+    assert [m["train/epoch"] for m in metrics(straight) if "train/epoch" in m] == [0] * n0 + [1] * n1
+    # stop 3 steps before the boundary, resume across it: the same run, bit for bit
+    run(train_cmd(*args, "--out", str(split), "--max_steps", str(n0 - 3)), threads=2)
+    proc = run(train_cmd(*args, "--out", str(split), "--resume", "auto"), threads=2)
+    assert f"at step {n0 - 3}" in proc.stdout
+    a, b = weights(straight / f"checkpoints/step-{n0 + n1:08d}"), weights(split / f"checkpoints/step-{n0 + n1:08d}")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert series(straight, "train/loss") == series(split, "train/loss")
+
+
+# Dropout off so that ranks and one process compute the same thing (masks are drawn per rank).
+ACCUM = ["--preset", "tiny", "--max_steps", "6", "--warmup_steps", "2", "--eval_every", "3", "--log_every", "1",
+         "--model.dropouth", "0", "--sample_bytes", "0", "--eval_max_segments", "5", "--grad_accum", "2",
+         "--bptt", "32"]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_ddp_and_deepspeed_matches_one_process(text_corpus, tmp_path):
+    one = tmp_path / "one"
+    run(train_cmd(*ACCUM, "--data", str(text_corpus), "--out", str(one), "--batch_size", "4"), threads=2)
+    ddp, ds = tmp_path / "ddp", tmp_path / "ds"
+    run(train_cmd(*ACCUM, "--data", str(text_corpus), "--out", str(ddp), "--batch_size", "2", launch=DDP))
+    run(train_cmd(*ACCUM, "--data", str(text_corpus), "--out", str(ds), "--batch_size", "2",
+                  launch=deepspeed(tmp_path, 0)))
+    assert_same_training(one, ddp)
+    assert_same_training(one, ds)
+    # an accumulated step is not a plain step: the same run without accumulation differs
+    plain = tmp_path / "plain"
+    run(train_cmd(*ACCUM, "--data", str(text_corpus), "--out", str(plain), "--batch_size", "4",
+                  "--grad_accum", "1"), threads=2)
+    assert series(plain, "train/loss")[2] != pytest.approx(series(one, "train/loss")[2], rel=1e-4)
+
+
+def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def workers_of(proc: subprocess.Popen) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                           text=True).stdout.split()]
+
+
+# Dropout on: each rank's own masks must be restored too.
+TWO_RANKS = ["--preset", "tiny", "--warmup_steps", "3", "--log_every", "1", "--sample_bytes", "0",
+             "--eval_every", "8", "--eval_max_segments", "4", "--save_every", "8", "--batch_size", "4",
+             "--bptt", "32", "--no_test_at_end", "--max_steps", "60", "--state_reset_prob", "0.1"]
+
+
+@pytest.mark.slow
+def test_two_rank_resume_is_bitwise_after_sigterm_and_after_sigkill(text_corpus, tmp_path):
+    args = [*TWO_RANKS, "--data", str(text_corpus)]
+    straight, termed, killed = tmp_path / "straight", tmp_path / "termed", tmp_path / "killed"
+    run(train_cmd(*args, "--out", str(straight), launch=DDP))
+    env = subprocess_env(1)
+    # SIGTERM to every worker, as a cluster's preemption does: each rank saves its carry, all exit 0
+    proc = subprocess.Popen(train_cmd(*args, "--out", str(termed), launch=DDP), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(termed / "checkpoints" / "step-00000008" / "train_state.json", [proc])
+    for pid in workers_of(proc):
+        os.kill(pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = json.loads((termed / "summary.json").read_text())
+    assert stopped["exit"] == "stopped by SIGTERM" and stopped["step"] < 60
+    # SIGKILL to the whole launch after the first checkpoint
+    proc = subprocess.Popen(train_cmd(*args, "--out", str(killed), launch=DDP), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(killed / "checkpoints" / "step-00000008" / "train_state.json", [proc])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "step-00000060").exists()
+    for out in (termed, killed):
+        run(train_cmd(*args, "--out", str(out), "--resume", "auto", launch=DDP))
+        a, b = weights(straight / "checkpoints/step-00000060"), weights(out / "checkpoints/step-00000060")
+        assert all(torch.equal(a[k], b[k]) for k in a), out.name
+        assert series(out, "train/loss") == series(straight, "train/loss"), out.name
+        assert series(out, "val/bpc") == series(straight, "val/bpc"), out.name
+
+
+STAGE = ["--preset", "tiny", "--batch_size", "4", "--bptt", "32", "--log_every", "1", "--sample_bytes", "0",
+         "--eval_max_segments", "4", "--no_test_at_end"]
+
+
+@pytest.mark.slow
+def test_init_from_a_run_a_checkpoint_or_a_file_and_the_second_stage(text_corpus, tmp_path):
+    stage1 = tmp_path / "stage1"
+    run(train_cmd(*STAGE, "--data", str(text_corpus), "--out", str(stage1), "--max_steps", "12",
+                  "--warmup_steps", "3", "--eval_every", "4", "--save_every", "0"), threads=2)
+    best = json.loads((stage1 / "checkpoints" / "best.json").read_text())
+    best_dir = stage1 / "checkpoints" / best["dir"]
+    assert (best_dir / "train_state.json").exists()  # written when validation found it, whatever save_every
+    sources = {"run": stage1, "checkpoint": best_dir, "file": best_dir / "model.safetensors"}
+    losses = {}
+    for name, source in sources.items():
+        out = tmp_path / f"stage2-{name}"
+        proc = run(train_cmd(*STAGE, "--data", str(text_corpus), "--out", str(out), "--max_steps", "4",
+                             "--warmup_steps", "4", "--lr", "1e-3", "--seed", "125", "--eval_every", "0",
+                             "--init_from", str(source)), threads=2)
+        assert f"initialised weights from {best_dir / 'model.safetensors'}" in proc.stdout
+        losses[name] = series(out, "train/loss")
+        lrs = series(out, "train/lr")
+        assert lrs == pytest.approx({1: 2.5e-4, 2: 5e-4, 3: 7.5e-4, 4: 1e-3})  # the warmup starts again
+    assert losses["run"] == losses["checkpoint"] == losses["file"]
+    # from the best weights, not a fresh model: the first stage-2 loss is far below a fresh start's
+    fresh = tmp_path / "fresh"
+    run(train_cmd(*STAGE, "--data", str(text_corpus), "--out", str(fresh), "--max_steps", "1",
+                  "--warmup_steps", "1", "--lr", "1e-3", "--seed", "125", "--eval_every", "0"), threads=2)
+    assert losses["run"][1] < series(fresh, "train/loss")[1] - 0.5
+
+
+@pytest.mark.slow
+def test_best_checkpoint_survives_pruning_and_resume_path_and_sigint(text_corpus, tmp_path):
+    out = tmp_path / "run"
+    args = [*STAGE, "--data", str(text_corpus), "--out", str(out), "--eval_every", "3", "--save_every", "3",
+            "--keep_last", "1"]
+    run(train_cmd(*args, "--max_steps", "12", "--warmup_steps", "3"), threads=2)
+    # continue from the run directory with a learning rate that ruins the weights: later validations are
+    # worse, so the best checkpoint is an old one and must outlive --keep_last 1
+    run(train_cmd(*args, "--max_steps", "21", "--warmup_steps", "1", "--lr", "3.0", "--resume", str(out)),
+        threads=2)
+    val = series(out, "val/bpc")
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best["step"] <= 12 and best["val_bpc"] == min(val.values()) and val[21] > best["val_bpc"]
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == [best["dir"], "step-00000021"]
+    # --resume CHECKPOINT (not the latest): continues from that checkpoint's step
+    other = tmp_path / "other"
+    proc = run(train_cmd(*STAGE, "--data", str(text_corpus), "--out", str(other), "--max_steps",
+                         str(best["step"] + 2), "--warmup_steps", "1", "--resume",
+                         str(out / "checkpoints" / best["dir"])), threads=2)
+    assert f"at step {best['step']}" in proc.stdout
+    assert min(series(other, "train/loss")) == best["step"] + 1
+    # SIGINT (Ctrl-C) stops cleanly with a checkpoint that a resume continues from
+    ctrl_c = tmp_path / "ctrl-c"
+    proc = subprocess.Popen(train_cmd(*STAGE, "--data", str(text_corpus), "--out", str(ctrl_c), "--max_steps",
+                                      "100000", "--warmup_steps", "1", "--eval_every", "0", "--save_every", "0"),
+                            cwd=REPO, env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    while not (ctrl_c / "metrics.jsonl").exists() or len((ctrl_c / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = json.loads((ctrl_c / "summary.json").read_text())
+    assert stopped["exit"] == "stopped by SIGINT"
+    proc = run(train_cmd(*STAGE, "--data", str(text_corpus), "--out", str(ctrl_c), "--max_steps",
+                         str(stopped["step"] + 2), "--warmup_steps", "1", "--resume", "auto"), threads=2)
+    assert f"at step {stopped['step']}" in proc.stdout
+    assert json.loads((ctrl_c / "summary.json").read_text())["step"] == stopped["step"] + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,launch", [("bf16", None), ("bf16", "ddp"), ("fp16", "deepspeed")])
+def test_mixed_precision_trains_end_to_end(precision, launch, text_corpus, tmp_path):
+    out = tmp_path / precision
+    how = {None: None, "ddp": DDP, "deepspeed": deepspeed(tmp_path, 0)}[launch]
+    proc = run(train_cmd("--preset", "tiny", "--data", str(text_corpus), "--out", str(out), "--precision",
+                         precision, "--max_steps", "30", "--warmup_steps", "5", "--log_every", "5", "--eval_every",
+                         "15", "--eval_max_segments", "4", "--sample_bytes", "0", "--batch_size", "4",
+                         "--bptt", "32", launch=how), threads=2)
+    assert f"precision {precision}: LSTM forward/backward checked" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit"] == "finished" and summary["step"] == 30 and math.isfinite(summary["test_bpc"])
+    loss = series(out, "train/loss")
+    assert all(math.isfinite(v) for v in loss.values()) and loss[30] < loss[5]
+    # autocast keeps fp32 weights; DeepSpeed fp16 saves its fp16 module (its fp32 master copy is in its shards)
+    want = torch.float16 if launch == "deepspeed" else torch.float32
+    for value in weights(out / "checkpoints/step-00000030").values():
+        assert value.dtype == want and torch.isfinite(value).all()
