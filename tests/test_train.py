@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -177,6 +178,11 @@ def test_sigterm_checkpoints_and_exits_zero(text_corpus, tmp_path):
     assert summary["exit"] == "stopped by SIGTERM"
     ckpt = out / "checkpoints" / f"step-{summary['step']:08d}"
     assert (ckpt / "train_state.json").exists()
+    # the checkpoint it wrote is one a run continues from
+    proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps",
+                         str(summary["step"] + 3), "--resume", str(ckpt)), threads=2)
+    assert f"at step {summary['step']}" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["step"] == summary["step"] + 3
 
 
 def test_sigterm_to_ddp_workers_checkpoints_every_rank(text_corpus, tmp_path):
@@ -196,6 +202,11 @@ def test_sigterm_to_ddp_workers_checkpoints_every_rank(text_corpus, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     ckpt = out / "checkpoints" / f"step-{summary['step']:08d}"
     assert (ckpt / "carry_rank0.safetensors").exists() and (ckpt / "carry_rank1.safetensors").exists()
+    # both ranks continue from it (each loads its own carried state)
+    proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps",
+                         str(summary["step"] + 3), "--resume", "auto", launch=DDP))
+    assert f"at step {summary['step']}" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["step"] == summary["step"] + 3
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(text_corpus, tmp_path):
@@ -211,11 +222,40 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(text_corpus, t
             assert torch.isfinite(value).all()
 
 
-def test_nonfinite_skip_mode_skips_steps(text_corpus, tmp_path):
-    proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(tmp_path / "skip"), "--max_steps", "6",
-                         "--lr", "1e30", "--warmup_steps", "0", "--clip", "0", "--on_nonfinite", "skip"),
-               check=False)
-    assert "skipping step" in proc.stdout
+def test_nonfinite_skip_mode_skips_steps_and_finishes(text_corpus, tmp_path, monkeypatch):
+    """A gradient that is not finite in steps 2 and 4 (the loss stays finite, as in an fp16 backward that
+    overflows) is skipped: the run finishes with exit 0, the other steps train, the weights stay finite."""
+    import train.build
+    from accelerate.state import AcceleratorState
+    from train.loop import main
+
+    real_build = train.build.build_model
+    calls = {"n": 0}
+
+    def with_overflows(*args, **kwargs):
+        model, origin = real_build(*args, **kwargs)
+
+        def hook(grad):
+            calls["n"] += 1
+            return grad * float("inf") if calls["n"] in (2, 4) else grad
+
+        model.out_bias.register_hook(hook)
+        return model, origin
+
+    monkeypatch.setattr("train.loop.build_model", with_overflows)
+    out = tmp_path / "skip"
+    try:
+        code = main([*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps", "6",
+                     "--on_nonfinite", "skip"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit"] == "finished" and summary["step"] == 6
+    norms = series(out, "train/grad_norm")
+    assert [s for s, v in norms.items() if not math.isfinite(v)] == [2, 4]
+    final = weights(out / "checkpoints/step-00000006")
+    assert all(torch.isfinite(v).all() for v in final.values())
 
 
 # ---------------------------------------------------------------------------------------- records, CLI
@@ -252,7 +292,22 @@ def test_tensorboard_text_sample_and_hparams(text_corpus, tmp_path):
         acc.Reload()
         text_tags |= set(acc.Tags()["tensors"])
     assert any(t.startswith("sample") for t in text_tags), text_tags
-    assert any("hparams" in str(p) or "_hparams_" in str(t) for p in files for t in text_tags) or len(files) > 1
+    # the run's config as hyperparameters: read the hparams plugin's record back, values included
+    # (metadata-only summaries, which EventAccumulator does not keep: read the raw events)
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    hparams = {}
+    for f in files:
+        for raw in RawEventFileLoader(str(f)).Load():
+            for value in Event.FromString(raw).summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    content = value.metadata.plugin_data.content
+                    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams, "no hparams record in any event file"
+    assert hparams["max_steps"].number_value == 5 and hparams["model/d_model"].number_value == 128
+    assert hparams["optimizer"].string_value == "lamb"
 
 
 def test_dry_run_paper_prints_parameter_count():
@@ -274,14 +329,21 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
 
 
 def test_tiny_on_the_demo_corpus_learns(tmp_path):
-    """What `make demo` runs, shortened: validation bpc falls far below uniform (8 bits per byte)."""
+    """What `make demo` runs, shortened to 300 steps: the model must learn context, not just byte frequencies.
+    A model of byte frequencies alone scores the unigram entropy of the validation text (4.56 bits here);
+    tiny reaches it within 10 steps, and 1 bit below it by step 300 (observed 3.26-3.36 over two seeds)."""
+    from sharnn.data import open_split
     from sharnn.prepare import prepare_demo
 
     corpus = tmp_path / "demo"
     prepare_demo(corpus)
+    counts = open_split(corpus, "valid").byte_counts()
+    p = counts[counts > 0] / counts.sum()
+    unigram_bits = float(-(p * np.log2(p)).sum())
     out = tmp_path / "run"
-    run(train_cmd("--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max_steps", "150",
-                  "--eval_every", "50", "--no_test_at_end", "--sample_bytes", "0"), threads=2)
+    run(train_cmd("--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max_steps", "300",
+                  "--eval_every", "100", "--no_test_at_end", "--sample_bytes", "0"), threads=2)
     val = series(out, "val/bpc")
-    assert list(val) == [50, 100, 150]
-    assert val[150] < val[50] and val[150] < 4.5
+    assert list(val) == [100, 200, 300]
+    assert min(val.values()) < unigram_bits - 1.0, (unigram_bits, val)
+    assert val[300] < val[100] - 0.25, val
