@@ -350,11 +350,11 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  loader {record['data_fraction']:.2%} of step time, logging {record['log_fraction']:.2%}"
                  if "data_fraction" in record else ""), flush=True)
     if args.json:
+        from sharnn import atomic
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
         stamp = {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench " + " ".join(argv or sys.argv[1:])}
-        tmp.write_text(json.dumps([{**r, **stamp} for r in records], indent=1))
-        os.replace(tmp, args.json)
+        atomic.write_text(args.json, json.dumps([{**r, **stamp} for r in records], indent=1))
     return 0
 
 

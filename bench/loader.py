@@ -1,12 +1,12 @@
 """Benchmark the training data path: prepare random bytes, stream them with StreamLoader, time and measure.
 
-    python -m bench.loader [--size-gb 1.0] [--compare-gb 0.25] [--batch-size 16] [--bptt 1024]
-                           [--world-size 1] [--max-seconds 60] [--json PATH] [--dir DIR]
+    python -m bench.loader [--size_gb 1.0] [--compare_gb 0.25] [--batch_size 16] [--bptt 1024]
+                           [--world_size 1] [--max_seconds 60] [--json PATH] [--dir DIR]
 
-For each corpus size (``--size-gb`` and, for comparison, ``--compare-gb``) this writes random bytes, prepares
+For each corpus size (``--size_gb`` and, for comparison, ``--compare_gb``) this writes random bytes, prepares
 them with ``sharnn.prepare.prepare_files`` (the code behind ``sharnn-prepare files``), then runs every rank of
-a ``--world-size`` layout as its own fresh process (all at once, as real ranks would) that streams one epoch
-of the train split (or ``--max-seconds``). Each is measured twice: "cold", after evicting the corpus files
+a ``--world_size`` layout as its own fresh process (all at once, as real ranks would) that streams one epoch
+of the train split (or ``--max_seconds``). Each is measured twice: "cold", after evicting the corpus files
 from the page cache (``posix_fadvise(DONTNEED)``, only these files), and "warm", with the files cached.
 Reported per rank: bytes of inputs delivered per second, and memory from ``/proc/self/status``: RSS (what
 psutil reports) split into RssAnon (private memory: must not depend on the corpus size) and RssFile (mapped
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sharnn import atomic, cli
 
 GIB = 2**30
 MIB = 2**20
@@ -96,8 +98,8 @@ def _run_ranks(corpus: Path, args: argparse.Namespace) -> list[dict]:
     """All ranks at once, each in a fresh interpreter, so each one's memory baseline is clean."""
     def command(rank: int) -> list[str]:
         return [sys.executable, "-m", "bench.loader", "--_measure", str(corpus), "--_rank", str(rank),
-                "--batch-size", str(args.batch_size), "--bptt", str(args.bptt),
-                "--world-size", str(args.world_size), "--max-seconds", str(args.max_seconds)]
+                "--batch_size", str(args.batch_size), "--bptt", str(args.bptt),
+                "--world_size", str(args.world_size), "--max_seconds", str(args.max_seconds)]
 
     procs = [subprocess.Popen(command(r), stdout=subprocess.PIPE, text=True) for r in range(args.world_size)]
     results = []
@@ -154,15 +156,18 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=1.0, help="corpus size in GiB (default 1.0)")
-    parser.add_argument("--compare-gb", type=float, default=0.25,
+    parser = cli.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument(*cli.spellings("--size_gb"), type=float, default=1.0,
+                        help="corpus size in GiB (default 1.0)")
+    parser.add_argument(*cli.spellings("--compare_gb"), type=float, default=0.25,
                         help="second, smaller corpus for the memory comparison in GiB (0 to skip; "
                              "default 0.25)")
-    parser.add_argument("--batch-size", type=int, default=16, help="streams per rank (default 16)")
+    parser.add_argument(*cli.spellings("--batch_size"), type=int, default=16,
+                        help="streams per rank (default 16)")
     parser.add_argument("--bptt", type=int, default=1024, help="base segment length (default 1024)")
-    parser.add_argument("--world-size", type=int, default=1, help="ranks, each a process (default 1)")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
+    parser.add_argument(*cli.spellings("--world_size"), type=int, default=1,
+                        help="ranks, each a process (default 1)")
+    parser.add_argument(*cli.spellings("--max_seconds"), type=float, default=60.0,
                         help="stop a rank after this long if its epoch has not ended (default 60)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--dir", type=Path, default=None, help="keep (and reuse) the corpora here")
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                               "numpy": numpy.__version__, "torch": torch.__version__,
                               "platform": platform.platform()},
                   "prepared": {str(k): v for k, v in prepared.items()}, "runs": rows}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic.write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

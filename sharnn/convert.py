@@ -12,28 +12,25 @@ lnmem/lnmid of blocks without attention.
 `sharnn-import` (`main` below) turns a file written by the reference code into an exported sharnn model
 (model.safetensors + config.json) that `sharnn-eval`, `sharnn-generate` and `sharnn.pretrained.load_model`
 take. It reads a state dict in the reference's naming (safetensors, or torch.save'd) or the reference's own
-checkpoint, a pickled `[model, criterion]` list (its `model_save`). Pickles are read with a restricted
-unpickler that rebuilds tensors and containers only: every other class the file names becomes an inert stub
-that records the pickled `_parameters`, `_buffers` and `_modules`, and nothing from the file is executed.
+checkpoint, a pickled `[model, criterion]` list (its `model_save`). Pickles are read with the restricted
+unpickler of `sharnn.safe_pickle`: tensors and containers only, every other class the file names an inert stub
+that records the pickled `_parameters`, `_buffers` and `_modules`; nothing from the file is executed.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
-import argparse
-import collections
 import pickle
 import re
 import sys
-import types
-import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from sharnn import cli
 from sharnn.config import ModelConfig
+from sharnn.safe_pickle import PickledObject, safe_torch_load
 
 _BLOCK_RENAMES = {
     "lnstart": "ln_start", "lnmem": "ln_mem", "lnmid": "ln_mid", "lnff": "ln_ff", "lnxff": "ln_xff",
@@ -112,119 +109,10 @@ def load_reference(model: torch.nn.Module, ref: dict[str, Tensor]) -> None:
 
 
 # ------------------------------------------------------------------ reading the reference's files safely
-class PickledObject:
-    """Stands in for any class a pickle names that is not a tensor or a container (nn.Module subclasses, the
-    criterion, functions): it keeps the pickled state (for a module: `_parameters`, `_buffers`, `_modules`)
-    as attributes and runs none of the named class's code."""
-
-    pickled_name = "?"
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj.__dict__["_pickled_args"] = args
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state) -> None:
-        is_pair = isinstance(state, tuple) and len(state) == 2
-        if is_pair and all(s is None or isinstance(s, dict) for s in state):
-            state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__, __slots__ state)
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self.__dict__["_pickled_state"] = state
-
-    def __repr__(self) -> str:
-        return f"<pickled {self.pickled_name}>"
-
-
-def _reconstructor(cls, base, state):
-    """copyreg._reconstructor (protocol 0/1 pickles of plain objects), for stubs only."""
-    if not (isinstance(cls, type) and issubclass(cls, PickledObject)):
-        raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r} (only tensors and module state are "
-                                     "read)")
-    return cls.__new__(cls)
-
-
-def _safe_globals() -> dict[tuple[str, str], object]:
-    """What a pickle may call: tensor rebuilding (as torch.load(weights_only=True)) and plain containers."""
-    import _codecs
-
-    from torch import _tensor, _utils
-    from torch.nn.parameter import Parameter
-
-    allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("builtins", "set"): set,
-               ("builtins", "frozenset"): frozenset, ("builtins", "bytearray"): bytearray,
-               ("builtins", "complex"): complex, ("builtins", "object"): object,
-               ("_codecs", "encode"): _codecs.encode,
-               ("copyreg", "_reconstructor"): _reconstructor, ("torch", "Size"): torch.Size,
-               ("torch", "device"): torch.device, ("torch", "Tensor"): torch.Tensor,
-               ("torch.nn.parameter", "Parameter"): Parameter,
-               ("torch._tensor", "_rebuild_from_type_v2"): _tensor._rebuild_from_type_v2}
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
-        if hasattr(_utils, name):
-            allowed[("torch._utils", name)] = getattr(_utils, name)
-    return allowed
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only `_safe_globals()` and torch dtypes; any other name becomes a `PickledObject` subclass.
-
-    torch.load wraps this class: it resolves storage types itself and supplies `persistent_load` for the
-    tensor data, then defers every other name to `find_class` here.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._allowed = _safe_globals()
-        self._stubs: dict[tuple[str, str], type] = {}
-
-    def find_class(self, module: str, name: str):
-        # Python 2 names (protocol 2 pickles say __builtin__.set), mapped as pickle's own find_class does
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        else:
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in self._allowed:
-            return self._allowed[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        key = (module, name)
-        if key not in self._stubs:
-            self._stubs[key] = type(name, (PickledObject,), {"pickled_name": f"{module}.{name}"})
-        return self._stubs[key]
-
-
-# torch.load(pickle_module=...) uses a module's `Unpickler`, `load` and `__name__`.
-restricted_pickle = types.SimpleNamespace(
-    __name__="sharnn.convert.restricted_pickle", Unpickler=RestrictedUnpickler,
-    load=lambda file, **kwargs: RestrictedUnpickler(file, **kwargs).load())
-
-
 def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
     return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
-
-
-def safe_torch_load(path: str | Path):
-    """torch.load a file written by torch.save without running code from it: tensors, containers and the
-    pickled state of other objects (as `PickledObject` stubs). TorchScript archives are refused (loading
-    one runs its code)."""
-    path = Path(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            raise ValueError(f"{path} is a TorchScript archive, not a state dict or pickled model; loading "
-                             "it would run its code. Save the model's state_dict() instead")
-    # weights_only=False is required to pass our own pickle module; its Unpickler allows tensors only.
-    with warnings.catch_warnings():  # the legacy format warns it cannot check the stubbed classes' source
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
 
 
 def _module_tensors(obj: PickledObject, prefix: str = "") -> dict[str, Tensor]:
@@ -330,8 +218,8 @@ def _renamed(key: str) -> str:
     return f"blocks.{m.group(1)}.{_BLOCK_RENAMES[m.group(2)]}{m.group(3) or ''}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="sharnn-import",
         description="Convert a checkpoint of the reference code (Smerity/sha-rnn) into an exported sharnn "
                     "model (OUT/model.safetensors + OUT/config.json) that sharnn-eval and sharnn-generate "
@@ -340,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "reference's pickled [model, criterion] file, read without running code from it.")
     parser.add_argument("source", type=Path, help="the reference checkpoint file")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the sharnn model to")
-    parser.add_argument("--mem-len", type=int, default=5000,
+    parser.add_argument(*cli.spellings("--mem_len"), type=int, default=5000,
                         help="attention memory length to record (the reference used 5000; "
                              "default %(default)s)")
     parser.add_argument("--prefix", default="",
@@ -354,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `sharnn-import` and `python -m sharnn.convert`; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.mem_len < 1:
-        raise SystemExit(f"error: --mem-len must be >= 1, got {args.mem_len}")
+        raise SystemExit(f"error: --mem_len must be >= 1, got {args.mem_len}")
     try:
         cfg, ignored = import_reference(args.source, args.out, args.mem_len, args.prefix, args.overwrite)
     except ValueError as e:  # includes sharnn.pretrained.ModelError

@@ -250,8 +250,8 @@ def _seq_len_block(bptt: int, seed: int, epoch: int, block: int) -> tuple[int, .
     rng = np.random.default_rng([seed, epoch, block])
     uniform, normal = rng.random(SEQ_LEN_BLOCK), rng.standard_normal(SEQ_LEN_BLOCK)
     base = np.where(uniform < P_FULL_BPTT, float(bptt), bptt / 2.0)
-    seq_len = np.trunc(base + BPTT_STD * normal)  # int() of normal(base, 5): rounds toward zero
-    return tuple(np.clip(seq_len, MIN_SEQ_LEN, None).clip(None, bptt).astype(np.int64).tolist())
+    T = np.trunc(base + BPTT_STD * normal)  # int() of normal(base, 5): rounds toward zero
+    return tuple(np.clip(T, MIN_SEQ_LEN, None).clip(None, bptt).astype(np.int64).tolist())
 
 
 def draw_seq_len(bptt: int, seed: int, epoch: int, step_in_epoch: int) -> int:
@@ -351,14 +351,14 @@ class StreamLoader:
 
     def __next__(self) -> Batch:
         i = self.offset
-        seq_len = draw_seq_len(self.bptt, self.seed, self.epoch, self.step_in_epoch) if self.vary_bptt \
+        T = draw_seq_len(self.bptt, self.seed, self.epoch, self.step_in_epoch) if self.vary_bptt \
             else self.bptt
-        seq_len = min(seq_len, self.stream_len - 1 - i)
-        window = self.split.gather(self._stream_starts + i, seq_len + 1)  # [B, T+1] uint8
+        T = min(T, self.stream_len - 1 - i)
+        window = self.split.gather(self._stream_starts + i, T + 1)  # [B, T+1] uint8
         batch = Batch(inputs=_to_long(window[:, :-1]), targets=_to_long(window[:, 1:]), epoch=self.epoch,
-                      step_in_epoch=self.step_in_epoch, is_epoch_start=self.step_in_epoch == 0, T=seq_len,
+                      step_in_epoch=self.step_in_epoch, is_epoch_start=self.step_in_epoch == 0, T=T,
                       offset=i)
-        self.offset = i + seq_len
+        self.offset = i + T
         self.step_in_epoch += 1
         if self.offset >= self.stream_len - 2:  # streams exhausted: the next call starts the next epoch
             self.epoch += 1
@@ -415,8 +415,8 @@ class EvalSegment(NamedTuple):
 class EvalStreams:
     """Evaluation segments: E = n_streams streams, independent of world size, divided among ranks.
 
-    Layout: L = len(split) // E; stream s is split[s*L : (s+1)*L]; segments start at i = 0, seg_len,
-    2*seg_len, ... while i < L - 1 and have length T = min(seg_len, L - 1 - i) (the reference's ``evaluate``).
+    Layout: L = len(split) // E; stream s is split[s*L : (s+1)*L]; segments start at i = 0, bptt, 2*bptt, ...
+    while i < L - 1 and have length T = min(bptt, L - 1 - i) (the reference's ``evaluate``).
     Rank r gets the contiguous streams ``rank_streams = range(r*E // W, (r+1)*E // W)``; rank sizes differ by
     at most one, and when W > E some ranks get no streams and yield nothing (they must still join any
     collective reduction, e.g. with a zero loss sum). Every rank with streams yields ``n_segments`` segments.
@@ -426,15 +426,15 @@ class EvalStreams:
     cross-entropy in nats) / total_predictions / ln 2.
     """
 
-    def __init__(self, split: ByteSplit, n_streams: int, seg_len: int, rank: int, world_size: int):
-        if n_streams < 1 or seg_len < 1 or world_size < 1:
-            raise ValueError(f"n_streams, seg_len and world_size must be >= 1, got {n_streams}, {seg_len}, "
+    def __init__(self, split: ByteSplit, n_streams: int, bptt: int, rank: int, world_size: int):
+        if n_streams < 1 or bptt < 1 or world_size < 1:
+            raise ValueError(f"n_streams, bptt and world_size must be >= 1, got {n_streams}, {bptt}, "
                              f"{world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
         self.split = split
         self.n_streams = int(n_streams)
-        self.seg_len = int(seg_len)
+        self.bptt = int(bptt)
         self.stream_len = len(split) // self.n_streams
         if self.stream_len < 2:
             raise ValueError(f"split of {len(split)} bytes is too small for {n_streams} evaluation streams: "
@@ -443,7 +443,7 @@ class EvalStreams:
         self.rank_streams = range(rank * n // world_size, (rank + 1) * n // world_size)
         self._stream_starts = np.arange(self.rank_streams.start, self.rank_streams.stop, dtype=np.int64) \
             * self.stream_len
-        self.n_segments = len(range(0, self.stream_len - 1, self.seg_len))
+        self.n_segments = len(range(0, self.stream_len - 1, self.bptt))
         self.total_predictions = self.n_streams * (self.stream_len - 1)
         self.rank_predictions = len(self.rank_streams) * (self.stream_len - 1)
 
@@ -454,7 +454,7 @@ class EvalStreams:
     def __iter__(self) -> Iterator[EvalSegment]:
         if not len(self.rank_streams):
             return
-        for i in range(0, self.stream_len - 1, self.seg_len):
-            seq_len = min(self.seg_len, self.stream_len - 1 - i)
-            window = self.split.gather(self._stream_starts + i, seq_len + 1)  # [b, T+1] uint8
+        for i in range(0, self.stream_len - 1, self.bptt):
+            T = min(self.bptt, self.stream_len - 1 - i)
+            window = self.split.gather(self._stream_starts + i, T + 1)  # [b, T+1] uint8
             yield EvalSegment(_to_long(window[:, :-1]), _to_long(window[:, 1:]))

@@ -27,17 +27,15 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import sysconfig
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import datasets
 import numpy as np
@@ -45,6 +43,7 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 from tqdm import tqdm
 
+from sharnn import atomic, cli
 from sharnn.data import (BYTES_COLUMN, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, CorpusError,
                          open_split)
 
@@ -133,7 +132,7 @@ def _check_split_sizes(total: int, sizes: tuple[int, int, int]) -> None:
         raise PrepareError(
             f"the input has {total:,} bytes, which gives splits train {sizes[0]:,} / valid {sizes[1]:,} / "
             f"test {sizes[2]:,} bytes, but every split needs at least {MIN_SPLIT_BYTES:,} bytes (too small: "
-            f"{', '.join(small)}). Give more input or smaller --valid-bytes / --test-bytes.")
+            f"{', '.join(small)}). Give more input or smaller --valid_bytes / --test_bytes.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,43 +201,6 @@ def _check_out(out: Path) -> dict | None:
                        f"{MANIFEST_NAME}); refusing to write into it. Choose a new or empty directory.")
 
 
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out``; removed on exit (after a successful rename it no longer exists).
-
-    Parent directories created for ``out`` are removed again if nothing was written.
-    """
-    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the corpus gets the permissions of a plain mkdir
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in reversed(created):
-            with contextlib.suppress(OSError):
-                parent.rmdir()  # only succeeds while empty, i.e. when nothing was written
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished corpus in ``tmp`` to ``out``, replacing what ``out`` held (checked replaceable)."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / "corpus")
-    try:
-        os.rename(tmp, out)
-    except BaseException:  # put the previous corpus back, even on Ctrl-C
-        os.rename(old / "corpus", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _same_corpus(manifest: dict, splits: dict) -> bool:
     old = manifest.get("splits", {})
     return manifest.get("format_version") == FORMAT_VERSION and set(old) == set(splits) and all(
@@ -289,7 +251,7 @@ def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, 
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     _check_written(tmp, manifest)
-    _commit(tmp, out)
+    atomic.replace_dir(tmp, out)
     return PrepareResult(out=out, manifest=manifest, unchanged=False)
 
 
@@ -355,7 +317,7 @@ def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrit
     existing = _check_out(out)
     # An --out inside an input directory must not feed its previous corpus back in.
     files = [f for f in files if not f.resolve().is_relative_to(out.resolve())]
-    with _staging(out) as tmp:
+    with atomic.staging_dir(out) as tmp:
         n_bytes = _concat_files(files, tmp / _SOURCE_FILE, max_bytes)
         if n_bytes == 0:
             raise PrepareError(f"the input is empty: {len(files)} file(s), 0 bytes. Pass files that hold "
@@ -468,7 +430,7 @@ def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | N
                                f"--zip")
         source["path"] = str(path.absolute())
     existing = _check_out(out)
-    with _staging(out) as tmp:
+    with atomic.staging_dir(out) as tmp:
         if path is None:
             url = url or os.environ.get(ENWIK8_URL_ENV) or ENWIK8_URL
             path = tmp / "enwik8.zip"
@@ -500,7 +462,7 @@ def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | N
         if expected_sha256 is not None and digest != expected_sha256:
             raise PrepareError(f"the enwik8 bytes from {path} have sha256 {digest}, expected "
                                f"{expected_sha256}; this is not the standard enwik8: pass the enwik8.zip "
-                               f"from {ENWIK8_URL} (or --no-checksum for a deliberate stand-in)")
+                               f"from {ENWIK8_URL} (or --no_checksum for a deliberate stand-in)")
         source.update(sha256=digest, n_bytes=len(data))
         return write_corpus(tmp, out, data, enwik8_split_sizes(len(data)), source, existing, overwrite)
 
@@ -519,12 +481,12 @@ def _byte_count(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="sharnn-prepare", description="Prepare a byte corpus (train/valid/test) for sharnn training.",
         epilog="Each subcommand writes DIR/{train,valid,test} (datasets saved with save_to_disk) and "
                "DIR/manifest.json. Run `sharnn-prepare COMMAND -h` for its options.")
-    common = argparse.ArgumentParser(add_help=False)
+    common = cli.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="corpus directory to create (must be new, empty, or hold a sharnn corpus)")
     common.add_argument("--overwrite", action="store_true",
@@ -545,18 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                     f"${ENWIK8_URL_ENV} or {ENWIK8_URL})")
     enwik8.add_argument("--timeout", type=float, default=60.0,
                         help="download timeout in seconds (default 60)")
-    enwik8.add_argument("--no-checksum", action="store_true",
+    enwik8.add_argument(*cli.spellings("--no_checksum"), action="store_true",
                         help="do not check the extracted file's sha256 (its size is still checked); for "
                              "stand-ins")
 
     files = sub.add_parser("files", parents=[common], help="any local files or directories, concatenated",
                            description="Concatenate files (directories recursively, sorted by path) in the "
-                                       "given order; the last --test-bytes become test, the --valid-bytes "
+                                       "given order; the last --test_bytes become test, the --valid_bytes "
                                        "before them valid, the rest train.")
     files.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories")
-    files.add_argument("--valid-bytes", type=_byte_count, default=None, metavar="N",
+    files.add_argument(*cli.spellings("--valid_bytes"), type=_byte_count, default=None, metavar="N",
                        help="valid split size in bytes (default 5%% of the input)")
-    files.add_argument("--test-bytes", type=_byte_count, default=None, metavar="N",
+    files.add_argument(*cli.spellings("--test_bytes"), type=_byte_count, default=None, metavar="N",
                        help="test split size in bytes (default 5%% of the input)")
 
     sub.add_parser("demo", parents=[common], help="built-in demo corpus: Python standard library sources",

@@ -13,16 +13,15 @@
     model = load_model("runs/paper")                 # eval mode, on the CPU
     logits, _, state = model(x)                      # x: (T, B) int64 bytes
 
-Anything else is a `ModelError` whose message names the problem and the fix. Outputs are written to a
-temporary directory beside the target and renamed into place, so a failure never leaves a half-written model.
+Anything else is a `ModelError` whose message names the problem and the fix. The layout and its resolution
+are `sharnn.rundir`'s. Outputs are written to a temporary directory beside the target and renamed into place
+(`sharnn.atomic.build_dir`), so a failure never leaves a half-written model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,26 +31,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sharnn import atomic, rundir
 from sharnn.config import ModelConfig
 from sharnn.model import SHARNN
+from sharnn.rundir import EXPORT_FILES, ModelError
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-# Checkpoint files (train/checkpoint.py); train_state.json is written last: it marks a complete checkpoint.
-CKPT_CONFIG_NAME = "config.yaml"
-CKPT_COMPLETE_NAME = "train_state.json"
-FORMAT_NAME = "sharnn-model"
-FORMAT_VERSION = 1
-# Files an exported model directory may hold; --overwrite replaces a directory holding nothing else.
-EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, "model.onnx", "model.onnx.data")
-
-_WHAT_LOADS = ("an exported model (model.safetensors + config.json, from sharnn-export or sharnn-import), "
-               "a checkpoint (RUN/checkpoints/step-N/ with train_state.json) or a run directory "
-               "(with checkpoints/)")
-
-
-class ModelError(ValueError):
-    """A path holds no usable sharnn model, or an output cannot be written; the message says the fix."""
+# The layout's names (sharnn.rundir), under the names this module has always given them.
+WEIGHTS_NAME = rundir.WEIGHTS_NAME
+CONFIG_NAME = rundir.EXPORT_CONFIG_NAME
+FORMAT_NAME = rundir.EXPORT_FORMAT_NAME
+FORMAT_VERSION = rundir.EXPORT_FORMAT_VERSION
 
 
 @dataclass
@@ -78,52 +67,13 @@ class ModelSource:
 
 
 # ---------------------------------------------------------------------------------------------- finding
-def _is_complete_checkpoint(path: Path) -> bool:
-    return (path / CKPT_COMPLETE_NAME).is_file() and not path.name.startswith(".")
-
-
-def _checkpoint_step(path: Path) -> int:
-    try:
-        return int(json.loads((path / CKPT_COMPLETE_NAME).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"checkpoint {path}: cannot read the step from {CKPT_COMPLETE_NAME} ({e}); the "
-                         "checkpoint is damaged: use another one") from None
-
-
-def _looks_like_checkpoint(path: Path) -> bool:
-    """A directory train/checkpoint.py writes (or was writing when it stopped)."""
-    markers = (CKPT_CONFIG_NAME, "meta.json", "optimizer.bin", "random_states_0.pkl",
-               "carry_rank0.safetensors", "latest")
-    return path.name.startswith((".tmp-step-", "step-")) or any((path / m).exists() for m in markers)
-
-
-def _run_checkpoint(run_dir: Path) -> Path:
-    """The best complete checkpoint of a run (checkpoints/best.json), else its latest complete one."""
-    root = run_dir / "checkpoints"
-    pointer = root / "best.json"
-    if pointer.is_file():
-        try:
-            best = root / json.loads(pointer.read_text())["dir"]
-        except (OSError, ValueError, KeyError, TypeError):
-            best = None
-        if best is not None and _is_complete_checkpoint(best):
-            return best
-    complete = [p for p in root.iterdir() if p.is_dir() and _is_complete_checkpoint(p)]
-    if not complete:
-        partial = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise ModelError(f"run {run_dir} has no complete checkpoint yet"
-                         + (f" (only incomplete ones: {', '.join(partial)})" if partial else "")
-                         + "; let the run write one (--save_every) or resume it with --resume auto")
-    return max(complete, key=_checkpoint_step)
-
-
 def _read_checkpoint_config(ckpt: Path) -> tuple[ModelConfig, dict]:
     import yaml  # PyYAML is a dependency of sharnn; imported here because only checkpoints need it
 
-    path = ckpt / CKPT_CONFIG_NAME
+    path = ckpt / rundir.CKPT_CONFIG_NAME
     if not path.is_file():
-        raise ModelError(f"checkpoint {ckpt} has no {CKPT_CONFIG_NAME}, so its architecture is unknown; the "
-                         "checkpoint is damaged: use another one")
+        raise ModelError(f"checkpoint {ckpt} has no {rundir.CKPT_CONFIG_NAME}, so its architecture is "
+                         "unknown; the checkpoint is damaged: use another one")
     try:
         train_config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -143,52 +93,18 @@ def _model_config(fields: dict, where: Path) -> ModelConfig:
 
 def find_model(path: str | Path) -> ModelSource:
     """Resolve an exported model, a checkpoint or a run directory (or the model.safetensors inside one)."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"{path} does not exist; give {_WHAT_LOADS}")
-    if path.is_file():
-        if path.name in (WEIGHTS_NAME, CONFIG_NAME, CKPT_CONFIG_NAME):
-            path = path.parent
-        elif path.suffix == ".safetensors":
-            raise ModelError(f"{path} is a bare weights file: its architecture is unknown. If it is in the "
-                             f"reference code's naming, convert it with `sharnn-import {path} --out DIR`; if "
-                             f"it holds sharnn weights, put the {CONFIG_NAME} of their ModelConfig beside it "
-                             f"as {WEIGHTS_NAME}")
-        else:
-            raise ModelError(f"{path} is a file, not a sharnn model; give {_WHAT_LOADS}. A checkpoint of the "
-                             f"reference code (Smerity/sha-rnn) is converted with `sharnn-import {path} "
-                             "--out DIR`")
-    if (path / CONFIG_NAME).is_file():
+    found = rundir.locate(path)
+    path = found.path
+    if found.kind == "exported":
         try:
             fields = json.loads((path / CONFIG_NAME).read_text())
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot read {path / CONFIG_NAME} ({e}); re-export the model") from None
         if not isinstance(fields, dict):
             raise ModelError(f"{path / CONFIG_NAME} is not a sharnn model config (expected a JSON object)")
-        config = _model_config(fields, path / CONFIG_NAME)
-        if not (path / WEIGHTS_NAME).is_file():
-            raise ModelError(f"exported model {path} is incomplete: it has {CONFIG_NAME} but no "
-                             f"{WEIGHTS_NAME}; export it again with sharnn-export")
-        return ModelSource("exported", path, config)
-    if _is_complete_checkpoint(path):
-        config, train_config = _read_checkpoint_config(path)
-        return ModelSource("checkpoint", path, config, train_config, _checkpoint_step(path))
-    if (path / "checkpoints").is_dir():
-        return find_model(_run_checkpoint(path))
-    if _looks_like_checkpoint(path):
-        raise ModelError(f"{path} is an incomplete checkpoint (no {CKPT_COMPLETE_NAME}: it was still being "
-                         "written when the run stopped); use a complete checkpoint, or give the run "
-                         "directory to take its best complete one")
-    if (path / WEIGHTS_NAME).is_file():
-        raise ModelError(f"{path} holds {WEIGHTS_NAME} but no {CONFIG_NAME}, so its architecture is unknown; "
-                         f"export the model again (sharnn-export) or write its ModelConfig as {CONFIG_NAME}")
-    hint = ""
-    if (path / "manifest.json").is_file():
-        hint = " (it looks like a prepared corpus: pass it with --data)"
-    elif (path / "best.json").is_file() or any(path.glob("step-*")):
-        hint = (f" (it is a run's checkpoints folder: give the run directory {path.parent}, or one "
-                "checkpoint in it)")
-    raise ModelError(f"{path} is not a sharnn model{hint}; give {_WHAT_LOADS}")
+        return ModelSource("exported", path, _model_config(fields, path / CONFIG_NAME))
+    config, train_config = _read_checkpoint_config(path)
+    return ModelSource("checkpoint", path, config, train_config, rundir.checkpoint_step(path))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -267,29 +183,16 @@ def load_model(path: str | Path | ModelSource, device: str | torch.device = "cpu
 # ----------------------------------------------------------------------------------------------- saving
 def write_dir_atomic(out: str | Path, write: Callable[[Path], None], overwrite: bool = False,
                      allowed: tuple[str, ...] = EXPORT_FILES) -> Path:
-    """Call write(tmp_dir), then rename tmp_dir to `out`. A failure leaves `out` as it was.
+    """Call write(tmp_dir), then rename tmp_dir to `out` (sharnn.atomic.build_dir). A failure leaves `out` as
+    it was.
 
     An existing non-empty `out` is replaced only with overwrite=True and only if it holds nothing but
     `allowed` files (never a directory of other things).
     """
     out = Path(out)
     check_output_dir(out, overwrite, allowed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.build_dir(out) as tmp:
         write(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -332,19 +235,9 @@ def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, out: str
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
         if extra is not None:
             extra(tmp)
-        _readable_as_umask(tmp)
+        atomic.apply_umask(tmp)  # safetensors writes its file 0600
 
     return write_dir_atomic(out, write, overwrite)
-
-
-def _readable_as_umask(directory: Path) -> None:
-    """safetensors writes its file with mode 0600 (and mkdir uses the umask): give every written file and the
-    directory the modes a plain `open` would, so an exported model is as shareable as any other file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for p in directory.iterdir():
-        p.chmod(0o666 & ~umask)
 
 
 def save_model(model: SHARNN, out: str | Path, overwrite: bool = False,

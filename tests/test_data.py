@@ -357,7 +357,7 @@ def test_loader_rejects_impossible_layouts():
 
 def test_eval_single_rank_matches_reference_evaluate():
     data = random_bytes(5_011, seed=12)
-    streams = EvalStreams(ByteSplit.from_bytes(data), n_streams=16, seg_len=40, rank=0, world_size=1)
+    streams = EvalStreams(ByteSplit.from_bytes(data), n_streams=16, bptt=40, rank=0, world_size=1)
     got = list(streams)
     want = list(ref_eval_segments(data, 16, 40))
     assert len(got) == len(want) == streams.n_segments == len(streams)
@@ -372,8 +372,8 @@ def test_eval_single_rank_matches_reference_evaluate():
 def test_eval_layout_does_not_depend_on_world_size(world_size):
     split = ByteSplit.from_bytes(random_bytes(3_001, seed=13))
     n_streams = 8
-    single = list(EvalStreams(split, n_streams, seg_len=64, rank=0, world_size=1))
-    ranks = [EvalStreams(split, n_streams, seg_len=64, rank=r, world_size=world_size)
+    single = list(EvalStreams(split, n_streams, bptt=64, rank=0, world_size=1))
+    ranks = [EvalStreams(split, n_streams, bptt=64, rank=r, world_size=world_size)
              for r in range(world_size)]
     assert [s for r in ranks for s in r.rank_streams] == list(range(n_streams))  # a contiguous partition
     sizes = [len(r.rank_streams) for r in ranks]

@@ -300,7 +300,7 @@ def test_files_splits_too_small(tmp_path, capsys):
     (tmp_path / "a.txt").write_bytes(random_bytes(10_000))
     before = listing(tmp_path)
     code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", tmp_path / "c")  # 5% = 500 bytes
-    assert_failed_cleanly(code, err, tmp_path, before, "at least 1,024 bytes", "valid 500", "--valid-bytes")
+    assert_failed_cleanly(code, err, tmp_path, before, "at least 1,024 bytes", "valid 500", "--valid_bytes")
     code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", tmp_path / "c", "--valid-bytes", 5000,
                          "--test-bytes", 5000)
     assert_failed_cleanly(code, err, tmp_path, before, "train 0")

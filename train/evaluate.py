@@ -1,7 +1,7 @@
 """`sharnn-eval MODEL --data CORPUS`: bits per byte of a trained model on a prepared corpus's split.
 
     sharnn-eval runs/paper --data data/enwik8                            # test split, 8 streams (the paper)
-    sharnn-eval runs/paper --data data/enwik8 --mem-len 1000 5000 10000  # bpc as the attention memory grows
+    sharnn-eval runs/paper --data data/enwik8 --mem_len 1000 5000 10000  # bpc as the attention memory grows
     accelerate launch --config_file launch/cpu_ddp.yaml -m train.evaluate runs/paper --data data/enwik8
 
 The evaluation is train.step.evaluate, the one the training loop runs: the streams are the same for any world
@@ -11,18 +11,16 @@ evaluated unwrapped (no gradients, so no DDP/DeepSpeed wrapper is needed).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from accelerate.utils import DistributedType
 
+from sharnn import atomic, cli
+from sharnn.cli import positive_int
 from sharnn.data import SPLITS, CorpusError, EvalStreams, open_split
-from sharnn.generate import positive_int
 from sharnn.pretrained import (ModelError, ModelSource, build_model, check_state_dict, find_model,
                                read_state_dict)
 from train.distributed import build_accelerator, check_precision
@@ -30,12 +28,12 @@ from train.evaluation import evaluate
 
 PAPER_STREAMS = {"train": 16, "valid": 16, "test": 8}
 """The reference evaluates validation on 16 streams and test on 8 (eval_batch_size, test_batch_size)."""
-PAPER_SEG_LEN = 1024
+PAPER_BPTT = 1024
 """The reference evaluates in segments of bptt = 1024 bytes."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="sharnn-eval",
         description="Bits per byte (character) of a trained SHA-RNN on a split of a prepared corpus, state "
                     "and attention memory carried through each stream. Runs as one process or under "
@@ -47,43 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--streams", type=positive_int,
                         help="number of contiguous streams the split is cut into (default: the paper's, 16 "
                              "for valid and 8 for test)")
-    parser.add_argument("--seg-len", type=positive_int,
+    parser.add_argument(*cli.spellings("--bptt", "--seg_len"), type=positive_int,
                         help="segment length in bytes (default: the run's evaluation length for a "
-                             f"checkpoint, else {PAPER_SEG_LEN} as the paper)")
-    parser.add_argument("--mem-len", type=positive_int, nargs="+", metavar="N",
+                             f"checkpoint, else {PAPER_BPTT} as the paper); formerly --seg-len")
+    parser.add_argument(*cli.spellings("--mem_len"), type=positive_int, nargs="+", metavar="N",
                         help="attention memory length(s) to evaluate with, replacing the model's own; "
-                             "several values print a table, e.g. --mem-len 1000 5000 10000")
-    parser.add_argument("--max-segments", type=positive_int,
+                             "several values print a table, e.g. --mem_len 1000 5000 10000")
+    parser.add_argument(*cli.spellings("--max_segments"), type=positive_int,
                         help="score only the first N segments of every stream (quick checks; not a full "
                              "result)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 autocast (default fp32)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file (atomically)")
-    parser.add_argument("--timeout-s", type=positive_int, default=600,
+    parser.add_argument(*cli.spellings("--timeout_s"), type=positive_int, default=600,
                         help="seconds a collective may wait for a missing rank (default 600)")
     return parser
 
 
-def _default_seg_len(source: ModelSource) -> int:
+def _default_bptt(source: ModelSource) -> int:
     train_config = source.train_config or {}
-    return int(train_config.get("eval_bptt") or train_config.get("bptt") or PAPER_SEG_LEN)
+    return int(train_config.get("eval_bptt") or train_config.get("bptt") or PAPER_BPTT)
 
 
 def predicted_bytes(streams: EvalStreams, max_segments: int | None) -> int:
     """Targets scored over all ranks: every stream predicts L - 1 bytes (or its first max_segments)."""
     per_stream = streams.stream_len - 1
     if max_segments is not None:
-        per_stream = min(per_stream, max_segments * streams.seg_len)
+        per_stream = min(per_stream, max_segments * streams.bptt)
     return streams.n_streams * per_stream
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except CorpusError as e:
         raise SystemExit(f"error: --data: {e}") from None
     n_streams = args.streams or PAPER_STREAMS[args.split]
-    seg_len = args.seg_len or _default_seg_len(source)
+    bptt = args.bptt or _default_bptt(source)
     mem_lens = args.mem_len or [source.config.mem_len]
     try:
-        layout = EvalStreams(split, n_streams, seg_len, rank=0, world_size=1)
+        layout = EvalStreams(split, n_streams, bptt, rank=0, world_size=1)
     except ValueError as e:
         raise SystemExit(f"error: --streams {n_streams}: {e}") from None
     if args.json is not None:
@@ -127,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     n_predicted = predicted_bytes(layout, args.max_segments)
     n_params = sum(v.numel() for v in state_dict.values())
     say(f"model: {source.describe()}, {n_params:,} parameters")
-    partial = " (--max-segments: partial)" if args.max_segments else ""
+    partial = " (--max_segments: partial)" if args.max_segments else ""
     say(f"data: {args.data} {args.split} split, {len(split):,} bytes in {n_streams} streams, segments of "
-        f"{seg_len}, {n_predicted:,} bytes predicted{partial}; {args.precision}, {world} "
+        f"{bptt}, {n_predicted:,} bytes predicted{partial}; {args.precision}, {world} "
         f"process{'es' if world > 1 else ''}")
     say(f"{'mem_len':>9} {'bpc':>9} {'seconds':>9}")
     results = []
@@ -137,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(source.config, mem_len=mem_len)
         model = build_model(config, state_dict, accelerator.device)
         start = time.perf_counter()
-        bpc = evaluate(accelerator, model, split, n_streams, seg_len, args.max_segments)
+        bpc = evaluate(accelerator, model, split, n_streams, bptt, args.max_segments)
         seconds = time.perf_counter() - start
         results.append({"mem_len": mem_len, "bpc": bpc, "seconds": round(seconds, 3)})
         say(f"{mem_len:>9} {bpc:>9.5f} {seconds:>9.1f}")
@@ -145,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and accelerator.is_main_process:
         record = {"model": str(source.path), "model_kind": source.kind, "step": source.step,
                   "data": str(args.data), "split": args.split, "split_bytes": len(split),
-                  "n_streams": n_streams, "seg_len": seg_len, "max_segments": args.max_segments,
+                  "n_streams": n_streams, "seg_len": bptt, "max_segments": args.max_segments,
                   "predicted_bytes": n_predicted,
                   "precision": args.precision, "world_size": world, "results": results}
         if len(results) == 1:
             record["bpc"] = results[0]["bpc"]
-        write_json_atomic(args.json, record)
+        atomic.write_json(args.json, record)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

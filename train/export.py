@@ -5,14 +5,13 @@
 
 The result loads with `sharnn.pretrained.load_model` alone (no accelerate, no DeepSpeed). Checkpoints already
 hold plain weights (model.safetensors, written at every save, under DeepSpeed too); a DeepSpeed checkpoint
-without them (or with --from-zero) is consolidated from DeepSpeed's own files: the fp32 master weights from
+without them (or with --from_zero) is consolidated from DeepSpeed's own files: the fp32 master weights from
 the ZeRO 1/2 shards (deepspeed's zero_to_fp32), or the module state that ZeRO 0 saves whole. `--onnx` also
 writes one forward step as ONNX.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sharnn import cli
 from sharnn.pretrained import (WEIGHTS_NAME, ModelError, ModelSource, build_model, check_output_dir,
                                check_state_dict, find_model, read_state_dict, save_state_dict)
 
@@ -37,7 +37,7 @@ def consolidate_zero(ckpt: Path) -> tuple[dict[str, Tensor], str]:
 
     ZeRO 1-3 partition the fp32 master weights across the ranks' optimizer shards: deepspeed's zero_to_fp32
     gathers them. ZeRO 0 writes no shards (zero_to_fp32 fails on it): its mp_rank_00_model_states.pt holds
-    the whole module state, read here without running code from the pickle (sharnn.convert.safe_torch_load).
+    the whole module state, read here without running code from the pickle (sharnn.safe_pickle).
     """
     latest = ckpt / "latest"
     tag = latest.read_text().strip() if latest.is_file() else None
@@ -47,7 +47,7 @@ def consolidate_zero(ckpt: Path) -> tuple[dict[str, Tensor], str]:
     tag_dir = ckpt / tag
     try:
         if not any(tag_dir.glob("*optim_states.pt")):
-            from sharnn.convert import safe_torch_load
+            from sharnn.safe_pickle import safe_torch_load
 
             states = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")
             return ({k: v.detach().clone() for k, v in states["module"].items()},
@@ -71,8 +71,8 @@ def source_weights(source: ModelSource, from_zero: bool) -> tuple[dict[str, Tens
         if is_deepspeed_checkpoint(source.path):
             return consolidate_zero(source.path)
         if from_zero:
-            raise ModelError(f"--from-zero: {source.path} is not a DeepSpeed checkpoint (no `latest` file or "
-                             "ZeRO shards); leave out --from-zero to export its model.safetensors")
+            raise ModelError(f"--from_zero: {source.path} is not a DeepSpeed checkpoint (no `latest` file or "
+                             "ZeRO shards); leave out --from_zero to export its model.safetensors")
         raise ModelError(f"checkpoint {source.path} holds no {WEIGHTS_NAME} and no DeepSpeed shards to "
                          "consolidate; it is damaged: export another checkpoint of the run")
     return read_state_dict(source), str(source.weights_path)
@@ -158,8 +158,8 @@ def export_onnx(model, path: Path, batch_size: int = 1) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="sharnn-export",
         description="Write a trained model as OUT/model.safetensors + OUT/config.json (the ModelConfig), "
                     "loadable with sharnn.pretrained.load_model alone.")
@@ -167,18 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True,
                         help="directory to write (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
-    parser.add_argument("--from-zero", action="store_true",
+    parser.add_argument(*cli.spellings("--from_zero"), action="store_true",
                         help="take the weights from a DeepSpeed checkpoint's ZeRO shards (fp32 master "
                              "weights) even when it holds model.safetensors (done anyway when it does not)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="dtype of the written weights (default fp32)")
-    parser.add_argument("--mem-len", type=int,
+    parser.add_argument(*cli.spellings("--mem_len"), type=int,
                         help="record this attention memory length instead of the model's")
     parser.add_argument("--onnx", action="store_true",
                         help="also write OUT/model.onnx: one forward step (one byte per stream) with "
                              "explicit state in and out (needs onnx and onnxscript; checked with onnxruntime "
                              "if installed)")
-    parser.add_argument("--onnx-batch", type=int, default=1,
+    parser.add_argument(*cli.spellings("--onnx_batch"), type=int, default=1,
                         help="streams (batch size) of the ONNX step; fixed in the graph (default 1)")
     return parser
 
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `sharnn-export` and `python -m train.export`; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.mem_len is not None and args.mem_len < 1:
-        raise SystemExit(f"error: --mem-len must be >= 1, got {args.mem_len}")
+        raise SystemExit(f"error: --mem_len must be >= 1, got {args.mem_len}")
     if args.onnx_batch < 1:
-        raise SystemExit(f"error: --onnx-batch must be >= 1, got {args.onnx_batch}")
+        raise SystemExit(f"error: --onnx_batch must be >= 1, got {args.onnx_batch}")
     try:
         check_output_dir(args.out, args.overwrite)
         source = find_model(args.source)
