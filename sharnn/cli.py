@@ -73,6 +73,15 @@ class ArgumentParser(argparse.ArgumentParser):
         finally:
             self.epilog = saved
 
+    def _get_option_tuples(self, option_string):
+        # An abbreviation (--mem) matching several spellings of one option is not ambiguous.
+        tuples, actions = [], set()
+        for t in super()._get_option_tuples(option_string):
+            if id(t[0]) not in actions:
+                actions.add(id(t[0]))
+                tuples.append(t)
+        return tuples
+
     def _parse_known_args(self, arg_strings, *args, **kwargs):
         try:
             return super()._parse_known_args(arg_strings, *args, **kwargs)

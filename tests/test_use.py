@@ -614,3 +614,4 @@ def test_option_errors_name_the_spelling_typed(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["m", flag, "0"])
         assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+    assert parser.parse_args(["m", "--mem", "5"]).mem_len == 5  # an abbreviation of one option, not ambiguous
