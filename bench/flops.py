@@ -30,12 +30,12 @@ def forward_flops_per_byte(cfg: ModelConfig, n_keys: float) -> float:
     return float(lstm + boom + attn + out)
 
 
-def train_flops_per_byte(cfg: ModelConfig, n_keys: float, seg_len: int) -> float:
-    """Forward + backward per byte of a training step on segments of seg_len bytes."""
+def train_flops_per_byte(cfg: ModelConfig, n_keys: float, bptt: int) -> float:
+    """Forward + backward per byte of a training step on segments of bptt bytes."""
     d, n_attn = cfg.d_model, len(cfg.attn_layers)
     forward = forward_flops_per_byte(cfg, n_keys)
     over_keys = n_attn * 4 * n_keys * d  # scores and mixing: in the backward only for q and the weights
-    return forward + 2 * (forward - over_keys) + over_keys + n_attn * 4 * seg_len * d
+    return forward + 2 * (forward - over_keys) + over_keys + n_attn * 4 * bptt * d
 
 
 def _per_call(cfg: ModelConfig) -> int:
@@ -43,19 +43,19 @@ def _per_call(cfg: ModelConfig) -> int:
     return len(cfg.attn_layers) * 2 * cfg.d_model * 2 * cfg.d_model
 
 
-def forward_flops(cfg: ModelConfig, seg_len: int, batch: int, n_keys: float) -> float:
-    """One forward call on a (seg_len, batch) segment."""
-    return forward_flops_per_byte(cfg, n_keys) * seg_len * batch + _per_call(cfg)
+def forward_flops(cfg: ModelConfig, bptt: int, batch: int, n_keys: float) -> float:
+    """One forward call on a (bptt, batch) segment."""
+    return forward_flops_per_byte(cfg, n_keys) * bptt * batch + _per_call(cfg)
 
 
-def train_flops(cfg: ModelConfig, seg_len: int, batch: int, n_keys: float) -> float:
-    """One forward and backward on a (seg_len, batch) segment. The per-byte count less, per block, the
+def train_flops(cfg: ModelConfig, bptt: int, batch: int, n_keys: float) -> float:
+    """One forward and backward on a (bptt, batch) segment. The per-byte count less, per block, the
     gradient of the first step's recurrent product with respect to the carried LSTM state (no gradient)."""
     carried = cfg.n_layer * 2 * batch * cfg.d_model * 4 * cfg.d_model
-    return train_flops_per_byte(cfg, n_keys, seg_len) * seg_len * batch + 3 * _per_call(cfg) - carried
+    return train_flops_per_byte(cfg, n_keys, bptt) * bptt * batch + 3 * _per_call(cfg) - carried
 
 
-def steady_keys(cfg: ModelConfig, seg_len: int) -> int:
+def steady_keys(cfg: ModelConfig, bptt: int) -> int:
     """Keys per position once the memory is full: the memory is cut to M - T (nothing when T >= M) before
     the T positions of the segment join it."""
-    return max(cfg.mem_len, seg_len)
+    return max(cfg.mem_len, bptt)
