@@ -102,6 +102,10 @@ class TrainConfig:
     file), with a fresh optimizer, schedule and data position: the paper's second stage."""
     resume: str | None = None
     """'auto' (latest checkpoint of --out, if any), a run directory, or a checkpoint directory."""
+    restart_streams: bool = False
+    """On resume with another number of streams (ranks x batch_size): cut the streams anew at the same point
+    of the epoch with empty carried state, instead of refusing. Not needed when ranks x batch_size is kept:
+    then the carried state is regrouped exactly."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """Non-finite gradient norm: stop with a message, or skip the step (DDP / single process only)."""
     timeout_s: int = 600
