@@ -346,13 +346,13 @@ def test_best_checkpoint_survives_pruning_and_resume_path_and_sigint(text_corpus
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,launch", [("bf16", None), ("bf16", "ddp"), ("fp16", "deepspeed")])
-def test_mixed_precision_trains_end_to_end(precision, launch, text_corpus, tmp_path):
+def test_mixed_precision_trains_end_to_end(precision, launch, small_corpus, tmp_path):
     out = tmp_path / precision
     how = {None: None, "ddp": DDP, "deepspeed": deepspeed(tmp_path, 0)}[launch]
-    proc = run(train_cmd("--preset", "tiny", "--data", str(text_corpus), "--out", str(out), "--precision",
+    proc = run(train_cmd("--preset", "tiny", "--data", str(small_corpus), "--out", str(out), "--precision",
                          precision, "--max_steps", "30", "--warmup_steps", "5", "--log_every", "5", "--eval_every",
                          "15", "--eval_max_segments", "4", "--sample_bytes", "0", "--batch_size", "4",
-                         "--bptt", "32", launch=how), threads=2)
+                         "--bptt", "32", "--test_streams", "2", launch=how), threads=2)
     assert f"precision {precision}: LSTM forward/backward checked" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit"] == "finished" and summary["step"] == 30 and math.isfinite(summary["test_bpc"])
@@ -362,3 +362,44 @@ def test_mixed_precision_trains_end_to_end(precision, launch, text_corpus, tmp_p
     want = torch.float16 if launch == "deepspeed" else torch.float32
     for value in weights(out / "checkpoints/step-00000030").values():
         assert value.dtype == want and torch.isfinite(value).all()
+
+
+# Dropout off: ranks draw their own masks, so only without dropout do 2 x 4 and 1 x 8 compute the same thing.
+ELASTIC = ["--preset", "tiny", "--warmup_steps", "3", "--log_every", "1", "--sample_bytes", "0", "--eval_every",
+           "10", "--eval_max_segments", "4", "--save_every", "10", "--bptt", "32", "--model.dropouth", "0",
+           "--no_test_at_end"]
+
+
+@pytest.mark.slow
+def test_elastic_resume_keeps_the_streams_on_another_number_of_ranks(text_corpus, tmp_path):
+    args = [*ELASTIC, "--data", str(text_corpus)]
+    straight = tmp_path / "straight"
+    run(train_cmd(*args, "--out", str(straight), "--batch_size", "8", "--max_steps", "20"), threads=2)
+    two_to_one, one_to_two = tmp_path / "2to1", tmp_path / "1to2"
+    run(train_cmd(*args, "--out", str(two_to_one), "--batch_size", "4", "--max_steps", "10", launch=DDP))
+    proc = run(train_cmd(*args, "--out", str(two_to_one), "--batch_size", "8", "--max_steps", "20",
+                         "--resume", "auto"), threads=2)
+    assert "at step 10" in proc.stdout
+    run(train_cmd(*args, "--out", str(one_to_two), "--batch_size", "8", "--max_steps", "10"), threads=2)
+    run(train_cmd(*args, "--out", str(one_to_two), "--batch_size", "4", "--max_steps", "20", "--resume", "auto",
+                  launch=DDP))
+    want = weights(straight / "checkpoints/step-00000020")
+    for out in (two_to_one, one_to_two):
+        # the same streams with the same carried state: equal up to the all-reduce's float noise
+        for key in ("train/loss", "val/bpc"):
+            got, ref = series(out, key), series(straight, key)
+            assert got.keys() == ref.keys()
+            assert all(math.isclose(got[s], ref[s], rel_tol=1e-5) for s in ref), (out.name, key, got, ref)
+        got = weights(out / "checkpoints/step-00000020")
+        assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in want), out.name
+    # another number of streams: refused with the layouts that work, or fresh streams on request
+    fresh = tmp_path / "fresh"
+    run(train_cmd(*args, "--out", str(fresh), "--batch_size", "8", "--max_steps", "10"), threads=2)
+    proc = run(train_cmd(*args, "--out", str(fresh), "--batch_size", "4", "--max_steps", "11", "--resume", "auto"),
+               check=False)
+    assert proc.returncode != 0 and "1 x 8, 2 x 4, 4 x 2, 8 x 1" in proc.stderr and "--restart_streams" in proc.stderr
+    run(train_cmd(*args, "--out", str(fresh), "--batch_size", "4", "--max_steps", "11", "--resume", "auto",
+                  "--restart_streams"), threads=2)
+    loader = json.loads((fresh / "checkpoints/step-00000011/train_state.json").read_text())["loader"]
+    assert (loader["batch_size"], loader["world_size"], loader["epoch"]) == (4, 1, 0)
+    assert list(series(fresh, "train/loss"))[-1] == 11

@@ -28,6 +28,7 @@ from sharnn import atomic, rundir
 from sharnn.rundir import (FORMAT_VERSION, WEIGHTS_NAME, ModelError, best_checkpoint, checkpoints_root,
                            complete_checkpoints, is_complete)
 from sharnn.state import CarryState
+from train import elastic
 
 __all__ = ["TrainState", "save", "load", "resolve_resume", "complete_checkpoints", "best_checkpoint",
            "weights_file", "is_complete", "read_meta", "checkpoints_root", "FORMAT_VERSION", "WEIGHTS_NAME"]
@@ -122,22 +123,40 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads((ckpt / rundir.META_NAME).read_text())
 
 
-def load(accelerator, ckpt: Path, n_layer: int) -> tuple[TrainState, CarryState]:
-    """Every rank calls this, after accelerator.prepare. Restores weights, optimizer, RNG and carry."""
+def load(accelerator, ckpt: Path, n_layer: int, batch_size: int,
+         restart_streams: bool = False) -> tuple[TrainState, CarryState]:
+    """Every rank calls this, after accelerator.prepare. Restores weights, optimizer, RNG and carry.
+
+    The checkpoint may come from another number of ranks (train.elastic): with the same number of streams
+    (ranks x batch_size) each rank takes its streams' carried state from the saved files; with another, only
+    if `restart_streams` (fresh streams, empty state)."""
     meta = read_meta(ckpt)
     if meta["format_version"] != FORMAT_VERSION:
         raise SystemExit(f"error: {ckpt} has checkpoint format {meta['format_version']}; this sharnn reads "
                          f"format {FORMAT_VERSION}")
-    if meta["world_size"] != accelerator.num_processes:
-        raise SystemExit(f"error: {ckpt} was written by {meta['world_size']} processes, this run has "
-                         f"{accelerator.num_processes}: every rank owns its own streams and carried state, "
-                         "so resume with the same world size (or start a new run from the exported weights)")
+    state = TrainState.from_json((ckpt / rundir.TRAIN_STATE_NAME).read_text())
+    saved_world, saved_batch = meta["world_size"], state.loader["batch_size"]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    same_layout = (saved_world, saved_batch) == (world, batch_size)
+    if not same_layout and saved_world != world and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise SystemExit(f"error: {ckpt} was written by {saved_world} processes, this DeepSpeed run has {world}: "
+                         "resuming on another number of ranks is supported under DDP and one process (their "
+                         "checkpoints do not depend on the world size); under DeepSpeed resume with "
+                         f"{saved_world} processes")
+    same_streams = same_layout or elastic.check_layout(saved_world, saved_batch, world, batch_size,
+                                                       restart_streams)
     accelerator.load_state(str(ckpt))
-    carry_file = ckpt / rundir.carry_name(accelerator.process_index)
     # safetensors names devices "cpu" or "cuda:N"; accelerate's multi-process CPU device is "cpu:0".
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
-    carry = CarryState.from_tensors(load_file(carry_file, device=device), n_layer)
-    return TrainState.from_json((ckpt / rundir.TRAIN_STATE_NAME).read_text()), carry
+    if same_layout:
+        carry = CarryState.from_tensors(load_file(ckpt / rundir.carry_name(rank), device=device), n_layer)
+    elif same_streams:
+        carry = elastic.regroup_carry(ckpt, saved_world, saved_batch, rank, batch_size, n_layer, device)
+        state.loader = state.loader | {"world_size": world, "batch_size": batch_size}
+    else:
+        carry = CarryState.empty(n_layer)
+        state.loader = elastic.rescale_loader_state(state.loader, world, batch_size, state.loader["split_bytes"])
+    return state, carry
 
 
 def weights_file(path: str | Path) -> Path:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import torch
+
+from sharnn import atomic
 
 log = logging.getLogger("sharnn")
 
@@ -48,9 +49,7 @@ class RunLogger:
             return
         keep = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.metrics_path)
+        atomic.write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         self.accelerator.log(values, step=step)

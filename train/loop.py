@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 import sharnn
-from sharnn import CarryState, kernels
+from sharnn import CarryState, atomic, kernels
 from sharnn.data import CorpusError, StreamLoader, open_split
 from train import checkpoint
 from train.build import build_model, build_optimizer, model_config_for_resume
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     say(check_precision(cfg.precision, accelerator.device))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        atomic.write_text(run_dir / "config.yaml", dump_yaml(cfg))
     try:
         train_split, valid_split = open_split(cfg.data, "train"), open_split(cfg.data, "valid")
     except CorpusError as e:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         check_optimizer_sees_tensors(optimizer, raw_model)
     ts, carry = checkpoint.TrainState(), CarryState.empty(cfg.model.n_layer)
     if ckpt is not None:
-        ts, carry = checkpoint.load(accelerator, ckpt, cfg.model.n_layer)
+        ts, carry = checkpoint.load(accelerator, ckpt, cfg.model.n_layer, cfg.batch_size, cfg.restart_streams)
         loader.load_state_dict(ts.loader)
         say(f"resumed from {ckpt} at step {ts.step}")
     logger = (RunLogger if accelerator.is_main_process else NullLogger)(accelerator, run_dir, cfg.to_dict(), ts.step)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                "test_bpc": test_bpc, "exit": exit_reason}
     say("summary: " + json.dumps(summary))
     if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic.write_json(run_dir / "summary.json", summary)
     logger.close()
     # Both calls: end_training alone aborts intermittently at exit under ZeRO (measured: 3 of 5 exits).
     accelerator.wait_for_everyone()
