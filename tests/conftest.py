@@ -1,16 +1,14 @@
-"""Shared fixtures: small prepared corpora and a runner for real training processes."""
+"""Shared fixtures: a small prepared corpus, a tiny trained run and the models made from it (for
+tests/test_eval.py, test_generate.py, test_export.py, test_import.py). Plain helpers: tests/helpers.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import run, train_cmd
 
 
 @pytest.fixture(scope="session")
@@ -27,24 +25,57 @@ def text_corpus(tmp_path_factory) -> Path:
     return out
 
 
-def subprocess_env(threads: int = 1) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process model runs use one thread: tiny matrices gain nothing, and other tests run beside.
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def train_cmd(*args: str, launch: list[str] | None = None) -> list[str]:
-    """`python -m train ARGS`, or `accelerate launch LAUNCH -m train ARGS`."""
-    if launch is None:
-        return [sys.executable, "-m", "train", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "train", *args]
+# ------------------------------------------------------------------- a trained run and models made from it
+# The tiny preset, with the sizes these tests rely on spelled out (d_model 128, memory 512, bptt 64).
+TRAIN = ["--preset", "tiny", "--max_steps", "10", "--warmup_steps", "3", "--eval_every", "10", "--save_every",
+         "10", "--eval_max_segments", "5", "--sample_bytes", "0", "--log_every", "5", "--bptt", "64",
+         "--test_streams", "4", "--model.d_model", "128", "--model.d_ff", "512", "--model.n_layer", "2",
+         "--model.mem_len", "512"]
 
 
-def run(cmd: list[str], timeout: float = 600, check: bool = True, threads: int = 1) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(threads), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                             f"--- stderr\n{proc.stderr[-8000:]}")
-    return proc
+@pytest.fixture(scope="session")
+def trained(text_corpus, tmp_path_factory) -> Path:
+    """A tiny run of 10 steps: checkpoints/step-00000010 (the best), summary.json with its test bpc."""
+    out = tmp_path_factory.mktemp("use") / "run"
+    run(train_cmd(*TRAIN, "--data", str(text_corpus), "--out", str(out)))  # one thread, as others run beside
+    return out
+
+
+@pytest.fixture(scope="session")
+def ckpt(trained) -> Path:
+    return trained / "checkpoints" / "step-00000010"
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory) -> Path:
+    from train.export import main
+
+    out = tmp_path_factory.mktemp("use") / "exported"
+    assert main([str(trained), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> Path:
+    """An untrained tiny model saved with save_model: for tests that need no training."""
+    import torch
+
+    from sharnn import SHARNN, ModelConfig
+    from sharnn.pretrained import save_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("use") / "random"
+    save_model(SHARNN(ModelConfig(d_model=128, d_ff=512, n_layer=2, mem_len=512)), out)
+    return out

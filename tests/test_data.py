@@ -10,20 +10,22 @@ import gc
 import json
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from sharnn.data import (ByteSplit, CorpusError, EvalStreams, StreamLoader, draw_seq_len, open_split,
-                         read_manifest)
+from sharnn.data import (
+    ByteSplit,
+    CorpusError,
+    EvalStreams,
+    StreamLoader,
+    draw_seq_len,
+    open_split,
+    read_manifest,
+)
 from sharnn.prepare import prepare_files
-
-
-def random_bytes(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
+from tests.helpers import random_array, random_bytes
 
 # --- the reference, written out -----------------------------------------------------------------------------
 
@@ -72,7 +74,7 @@ def ref_eval_segments(data: np.ndarray, bsz: int, bptt: int):
 # --- ByteSplit ----------------------------------------------------------------------------------------------
 
 def test_gather_across_chunk_boundaries_matches_flat_bytes():
-    flat = random_bytes(10_000)
+    flat = random_array(10_000)
     cuts = [0, 0, 7, 8, 1000, 1001, 1001, 4096, 9000, 10_000]  # includes empty and 1-byte chunks
     split = ByteSplit([flat[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
     assert len(split) == len(flat) and split.n_chunks == 7
@@ -103,7 +105,7 @@ def test_gather_rejects_reads_outside_the_split():
 def small_rows_corpus(tmp_path_factory):
     """A prepared corpus cut into 64-byte rows, so its splits have many Arrow chunks."""
     root = tmp_path_factory.mktemp("small_rows")
-    data = random_bytes(300_000, seed=2)
+    data = random_array(300_000, seed=2)
     (root / "input.bin").write_bytes(data.tobytes())
     prepare_files([root / "input.bin"], root / "corpus", valid_bytes=20_000, test_bytes=10_000, row_bytes=64)
     return root / "corpus", data
@@ -166,7 +168,7 @@ def _rss_anon_bytes() -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_open_split_memory_maps_instead_of_copying(tmp_path):
     n = 96 * 2**20
-    (tmp_path / "input.bin").write_bytes(random_bytes(n, seed=3).tobytes())
+    (tmp_path / "input.bin").write_bytes(random_bytes(n, seed=3))
     prepare_files([tmp_path / "input.bin"], tmp_path / "corpus", valid_bytes=2**20, test_bytes=2**20)
     gc.collect()
     arrow_before, anon_before = pa.total_allocated_bytes(), _rss_anon_bytes()
@@ -193,7 +195,7 @@ def test_open_split_memory_maps_instead_of_copying(tmp_path):
 
 @pytest.mark.parametrize("vary_bptt", [True, False])
 def test_single_rank_matches_reference_batchify_and_get_batch(vary_bptt):
-    data = random_bytes(4_003, seed=4)
+    data = random_array(4_003, seed=4)
     bsz, bptt, seed = 7, 23, 11
     loader = StreamLoader(ByteSplit.from_bytes(data), bsz, bptt, rank=0, world_size=1, seed=seed,
                           vary_bptt=vary_bptt)
@@ -210,7 +212,7 @@ def test_single_rank_matches_reference_batchify_and_get_batch(vary_bptt):
 
 @pytest.mark.parametrize("world_size,batch_size", [(2, 3), (3, 2), (4, 1)])
 def test_ranks_together_read_exactly_the_bytes_of_one_process(world_size, batch_size):
-    split = ByteSplit.from_bytes(random_bytes(5_000, seed=5))
+    split = ByteSplit.from_bytes(random_array(5_000, seed=5))
     single = StreamLoader(split, world_size * batch_size, bptt=31, rank=0, world_size=1, seed=7)
     ranks = [StreamLoader(split, batch_size, bptt=31, rank=r, world_size=world_size, seed=7)
              for r in range(world_size)]
@@ -227,7 +229,7 @@ def test_ranks_together_read_exactly_the_bytes_of_one_process(world_size, batch_
 
 
 def test_each_rank_owns_its_contiguous_streams():
-    data = random_bytes(6_000, seed=6)
+    data = random_array(6_000, seed=6)
     world_size, batch_size, bptt = 3, 2, 40
     stream_len = len(data) // (world_size * batch_size)
     for rank in range(world_size):
@@ -253,7 +255,7 @@ def test_batch_tensors_are_contiguous_int64_with_next_byte_targets():
 @pytest.mark.parametrize("stream_len,expected_lens", [(23, [5, 5, 5, 5, 2]), (22, [5, 5, 5, 5]), (3, [2])])
 def test_epoch_boundary_cuts_the_last_segment_and_restarts(stream_len, expected_lens):
     batch_size = 2
-    data = random_bytes(batch_size * stream_len + 1, seed=8)  # one byte of remainder is dropped
+    data = random_array(batch_size * stream_len + 1, seed=8)  # one byte of remainder is dropped
     loader = StreamLoader(ByteSplit.from_bytes(data), batch_size, bptt=5, rank=0, world_size=1, seed=0,
                           vary_bptt=False)
     assert loader.estimate_steps_per_epoch() == len(expected_lens)  # exact for a fixed bptt
@@ -275,7 +277,7 @@ def test_seq_len_is_the_reference_draw_shared_by_all_ranks():
     lens = [draw_seq_len(70, seed=3, epoch=e, step_in_epoch=s) for e in range(3) for s in range(400)]
     assert lens == [ref_seq_len(70, 3, e, s) for e in range(3) for s in range(400)]
     assert min(lens) >= 5 and max(lens) == 70
-    assert any(l < 45 for l in lens) and sum(l == 70 for l in lens) > 400  # the bptt/2 branch and the clamp
+    assert any(n < 45 for n in lens) and sum(n == 70 for n in lens) > 400  # the bptt/2 branch and the clamp
     assert lens != [draw_seq_len(70, seed=4, epoch=e, step_in_epoch=s) for e in range(3) for s in range(400)]
     np.random.seed(0)
     first = draw_seq_len(70, 3, 0, 0)
@@ -284,7 +286,7 @@ def test_seq_len_is_the_reference_draw_shared_by_all_ranks():
 
 
 def test_estimate_steps_per_epoch_is_close():
-    split = ByteSplit.from_bytes(random_bytes(200_000, seed=9))
+    split = ByteSplit.from_bytes(random_array(200_000, seed=9))
     loader = StreamLoader(split, 2, bptt=97, rank=0, world_size=1, seed=1)
     n_steps = 0
     while next(loader).epoch == 0:
@@ -306,7 +308,7 @@ def _assert_same_batches(got, want):
 
 @pytest.mark.parametrize("stop_after", [0, 1, 9, 31])
 def test_resume_continues_at_the_same_bytes(stop_after):
-    split = ByteSplit.from_bytes(random_bytes(3_000, seed=10))
+    split = ByteSplit.from_bytes(random_array(3_000, seed=10))
     make = lambda rank: StreamLoader(split, 3, bptt=29, rank=rank, world_size=2, seed=5)  # noqa: E731
     straight = make(0)
     want = _run(straight, stop_after + 40)[stop_after:]  # ~2 epochs: the resumed part crosses a boundary
@@ -325,7 +327,7 @@ def test_resume_continues_at_the_same_bytes(stop_after):
 
 @pytest.mark.parametrize("change", ["world_size", "batch_size", "bptt", "split_bytes", "seed", "vary_bptt"])
 def test_resume_refuses_a_different_layout(change):
-    data = random_bytes(3_000, seed=11)
+    data = random_array(3_000, seed=11)
     kwargs = dict(batch_size=2, bptt=20, rank=0, world_size=2, seed=1, vary_bptt=True)
     saved = StreamLoader(ByteSplit.from_bytes(data), **kwargs)
     _run(saved, 5)
@@ -356,7 +358,7 @@ def test_loader_rejects_impossible_layouts():
 # --- EvalStreams --------------------------------------------------------------------------------------------
 
 def test_eval_single_rank_matches_reference_evaluate():
-    data = random_bytes(5_011, seed=12)
+    data = random_array(5_011, seed=12)
     streams = EvalStreams(ByteSplit.from_bytes(data), n_streams=16, bptt=40, rank=0, world_size=1)
     got = list(streams)
     want = list(ref_eval_segments(data, 16, 40))
@@ -370,7 +372,7 @@ def test_eval_single_rank_matches_reference_evaluate():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8, 11])
 def test_eval_layout_does_not_depend_on_world_size(world_size):
-    split = ByteSplit.from_bytes(random_bytes(3_001, seed=13))
+    split = ByteSplit.from_bytes(random_array(3_001, seed=13))
     n_streams = 8
     single = list(EvalStreams(split, n_streams, bptt=64, rank=0, world_size=1))
     ranks = [EvalStreams(split, n_streams, bptt=64, rank=r, world_size=world_size)

@@ -10,13 +10,11 @@ The accelerate configs for GPUs are loaded by accelerate's own loader and start 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +27,17 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.utils import DistributedType
 
-from tests.conftest import REPO, run, subprocess_env, train_cmd
+from tests import helpers
+from tests.helpers import (
+    REPO,
+    assert_same_training,
+    free_port,
+    run,
+    series,
+    subprocess_env,
+    train_cmd,
+    wait_for_steps,
+)
 from train.config import parse_args
 
 pytestmark = pytest.mark.slow
@@ -46,31 +54,9 @@ EXERCISED = {
     "cpu_ddp.yaml": "tests/test_train.py",
     "cpu_deepspeed.yaml": "tests/test_train.py",
 }
-# As tests/test_train.py: dropout off, so that 2 ranks x 4 streams compute what 1 process x 8 streams does
-# (dropout masks are drawn per rank); state resets on; validation split across the ranks.
-EQUIV = ["--max_steps", "8", "--warmup_steps", "3", "--eval_every", "4", "--save_every", "4",
-         "--log_every", "1", "--model.dropouth", "0", "--state_reset_prob", "0.2", "--sample_bytes", "0",
-         "--eval_max_segments", "10", "--no_test_at_end"]
-
-
-def series(run_dir: Path, key: str) -> dict[int, float]:
-    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    return {m["step"]: m[key] for m in rows if key in m}
-
-
-def assert_same_training(a: Path, b: Path) -> None:
-    """Same train loss step by step, same validation bpc, same gradient norms."""
-    for key, rtol in (("train/loss", 1e-5), ("val/bpc", 1e-5), ("train/grad_norm", 1e-4)):
-        sa, sb = series(a, key), series(b, key)
-        assert sa.keys() == sb.keys() and sa, key
-        for step in sa:
-            assert math.isclose(sa[step], sb[step], rel_tol=rtol), (key, step, sa[step], sb[step])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# As tests/test_train.py (helpers.EQUIV): dropout off, so that 2 ranks x 4 streams compute what 1 process x 8
+# streams does (dropout masks are drawn per rank); state resets on; validation split across the ranks.
+EQUIV = [*helpers.EQUIV, "--no_test_at_end"]
 
 
 def launch_env(**extra: str) -> dict:
@@ -107,15 +93,6 @@ def kill_tree(pid: int) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-
-
-def wait_for_steps(run_dir: Path, procs: list[subprocess.Popen], n: int, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    path = run_dir / "metrics.jsonl"
-    while not (path.exists() and sum("train/loss" in line for line in path.open()) >= n):
-        assert all(p.poll() is None for p in procs), "a launcher exited before training started"
-        assert time.time() < deadline, "training did not start"
-        time.sleep(0.1)
 
 
 def write_exe(path: Path, text: str) -> Path:
@@ -197,7 +174,7 @@ def test_two_nodes_ddp_match_one_process(text_corpus, single, tmp_path):
         rc, log = finish(proc, tmp_path / f"node{r}.log", timeout=400)
         assert rc == 0, log[-6000:]
         assert "world size 2 (DistributedType.MULTI_CPU)" in log  # each node prints: each has a local main
-    assert_same_training(single, out)
+    assert_same_training(single, out, test_bpc=False)
 
 
 def test_two_nodes_deepspeed_over_multinode_sh_match_one_process(text_corpus, single, tmp_path):
@@ -210,10 +187,11 @@ def test_two_nodes_deepspeed_over_multinode_sh_match_one_process(text_corpus, si
     cmd = ["bash", "launch/multinode.sh", "127.0.0.1", "localhost", "--", *EQUIV, "--batch_size", "4"]
     rc, log = finish(start(cmd, env, tmp_path / "multinode.log"), tmp_path / "multinode.log", timeout=400)
     assert rc == 0, log[-6000:]
-    assert sorted((tmp_path / "ssh.log").read_text().split()) == ["127.0.0.1", "localhost"]  # started in parallel
+    # both hosts started (in parallel)
+    assert sorted((tmp_path / "ssh.log").read_text().split()) == ["127.0.0.1", "localhost"]
     for rank in (0, 1):  # each host's output, prefixed with its rank
         assert re.search(rf"^\[{rank}\] .*world size 2 \(DistributedType.DEEPSPEED\)", log, re.M), log[-3000:]
-    assert_same_training(single, out)
+    assert_same_training(single, out, test_bpc=False)
 
 
 def test_multinode_sh_prints_one_command_per_host(tmp_path):

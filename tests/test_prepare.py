@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -20,19 +18,21 @@ import zipfile
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 
 from sharnn import prepare
 from sharnn.data import SPLITS, open_split, read_manifest
-from sharnn.prepare import (ENWIK8_BYTES, ROW_BYTES, demo_files, enwik8_split_sizes, held_out_split_sizes,
-                            main, prepare_enwik8, prepare_files)
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def random_bytes(n: int, seed: int = 0) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+from sharnn.prepare import (
+    ENWIK8_BYTES,
+    ROW_BYTES,
+    demo_files,
+    enwik8_split_sizes,
+    held_out_split_sizes,
+    main,
+    prepare_enwik8,
+    prepare_files,
+)
+from tests.helpers import REPO, free_port, random_bytes
 
 
 def split_bytes_via_datasets(corpus: Path, split: str) -> bytes:
@@ -164,10 +164,7 @@ def test_enwik8_missing_path(tmp_path, capsys):
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/enwik8.zip"  # nothing listens there once the socket is closed
+    return f"http://127.0.0.1:{free_port()}/enwik8.zip"  # nothing listens there
 
 
 def test_enwik8_download_offline_is_a_clear_error(tmp_path, capsys):

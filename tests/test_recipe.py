@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,18 @@ from accelerate import Accelerator
 
 from sharnn import SHARNN, CarryState, ModelConfig
 from sharnn.data import ByteSplit, StreamLoader, open_split
-from tests.conftest import REPO, run, subprocess_env, train_cmd
-from tests.test_train import DDP, assert_same_training, deepspeed, metrics, series, weights
+from tests.helpers import (
+    DDP,
+    REPO,
+    assert_same_training,
+    deepspeed,
+    metrics,
+    run,
+    series,
+    subprocess_env,
+    train_cmd,
+    weights,
+)
 from train.build import unigram_log_probs
 from train.config import TrainConfig
 from train.loop import finished

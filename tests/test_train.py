@@ -8,55 +8,33 @@ import math
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import REPO, run, subprocess_env, train_cmd
+from tests import helpers
+from tests.helpers import (
+    DDP,
+    REPO,
+    assert_same_training,
+    deepspeed,
+    metrics,
+    run,
+    series,
+    subprocess_env,
+    train_cmd,
+    wait_for,
+    wait_for_steps,
+    weights,
+    workers_of,
+)
 
 pytestmark = pytest.mark.slow
 
-# Dropout off so that 2 ranks x 4 streams and 1 process x 8 streams compute the same thing (dropout masks
-# are drawn per rank); state resets on (p=0.2) so that the carried state's resets are exercised too.
-EQUIV = ["--preset", "tiny", "--max_steps", "8", "--warmup_steps", "3", "--eval_every", "4", "--save_every", "4",
-         "--log_every", "1", "--model.dropouth", "0", "--state_reset_prob", "0.2", "--sample_bytes", "0",
-         "--eval_max_segments", "10"]
-DDP = ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
-
-
-def deepspeed(tmp_path: Path, stage: int) -> list[str]:
-    cfg = json.loads((REPO / "ds_config.json").read_text())
-    cfg["zero_optimization"]["stage"] = stage
-    path = tmp_path / f"ds_zero{stage}.json"
-    path.write_text(json.dumps(cfg))
-    return ["--config_file", str(REPO / "launch" / "cpu_deepspeed.yaml"), "--deepspeed_config_file", str(path)]
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def series(run_dir: Path, key: str) -> dict[int, float]:
-    return {m["step"]: m[key] for m in metrics(run_dir) if key in m}
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(ckpt / "model.safetensors")
-
-
-def assert_same_training(a: Path, b: Path, rtol: float = 1e-5) -> None:
-    for key in ("train/loss", "val/bpc", "test/bpc"):
-        sa, sb = series(a, key), series(b, key)
-        assert sa.keys() == sb.keys() and sa, key
-        for step in sa:
-            assert math.isclose(sa[step], sb[step], rel_tol=rtol), (key, step, sa[step], sb[step])
-    na, nb = series(a, "train/grad_norm"), series(b, "train/grad_norm")
-    for step in na:
-        assert math.isclose(na[step], nb[step], rel_tol=1e-4), ("grad_norm", step, na[step], nb[step])
+# Dropout off so that 2 ranks x 4 streams and 1 process x 8 streams compute the same thing (helpers.EQUIV).
+EQUIV = ["--preset", "tiny", *helpers.EQUIV]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +54,8 @@ def single_adamw(text_corpus, tmp_path_factory) -> Path:
 
 def test_ddp_two_processes_match_one(text_corpus, single_lamb, tmp_path):
     out = tmp_path / "ddp"
-    proc = run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(out), "--batch_size", "4", launch=DDP))
+    proc = run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(out), "--batch_size", "4",
+                         launch=DDP))
     assert "world size 2 (DistributedType.MULTI_CPU)" in proc.stdout
     assert_same_training(single_lamb, out)
 
@@ -98,21 +77,22 @@ def test_deepspeed_zero_adamw_matches_one(text_corpus, single_adamw, tmp_path, s
 
 
 def test_deepspeed_refuses_lamb_under_zero2(text_corpus, tmp_path):
-    proc = run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(tmp_path / "x"), "--batch_size", "4",
-                         launch=deepspeed(tmp_path, 2)), check=False)
+    proc = run(train_cmd(*EQUIV, "--data", str(text_corpus), "--out", str(tmp_path / "x"), "--batch_size",
+                         "4", launch=deepspeed(tmp_path, 2)), check=False)
     assert proc.returncode != 0
     assert "per-tensor trust ratios" in proc.stderr and "--optimizer adamw" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ resume
-RESUME = ["--preset", "tiny", "--warmup_steps", "3", "--eval_every", "5", "--save_every", "5", "--log_every", "1",
-          "--sample_bytes", "0", "--eval_max_segments", "5", "--batch_size", "4", "--bptt", "32",
+RESUME = ["--preset", "tiny", "--warmup_steps", "3", "--eval_every", "5", "--save_every", "5", "--log_every",
+          "1", "--sample_bytes", "0", "--eval_max_segments", "5", "--batch_size", "4", "--bptt", "32",
           "--state_reset_prob", "0.1", "--no_test_at_end"]
 
 
 def test_resume_continues_bitwise(text_corpus, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(straight), "--max_steps", "20"), threads=2)
+    run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(straight), "--max_steps", "20"),
+        threads=2)
     run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(split), "--max_steps", "10"), threads=2)
     proc = run(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(split), "--max_steps", "20",
                          "--resume", "auto"), threads=2)
@@ -132,10 +112,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(text_corpus, tmp_path):
     run(train_cmd(*args, "--out", str(straight)), threads=2)
     proc = subprocess.Popen(train_cmd(*args, "--out", str(killed)), cwd=REPO, env=subprocess_env(2),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-00000010" / "train_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
+    wait_for(killed / "checkpoints" / "step-00000010" / "train_state.json", [proc])
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
@@ -154,23 +131,13 @@ def test_fresh_run_refuses_existing_run_dir(text_corpus, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- signals and NaN
-def _wait_for_steps(run_dir: Path, proc: subprocess.Popen, n: int) -> None:
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None and time.time() < deadline, "training did not start"
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and sum(1 for _ in path.open()) >= n:
-            return
-        time.sleep(0.1)
-
-
 def test_sigterm_checkpoints_and_exits_zero(text_corpus, tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen(train_cmd(*RESUME, "--data", str(text_corpus), "--out", str(out), "--max_steps",
                                       "100000", "--save_every", "0", "--eval_every", "0"),
                             cwd=REPO, env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    _wait_for_steps(out, proc, 3)
+    wait_for_steps(out, [proc], 3)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
@@ -192,11 +159,11 @@ def test_sigterm_to_ddp_workers_checkpoints_every_rank(text_corpus, tmp_path):
                                       "100000", "--save_every", "0", "--eval_every", "0", launch=DDP),
                             cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    _wait_for_steps(out, proc, 3)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    wait_for_steps(out, [proc], 3)
+    workers = workers_of(proc)
     assert len(workers) == 2, workers
     for pid in workers:
-        os.kill(int(pid), signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -225,8 +192,9 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(text_corpus, t
 def test_nonfinite_skip_mode_skips_steps_and_finishes(text_corpus, tmp_path, monkeypatch):
     """A gradient that is not finite in steps 2 and 4 (the loss stays finite, as in an fp16 backward that
     overflows) is skipped: the run finishes with exit 0, the other steps train, the weights stay finite."""
-    import train.build
     from accelerate.state import AcceleratorState
+
+    import train.build
     from train.loop import main
 
     real_build = train.build.build_model
@@ -275,7 +243,8 @@ def test_tensorboard_holds_the_scalars(single_lamb):
         assert all(0 <= e.value < 1 for e in acc.Scalars(tag))
     assert any(e.value > 0 for e in acc.Scalars("perf/data_fraction"))
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
-    assert math.isclose(acc.Scalars("train/loss")[0].value, series(single_lamb, "train/loss")[1], rel_tol=1e-6)
+    first_loss = acc.Scalars("train/loss")[0].value
+    assert math.isclose(first_loss, series(single_lamb, "train/loss")[1], rel_tol=1e-6)
     assert "train/lamb_trust_ratio" in acc.Tags()["histograms"]
 
 
