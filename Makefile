@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DEMO_DATA ?= data/demo
 DEMO_RUN  ?= runs/demo
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ demo: setup
 	$(BIN)/sharnn-generate $(DEMO_RUN) --prompt 'def ' --length 300 --temperature 0.7 --seed 0 --echo
 	@echo; echo "--- TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_RUN)/tensorboard"
 
-test: setup
+# The linter first (ruff, configured in pyproject.toml), then the tests.
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) data runs

@@ -71,8 +71,10 @@ def scenarios(device: str) -> dict[str, Scenario]:
         scaling = {"mem_len": 1000, "threads": 1}
         out += [Scenario("scaling-ws1", kind="scaling", **scaling),
                 Scenario("scaling-ws2-ddp", kind="scaling", world_size=2, launcher="ddp", **scaling),
-                Scenario("scaling-ws2-deepspeed", kind="scaling", world_size=2, launcher="deepspeed", **scaling),
-                Scenario("scaling-2x-independent", kind="scaling", world_size=2, launcher="independent", **scaling)]
+                Scenario("scaling-ws2-deepspeed", kind="scaling", world_size=2, launcher="deepspeed",
+                         **scaling),
+                Scenario("scaling-2x-independent", kind="scaling", world_size=2, launcher="independent",
+                         **scaling)]
     return {s.name: s for s in out}
 
 
@@ -230,15 +232,15 @@ def run_scaling(sc: Scenario, corpus: Path) -> dict:
         if sc.launcher in ("none", "independent"):
             return [sys.executable, "-m", "train", *args]
         config = {"ddp": "launch/cpu_ddp.yaml", "deepspeed": "launch/cpu_deepspeed.yaml"}[sc.launcher]
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes",
-                str(sc.world_size), "-m", "train", *args]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+                "--num_processes", str(sc.world_size), "-m", "train", *args]
 
     env = dict(os.environ, OMP_NUM_THREADS=str(sc.threads or 1), PYTHONPATH=str(REPO))
     import torch
     torch.set_num_threads(sc.threads or 1)
     ceiling = matmul_ceiling(torch.device("cpu"), torch.float32)  # before and after the run, the higher
-    procs = [subprocess.Popen(command(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for out in outs]
+    procs = [subprocess.Popen(command(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for out in outs]
     for proc, out in zip(procs, outs):
         _, stderr = proc.communicate()
         if proc.returncode != 0:
@@ -256,10 +258,11 @@ def run_scaling(sc: Scenario, corpus: Path) -> dict:
     data = statistics.median(r["perf/data_fraction"] for r in records)
     log = statistics.median(r["perf/log_fraction"] for r in records)
     return {"bytes_per_s": rate, "bytes_per_s_min": steady[0], "bytes_per_s_max": steady[-1],
-            "step_time_s": B * T / rate, "flops_per_byte": flops_per_byte, "achieved_flops": rate * flops_per_byte,
-            "ceiling_flops": ceiling, "mfu": rate * flops_per_byte / ceiling, "peak_mem_bytes": mem,
-            "threads": sc.threads or 1, "device": _device_name(torch.device("cpu")), "batch": B, "bptt": T,
-            "mem_len": model_cfg.mem_len, "data_fraction": data, "log_fraction": log}
+            "step_time_s": B * T / rate, "flops_per_byte": flops_per_byte,
+            "achieved_flops": rate * flops_per_byte, "ceiling_flops": ceiling,
+            "mfu": rate * flops_per_byte / ceiling, "peak_mem_bytes": mem, "threads": sc.threads or 1,
+            "device": _device_name(torch.device("cpu")), "batch": B, "bptt": T, "mem_len": model_cfg.mem_len,
+            "data_fraction": data, "log_fraction": log}
 
 
 def _scaling_corpus() -> Path:
@@ -295,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list:
         for sc in table.values():
-            print(f"{sc.name:24s} {sc.kind:9s} preset={sc.preset} precision={sc.precision} compile={sc.compile} "
-                  f"world_size={sc.world_size} launcher={sc.launcher}")
+            print(f"{sc.name:24s} {sc.kind:9s} preset={sc.preset} precision={sc.precision} "
+                  f"compile={sc.compile} world_size={sc.world_size} launcher={sc.launcher}")
         return 0
     names = args.scenario or list(table)
     unknown = [n for n in names if n not in table]
@@ -315,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             reason = (f"this CPU has no {sc.precision} matrix instructions (avx512_bf16/AMX): emulated, "
                       f"100x slower than fp32; --force runs it")
             print(f"{name:22s} skipped: {reason}", flush=True)
-            records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
-                            "compile": sc.compile, "world_size": sc.world_size, "bytes_per_s": None, "mfu": None,
-                            "peak_mem_bytes": None, "skipped": reason})
+            records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset,
+                            "precision": sc.precision, "compile": sc.compile, "world_size": sc.world_size,
+                            "bytes_per_s": None, "mfu": None, "peak_mem_bytes": None, "skipped": reason})
             continue
         if sc.kind == "scaling":
             corpus = corpus or _scaling_corpus()
@@ -325,26 +328,30 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_scaling(sc, corpus)
             except RuntimeError as e:
                 print(f"{name:22s} FAILED: {str(e).strip().splitlines()[-1]}", flush=True)
-                records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
-                                "compile": sc.compile, "world_size": sc.world_size, "bytes_per_s": None,
-                                "mfu": None, "peak_mem_bytes": None, "error": str(e)[-2000:]})
+                records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset,
+                                "precision": sc.precision, "compile": sc.compile, "world_size": sc.world_size,
+                                "bytes_per_s": None, "mfu": None, "peak_mem_bytes": None,
+                                "error": str(e)[-2000:]})
                 continue
         else:
             proc = subprocess.run([sys.executable, "-m", "bench", "--_worker", name], cwd=REPO,
                                   env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
-                print(f"{name:22s} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
-                records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
-                                "compile": sc.compile, "world_size": sc.world_size, "bytes_per_s": None,
-                                "mfu": None, "peak_mem_bytes": None, "error": proc.stderr[-2000:]})
+                print(f"{name:22s} FAILED: "
+                      f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
+                records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset,
+                                "precision": sc.precision, "compile": sc.compile, "world_size": sc.world_size,
+                                "bytes_per_s": None, "mfu": None, "peak_mem_bytes": None,
+                                "error": proc.stderr[-2000:]})
                 continue
             result = json.loads(lines[0][len("RESULT "):])
         record = {"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
                   "compile": sc.compile, "world_size": sc.world_size, "launcher": sc.launcher, **result}
         records.append(record)
         print(f"{name:22s} {sc.kind:8s} {sc.precision:5s} {str(sc.compile):5s} {sc.world_size:2d} "
-              f"{record['bytes_per_s']:10,.0f} {record['bytes_per_s_min']:8,.0f}-{record['bytes_per_s_max']:<8,.0f} "
+              f"{record['bytes_per_s']:10,.0f} "
+              f"{record['bytes_per_s_min']:8,.0f}-{record['bytes_per_s_max']:<8,.0f} "
               f"{record['achieved_flops'] / 1e9:8.1f} {record['ceiling_flops'] / 1e9:8.1f} "
               f"{record['mfu']:6.1%} {record['peak_mem_bytes'] / 2**20:9,.0f}"
               + (f"  loader {record['data_fraction']:.2%} of step time, logging {record['log_fraction']:.2%}"
@@ -353,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         from sharnn import atomic
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        stamp = {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench " + " ".join(argv or sys.argv[1:])}
+        stamp = {"date": time.strftime("%Y-%m-%d"),
+                 "command": "python -m bench " + " ".join(argv or sys.argv[1:])}
         atomic.write_text(args.json, json.dumps([{**r, **stamp} for r in records], indent=1))
     return 0
 

@@ -18,7 +18,8 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", default="small-fp32", help="a training scenario of `python -m bench --list`")
+    parser.add_argument("--scenario", default="small-fp32",
+                        help="a training scenario of `python -m bench --list`")
     parser.add_argument("--steps", type=int, default=2, help="steps to profile (after 2 warm-up steps)")
     parser.add_argument("--rows", type=int, default=25, help="operators to print")
     parser.add_argument("--shapes", action="store_true", help="group the operators by input shape too")
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     table = scenarios(device.type)
     sc = table.get(args.scenario)
     if sc is None or sc.kind != "train":
-        parser.error(f"--scenario must be a training scenario of `python -m bench --list`, got {args.scenario!r}")
+        parser.error(f"--scenario must be a training scenario of `python -m bench --list`, "
+                     f"got {args.scenario!r}")
     cfg, model_cfg, B, T = _model_config(sc)
     torch.manual_seed(0)
     model = SHARNN(model_cfg).to(device)

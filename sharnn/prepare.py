@@ -44,8 +44,15 @@ from datasets.table import InMemoryTable
 from tqdm import tqdm
 
 from sharnn import atomic, cli
-from sharnn.data import (BYTES_COLUMN, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, CorpusError,
-                         open_split)
+from sharnn.data import (
+    BYTES_COLUMN,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SPLITS,
+    CorpusError,
+    open_split,
+)
 
 log = logging.getLogger(__name__)
 

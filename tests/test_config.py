@@ -17,7 +17,8 @@ def fill(ds: dict, cfg: TrainConfig, world_size: int) -> None:
 def test_flags_override_yaml_override_preset(tmp_path):
     yml = tmp_path / "run.yaml"
     yml.write_text("lr: 0.5\nbatch_size: 3\nmodel:\n  mem_len: 77\n")
-    cfg, flags = parse_args(["--preset", "small", "--config", str(yml), "--batch_size", "5", "--max_steps", "240"])
+    cfg, flags = parse_args(["--preset", "small", "--config", str(yml), "--batch_size", "5", "--max_steps",
+                             "240"])
     assert (cfg.lr, cfg.batch_size, cfg.max_steps, cfg.model.mem_len) == (0.5, 5, 240, 77)
     assert cfg.model.d_model == preset("small").model.d_model  # the rest of the preset stays
     assert flags.preset == "small" and not flags.dry_run
@@ -65,7 +66,8 @@ def test_paper_preset_is_the_papers_recipe():
     assert preset("lstm").model.attn == "none"
     for name in ("paper", "paper-stage2", "paper-all", "lstm"):
         cfg = preset(name)
-        # the reference validates at epoch ends only, never drops its state mid-epoch, and has a zero output bias
+        # the reference validates at epoch ends only, never drops its state mid-epoch, and has a zero output
+        # bias
         assert (cfg.eval_every, cfg.state_reset_prob, cfg.output_bias_init) == (0, 0.0, "zeros"), name
 
 
@@ -101,7 +103,8 @@ def test_deepspeed_value_that_disagrees_is_refused():
 
 @pytest.mark.parametrize("stage,precision,optimizer,ok", [
     (0, "fp32", "lamb", True), (0, "fp16", "lamb", True), (0, "bf16", "lamb", False),
-    (1, "fp32", "lamb", False), (2, "fp32", "lamb", False), (2, "bf16", "adamw", True), (3, "fp32", "adamw", False),
+    (1, "fp32", "lamb", False), (2, "fp32", "lamb", False), (2, "bf16", "adamw", True),
+    (3, "fp32", "adamw", False),
 ])
 def test_deepspeed_combinations(stage, precision, optimizer, ok):
     ds = {"zero_optimization": {"stage": stage}}

@@ -2,7 +2,8 @@
 
 tests/fixtures/sharnn_reference.safetensors holds weights in the reference's naming and the logits the
 author's code computed over four consecutive segments with LSTM state and attention memory carried,
-the memory limit scaled down to 40 so that truncation is exercised (see shared/fixtures/README.md).
+the memory limit scaled down to 40 so that truncation is exercised (the file's metadata, `info`, holds the
+configuration).
 """
 
 import json

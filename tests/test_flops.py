@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.flops import forward_flops, steady_keys, train_flops
-from sharnn import ModelConfig, SHARNN
+from sharnn import SHARNN, ModelConfig
 
 
 class MatmulLSTM(torch.nn.Module):
@@ -31,13 +31,13 @@ class MatmulLSTM(torch.nn.Module):
 
     def forward(self, x, hidden=None):
         T, B, C = x.shape
-        l = self.lstm
+        lstm = self.lstm
         h, c = (torch.zeros(1, B, C), torch.zeros(1, B, C)) if hidden is None else hidden
         h, c = h[0], c[0]
-        gates_x = F.linear(x, l.weight_ih_l0, l.bias_ih_l0)  # (T, B, 4C)
+        gates_x = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0)  # (T, B, 4C)
         out = []
         for t in range(T):
-            i, f, g, o = (gates_x[t] + F.linear(h, l.weight_hh_l0, l.bias_hh_l0)).chunk(4, -1)
+            i, f, g, o = (gates_x[t] + F.linear(h, lstm.weight_hh_l0, lstm.bias_hh_l0)).chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
             out.append(h)
@@ -58,7 +58,8 @@ def decomposed(cfg: ModelConfig, B: int, train: bool):
 
 @pytest.mark.parametrize("attn", ["penultimate", "all", "none"])
 def test_formula_matches_flop_counter(attn):
-    cfg = ModelConfig(d_model=32, d_ff=128, n_layer=3, attn=attn, mem_len=24, dropout=0, dropouth=0, dropouti=0)
+    cfg = ModelConfig(d_model=32, d_ff=128, n_layer=3, attn=attn, mem_len=24, dropout=0, dropouth=0,
+                      dropouti=0)
     T, B = 8, 3
     model, twin, state = decomposed(cfg, B, train=False)
     x = torch.randint(0, 256, (T, B))

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from sharnn import CarryState, ModelConfig, SHARNN, model_preset
+from sharnn import SHARNN, CarryState, ModelConfig, model_preset
 
 
 def tiny(**kw) -> ModelConfig:
@@ -26,7 +26,7 @@ def make(cfg, seed=0):
     return m.eval()
 
 
-# Reference parameter counts at the paper's sizes (shared/fixtures/README.md). sharnn holds no unused
+# Reference parameter counts at the paper's sizes (README.md, "The model"). sharnn holds no unused
 # parameter: the reference's lnout, qkvs, r_gate and the attention LayerNorms of plain blocks are left out.
 @pytest.mark.parametrize("preset,ours,reference_full", [
     ("paper", 53_825_792, 53_850_368),

@@ -25,8 +25,15 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from sharnn import atomic, rundir
-from sharnn.rundir import (FORMAT_VERSION, WEIGHTS_NAME, ModelError, best_checkpoint, checkpoints_root,
-                           complete_checkpoints, is_complete)
+from sharnn.rundir import (
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    ModelError,
+    best_checkpoint,
+    checkpoints_root,
+    complete_checkpoints,
+    is_complete,
+)
 from sharnn.state import CarryState
 from train import elastic
 
@@ -139,10 +146,10 @@ def load(accelerator, ckpt: Path, n_layer: int, batch_size: int,
     world, rank = accelerator.num_processes, accelerator.process_index
     same_layout = (saved_world, saved_batch) == (world, batch_size)
     if not same_layout and saved_world != world and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SystemExit(f"error: {ckpt} was written by {saved_world} processes, this DeepSpeed run has {world}: "
-                         "resuming on another number of ranks is supported under DDP and one process (their "
-                         "checkpoints do not depend on the world size); under DeepSpeed resume with "
-                         f"{saved_world} processes")
+        raise SystemExit(f"error: {ckpt} was written by {saved_world} processes, this DeepSpeed run has "
+                         f"{world}: resuming on another number of ranks is supported under DDP and one "
+                         "process (their checkpoints do not depend on the world size); under DeepSpeed "
+                         f"resume with {saved_world} processes")
     same_streams = same_layout or elastic.check_layout(saved_world, saved_batch, world, batch_size,
                                                        restart_streams)
     accelerator.load_state(str(ckpt))
@@ -155,7 +162,8 @@ def load(accelerator, ckpt: Path, n_layer: int, batch_size: int,
         state.loader = state.loader | {"world_size": world, "batch_size": batch_size}
     else:
         carry = CarryState.empty(n_layer)
-        state.loader = elastic.rescale_loader_state(state.loader, world, batch_size, state.loader["split_bytes"])
+        state.loader = elastic.rescale_loader_state(state.loader, world, batch_size,
+                                                    state.loader["split_bytes"])
     return state, carry
 
 

@@ -28,25 +28,26 @@ def build_accelerator(precision: str, timeout_s: int = 600, grad_accum: int = 1,
     pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"backend": "gloo"} if on_cpu and launched_by_torchrun else {}))
     try:
-        accelerator = Accelerator(cpu=on_cpu and not use_deepspeed, mixed_precision=ACCEL_PRECISION[precision],
+        accelerator = Accelerator(cpu=on_cpu and not use_deepspeed,
+                                  mixed_precision=ACCEL_PRECISION[precision],
                                   gradient_accumulation_steps=grad_accum, log_with=log_with,
                                   project_dir=project_dir, kwargs_handlers=[pg])
     except torch.distributed.DistError as e:
-        raise SystemExit(f"error: rank {os.environ.get('RANK', '?')}: not every rank joined the process group "
-                         f"within --timeout_s={timeout_s}s: a process on another node failed at start-up (its "
-                         f"log names the cause) or never started. ({type(e).__name__}: "
+        raise SystemExit(f"error: rank {os.environ.get('RANK', '?')}: not every rank joined the process "
+                         f"group within --timeout_s={timeout_s}s: a process on another node failed at "
+                         f"start-up (its log names the cause) or never started. ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]})") from None
     if precision == "fp16" and accelerator.device.type == "cpu" and not use_deepspeed:
         # accelerate makes fp16 autocast and its GradScaler on GPUs only: on CPU it would train in fp32
-        raise SystemExit("error: --precision fp16 on CPU: accelerate runs fp16 (autocast with loss scaling) on "
-                         "GPUs only, so this run would silently train in fp32. On CPU use --precision bf16 or "
-                         "fp32, or DeepSpeed's fp16 (launch/cpu_deepspeed.yaml).")
+        raise SystemExit("error: --precision fp16 on CPU: accelerate runs fp16 (autocast with loss scaling) "
+                         "on GPUs only, so this run would silently train in fp32. On CPU use --precision "
+                         "bf16 or fp32, or DeepSpeed's fp16 (launch/cpu_deepspeed.yaml).")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SystemExit(f"error: the launcher started {launched} processes but accelerate sees world size "
-                         f"{accelerator.num_processes} ({accelerator.distributed_type}): the ranks would train "
-                         "unsynchronised. On a machine without GPUs launch with ACCELERATE_USE_CPU=1 or use "
-                         "launch/cpu_ddp.yaml.")
+                         f"{accelerator.num_processes} ({accelerator.distributed_type}): the ranks would "
+                         "train unsynchronised. On a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
+                         "or use launch/cpu_ddp.yaml.")
     return accelerator
 
 
@@ -77,13 +78,15 @@ def fill_deepspeed_config(ds: dict, *, batch_size: int, grad_accum: int, world_s
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
         raise SystemExit("error: ZeRO stage 3 is not supported: it partitions the parameters, which a ~54M "
-                         "parameter model never needs, and evaluation/sampling run on one rank. Use stage 0-2.")
+                         "parameter model never needs, and evaluation/sampling run on one rank. "
+                         "Use stage 0-2.")
     if optimizer == "lamb" and (stage > 0 or precision == "bf16"):
         raise SystemExit(
-            f"error: LAMB with DeepSpeed {'ZeRO stage ' + str(stage) if stage else 'bf16'}: DeepSpeed hands the "
-            "optimizer flat partitions that cut across parameter tensors, so LAMB's per-tensor trust ratios "
-            "would silently change. Working alternatives: DeepSpeed ZeRO stage 0 in fp32/fp16 with LAMB; DDP "
-            "(launch/ddp.yaml) with LAMB in any precision; or --optimizer adamw with any ZeRO stage.")
+            f"error: LAMB with DeepSpeed {'ZeRO stage ' + str(stage) if stage else 'bf16'}: DeepSpeed hands "
+            "the optimizer flat partitions that cut across parameter tensors, so LAMB's per-tensor trust "
+            "ratios would silently change. Working alternatives: DeepSpeed ZeRO stage 0 in fp32/fp16 with "
+            "LAMB; DDP (launch/ddp.yaml) with LAMB in any precision; or --optimizer adamw with any "
+            "ZeRO stage.")
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -99,8 +102,9 @@ def check_optimizer_sees_tensors(optimizer: torch.optim.Optimizer, model: torch.
     seen = sorted(tuple(p.shape) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"])
     want = sorted(tuple(p.shape) for p in model.parameters())
     if seen != want:
-        raise SystemExit("error: the optimizer was handed flattened partitions, not the model's tensors; LAMB "
-                         "needs the real tensors. Use DDP, DeepSpeed ZeRO-0 in fp32/fp16, or --optimizer adamw.")
+        raise SystemExit("error: the optimizer was handed flattened partitions, not the model's tensors; "
+                         "LAMB needs the real tensors. Use DDP, DeepSpeed ZeRO-0 in fp32/fp16, or "
+                         "--optimizer adamw.")
 
 
 def native_cpu_matmul(precision: str) -> bool:
@@ -138,13 +142,15 @@ def check_precision(precision: str, device: torch.device) -> str:
                          f"{'' if precision == 'bf16' else ' or bf16'}.") from None
     line = f"precision {precision}: LSTM forward/backward checked on {device.type} (output {y.dtype})"
     if device.type == "cpu" and not native_cpu_matmul(precision):
-        line += (f"\nwarning: this CPU has no {precision} matrix instructions (avx512_bf16/AMX): {precision} runs "
-                 f"emulated, typically 100x slower than fp32 here. Use --precision fp32 on this machine.")
+        line += (f"\nwarning: this CPU has no {precision} matrix instructions (avx512_bf16/AMX): {precision} "
+                 f"runs emulated, typically 100x slower than fp32 here. Use --precision fp32 on "
+                 "this machine.")
     return line
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; `agreed()` tells every rank at once, so all finish the step, save and exit."""
+    """SIGTERM/SIGINT set a flag; `agreed()` tells every rank at once, so all finish the step, save and
+    exit."""
 
     def __init__(self):
         self.received: int | None = None

@@ -33,10 +33,11 @@ def check_layout(saved_world: int, saved_batch: int, world: int, batch: int, res
         return False
     raise SystemExit(
         f"error: the checkpoint holds {saved_world * saved_batch} streams ({saved_world} ranks x batch_size "
-        f"{saved_batch}); this run has {world * batch} ({world} x {batch}). To continue the same streams with "
-        f"their carried state, resume with ranks x --batch_size in: {layouts_keeping(saved_world * saved_batch)}. "
-        "Or pass --restart_streams to cut the streams anew at the same point of the epoch, with empty "
-        "carried state (the loss rises for a while as the state fills again).")
+        f"{saved_batch}); this run has {world * batch} ({world} x {batch}). To continue the same streams "
+        "with their carried state, resume with ranks x --batch_size in: "
+        f"{layouts_keeping(saved_world * saved_batch)}. Or pass --restart_streams to cut the streams anew at "
+        "the same point of the epoch, with empty carried state (the loss rises for a while as the state "
+        "fills again).")
 
 
 def regroup_carry(ckpt: Path, saved_world: int, saved_batch: int, rank: int, batch: int, n_layer: int,

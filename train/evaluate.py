@@ -21,8 +21,14 @@ from accelerate.utils import DistributedType
 from sharnn import atomic, cli
 from sharnn.cli import positive_int
 from sharnn.data import SPLITS, CorpusError, EvalStreams, open_split
-from sharnn.pretrained import (ModelError, ModelSource, build_model, check_state_dict, find_model,
-                               read_state_dict)
+from sharnn.pretrained import (
+    ModelError,
+    ModelSource,
+    build_model,
+    check_state_dict,
+    find_model,
+    read_state_dict,
+)
 from train.distributed import build_accelerator, check_precision
 from train.evaluation import evaluate
 

@@ -31,8 +31,8 @@ def evaluate(accelerator, model, split: ByteSplit, n_streams: int, bptt: int,
                 break
             x, y = x.to(accelerator.device).t(), y.to(accelerator.device).t()  # (T, b): time-major
             _, loss, state = model(x, state, targets=y)
-            totals += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), dtype=torch.float64,
-                                                                           device=totals.device)])
+            totals += torch.stack([loss.double() * y.numel(),
+                                   torch.tensor(float(y.numel()), dtype=torch.float64, device=totals.device)])
     model.train(was_training)
     totals = accelerator.reduce(totals, reduction="sum")
     return (totals[0] / totals[1]).item() / math.log(2)

@@ -21,8 +21,17 @@ import torch
 from torch import Tensor
 
 from sharnn import cli
-from sharnn.pretrained import (WEIGHTS_NAME, ModelError, ModelSource, build_model, check_output_dir,
-                               check_state_dict, find_model, read_state_dict, save_state_dict)
+from sharnn.pretrained import (
+    WEIGHTS_NAME,
+    ModelError,
+    ModelSource,
+    build_model,
+    check_output_dir,
+    check_state_dict,
+    find_model,
+    read_state_dict,
+    save_state_dict,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -109,10 +109,11 @@ class TrainMeter:
         """The interval's numbers (every rank calls this: it all-reduces), then a new interval starts."""
         now = time.perf_counter()
         # one all-reduce and host sync per log interval
-        train_loss = accelerator.reduce(self.loss_sum, reduction="mean").item() / (self.steps * self.grad_accum)
+        train_loss = (accelerator.reduce(self.loss_sum, reduction="mean").item()
+                      / (self.steps * self.grad_accum))
         if not math.isfinite(train_loss):
-            raise SystemExit(f"error: non-finite training loss at step {step}; the last good checkpoint is intact. "
-                             "Lower --lr or use --precision fp32.")
+            raise SystemExit(f"error: non-finite training loss at step {step}; the last good checkpoint is "
+                             "intact. Lower --lr or use --precision fp32.")
         elapsed = now - self.t_start
         rate = self.bytes / elapsed
         out = {"train/loss": train_loss, "train/bpc": train_loss / math.log(2), "train/lr": lr,

@@ -23,8 +23,15 @@ from sharnn.data import CorpusError, StreamLoader, open_split
 from train import checkpoint
 from train.build import build_model, build_optimizer, model_config_for_resume
 from train.config import TrainConfig, dump_yaml, lr_at, parse_args
-from train.distributed import (StopSignal, build_accelerator, check_optimizer_sees_tensors, check_precision,
-                               fill_deepspeed_config, is_deepspeed, unwrap_optimizer)
+from train.distributed import (
+    StopSignal,
+    build_accelerator,
+    check_optimizer_sees_tensors,
+    check_precision,
+    fill_deepspeed_config,
+    is_deepspeed,
+    unwrap_optimizer,
+)
 from train.evaluation import evaluate, sample_text
 from train.log import NullLogger, RunLogger, TrainMeter, finite_or_none, git_sha
 from train.step import train_step
@@ -36,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = checkpoint.resolve_resume(cfg.resume, run_dir)
     if ckpt is not None:
         cfg.model = model_config_for_resume(cfg, ckpt)
-    if ckpt is None and cfg.resume != "auto" and checkpoint.complete_checkpoints(run_dir) and not flags.dry_run:
+    if (ckpt is None and cfg.resume != "auto" and checkpoint.complete_checkpoints(run_dir)
+            and not flags.dry_run):
         raise SystemExit(f"error: --out {run_dir} already holds a run with checkpoints; continue it with "
                          "--resume auto, or choose a new --out")
     accelerator = build_accelerator(cfg.precision, cfg.timeout_s, cfg.grad_accum, cfg.out, "tensorboard")
@@ -60,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         train_split, valid_split = open_split(cfg.data, "train"), open_split(cfg.data, "valid")
     except CorpusError as e:
         raise SystemExit(f"error: --data: {e}") from None
-    loader = StreamLoader(train_split, cfg.batch_size, cfg.bptt, rank, world, cfg.seed, vary_bptt=cfg.vary_bptt)
+    loader = StreamLoader(train_split, cfg.batch_size, cfg.bptt, rank, world, cfg.seed,
+                          vary_bptt=cfg.vary_bptt)
     model, origin = build_model(cfg, train_split, fresh=ckpt is None)
     say(origin)
     optimizer = build_optimizer(model, cfg, lr=lr_at(0, peak_lr, cfg))
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         ts, carry = checkpoint.load(accelerator, ckpt, cfg.model.n_layer, cfg.batch_size, cfg.restart_streams)
         loader.load_state_dict(ts.loader)
         say(f"resumed from {ckpt} at step {ts.step}")
-    logger = (RunLogger if accelerator.is_main_process else NullLogger)(accelerator, run_dir, cfg.to_dict(), ts.step)
+    logger = (RunLogger if accelerator.is_main_process else NullLogger)(accelerator, run_dir, cfg.to_dict(),
+                                                                        ts.step)
     say(f"sharnn {sharnn.__version__} ({git_sha()}), torch {torch.__version__}, world size {world} "
         f"({accelerator.distributed_type}), global batch {cfg.global_batch(world)}, lr {peak_lr:g}, "
         f"parameters: {raw_model.num_params()}")
@@ -85,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             ts.best_val_bpc, ts.best_step = bpc, ts.step
         logger.scalars({"val/bpc": bpc, "val/best_bpc": ts.best_val_bpc}, ts.step)
         if cfg.sample_bytes and accelerator.is_main_process:
-            logger.text("sample", sample_text(raw_model, valid_split, cfg.sample_bytes, cfg.seed, device), ts.step)
+            logger.text("sample", sample_text(raw_model, valid_split, cfg.sample_bytes, cfg.seed, device),
+                        ts.step)
         say(f"step {ts.step}: val bpc {bpc:.4f} (best {ts.best_val_bpc:.4f})")
         return bpc
 
@@ -109,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         if ts.step % cfg.log_every == 0:
             logger.scalars(meter.metrics(accelerator, ts.step, lr, ts.epoch), ts.step)
             if cfg.optimizer == "lamb":
-                logger.histogram("train/lamb_trust_ratio", unwrap_optimizer(optimizer).last_trust_ratios(), ts.step)
+                logger.histogram("train/lamb_trust_ratio", unwrap_optimizer(optimizer).last_trust_ratios(),
+                                 ts.step)
         best_before = ts.best_step
-        if (cfg.eval_every and ts.step % cfg.eval_every == 0) or loader.epoch > out.epoch:  # or an epoch ended
+        # every eval_every steps, or when an epoch ended
+        if (cfg.eval_every and ts.step % cfg.eval_every == 0) or loader.epoch > out.epoch:
             val_bpc, last_val_step = validate(), ts.step
         if stopped := stop.agreed(accelerator):
             exit_reason = f"stopped by {stopped}"
@@ -127,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
     test_bpc = None
     if exit_reason == "finished" and cfg.test_at_end:
-        accelerator.load_state(str(checkpoint.best_checkpoint(run_dir) or checkpoint.complete_checkpoints(run_dir)[-1]))
+        accelerator.load_state(str(checkpoint.best_checkpoint(run_dir)
+                                   or checkpoint.complete_checkpoints(run_dir)[-1]))
         test_bpc = evaluate(accelerator, raw_model, open_split(cfg.data, "test"), cfg.test_streams,
                             cfg.eval_bptt or cfg.bptt)
         logger.scalars({"test/bpc": test_bpc}, ts.step)

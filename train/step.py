@@ -86,7 +86,8 @@ def backward_and_step(accelerator, model, optimizer, loss: torch.Tensor, clip: f
         return None
     norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), clip or float("inf")))
     if not math.isfinite(norm.item()):  # host sync, once per optimizer step
-        if accelerator.scaler is not None:  # fp16 loss scaling: the scaler skips the step and lowers its scale
+        # fp16 loss scaling: the scaler skips the step and lowers its scale
+        if accelerator.scaler is not None:
             optimizer.step()
             optimizer.zero_grad()
             return norm
@@ -124,5 +125,6 @@ def _deepspeed_backward_and_step(accelerator, engine, loss: torch.Tensor, step: 
 
 class NonFiniteError(SystemExit):
     def __init__(self, step: int, norm: float):
-        super().__init__(f"error: non-finite gradient norm ({norm}) at step {step}; the last good checkpoint is "
-                         "intact. Lower --lr, use --precision fp32, or (DDP / one process) --on_nonfinite skip.")
+        super().__init__(f"error: non-finite gradient norm ({norm}) at step {step}; the last good checkpoint "
+                         "is intact. Lower --lr, use --precision fp32, or (DDP / one process) "
+                         "--on_nonfinite skip.")
