@@ -77,10 +77,11 @@ def describe(values: list[float]) -> dict:
     return {"n": n, "mean": mean, "std": std, "se": std / math.sqrt(n) if std is not None else None}
 
 
-def summarize(runs: list[dict], impls: list[str]) -> dict:
-    """Per implementation: mean, std, se and the per-seed values; paired differences against the reference
-    (torch if measured, else the first implementation) over the seeds both completed."""
-    by = {impl: {r["seed"]: r["val_bpc"] for r in runs if r["impl"] == impl} for impl in impls}
+def summarize(runs: list[dict], impls: list[str], key: str = "val_bpc") -> dict:
+    """Per implementation: mean, std, se and the per-seed values of `key`; paired differences against the
+    reference (torch if measured, else the first implementation) over the seeds both completed."""
+    by = {impl: {r["seed"]: r[key] for r in runs if r["impl"] == impl and r.get(key) is not None}
+          for impl in impls}
     reference = "torch" if "torch" in impls else impls[0]
     per_impl = {impl: {**describe(list(v.values())), "values": v} for impl, v in by.items()}
     paired = {}
@@ -92,7 +93,7 @@ def summarize(runs: list[dict], impls: list[str]) -> dict:
         d = describe(list(diffs.values()))
         d["t"] = d["mean"] / d["se"] if d["se"] else None
         paired[impl] = {**d, "values": diffs}
-    return {"reference": reference, "impls": per_impl, "paired": paired}
+    return {"metric": key, "reference": reference, "impls": per_impl, "paired": paired}
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -100,7 +101,7 @@ def fmt(x: float | None, digits: int = 4) -> str:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'impl':15s} {'n':>3s} {'mean bpc':>9s} {'std':>7s} {'se':>7s}  per seed")
+    print(f"\n{summary['metric']}\n{'impl':15s} {'n':>3s} {'mean bpc':>9s} {'std':>7s} {'se':>7s}  per seed")
     for impl, d in summary["impls"].items():
         seeds = " ".join(f"{s}:{v:.4f}" for s, v in sorted(d["values"].items()))
         print(f"{impl:15s} {d['n']:3d} {fmt(d['mean']):>9s} {fmt(d['std']):>7s} {fmt(d['se']):>7s}  {seeds}")
@@ -252,6 +253,17 @@ def print_mask_checks(rows: list[dict]) -> None:
               f"{fmt(r.get('rms_z'), 2):>6s}")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, as lscpu shows it), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
@@ -272,7 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write runs and summary here (rewritten after every run)")
     parser.add_argument("--masks", action="store_true",
                         help="instead of training: direct statistics of the masks (seconds)")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="instead of training: print the tables of a JSON this command wrote (complete or not)")
     args = parser.parse_args(argv)
+    if args.report:
+        record = json.loads(args.report.read_text())
+        print(f"{record['command']}  ({record['date']}, {record['machine']})")
+        for key in ("val_bpc", "final_train_bpc"):
+            print_table(summarize(record["runs"], record["impls"], key))
+        return 0
     if args.masks:
         import torch
 
@@ -297,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps, --seeds and --threads must be >= 1")
     command = "python -m bench.quality " + " ".join(argv + (["--", *extra] if extra else []))
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": command,
-              "machine": f"{platform.processor() or platform.machine()} x{os.cpu_count()} cores",
+              "machine": f"{cpu_model()} x{os.cpu_count()} cores",
               "preset": args.preset, "steps": args.steps, "threads": args.threads, "data": str(args.data),
               "trainer_flags": extra, "impls": impls, "runs": []}
     print(f"{'seed':>4s} {'impl':15s} {'val bpc':>8s} {'train bpc':>9s} {'wall s':>7s}", flush=True)
@@ -308,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{seed:4d} {impl:15s} {fmt(run['val_bpc']):>8s} {fmt(run['final_train_bpc']):>9s} "
                   f"{run['wall_s']:7.1f}", flush=True)
             record["summary"] = summarize(record["runs"], impls)
+            # secondary: the training loss of the last logging interval (mean over up to 50 steps, dropout on)
+            record["summary_train"] = summarize(record["runs"], impls, "final_train_bpc")
             if args.json:
                 write_json(args.json, record)
     print_table(record["summary"])
+    print_table(record["summary_train"])
     return 0
 
 
