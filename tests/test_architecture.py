@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 # package -> top-level modules it may not import
 FORBIDDEN = {
     "sharnn": {"train", "bench", "tests", "accelerate", "deepspeed", "tensorboard", "transformers"},
@@ -40,4 +41,5 @@ def test_the_architecture_document_names_every_module():
     for package in ("sharnn", "train", "bench"):
         for f in sorted((REPO / package).glob("*.py")):
             if f.name != "__init__.py":
-                assert f"{package}/{f.name}" in doc, f"docs/architecture.md does not mention {package}/{f.name}"
+                name = f"{package}/{f.name}"
+                assert name in doc, f"docs/architecture.md does not mention {name}"

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 GOLDEN = REPO / "tests" / "golden" / "tiny_curve.json"
 TEXTS = REPO / "tests" / "fixtures" / "license_texts"
-ARGS = ["--preset", "tiny", "--max_steps", "40", "--log_every", "1", "--eval_every", "20", "--save_every", "0",
-        "--sample_bytes", "0", "--no_test_at_end"]
+ARGS = ["--preset", "tiny", "--max_steps", "40", "--log_every", "1", "--eval_every", "20",
+        "--save_every", "0", "--sample_bytes", "0", "--no_test_at_end"]
 # Float noise: the same run on 1 and on 2 threads (other reduction orders) differed by at most 1.5e-7 relative
 # in these losses; a change in what is trained moves them by far more within a few steps.
 RTOL = 1e-4

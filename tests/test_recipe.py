@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,10 @@ from tests.helpers import (
     series,
     subprocess_env,
     train_cmd,
+    wait_for,
+    wait_for_steps,
     weights,
+    workers_of,
 )
 from train.build import unigram_log_probs
 from train.config import TrainConfig
@@ -179,7 +181,8 @@ def test_the_precision_check_stops_when_the_lstm_cannot_run(monkeypatch):
     from train.distributed import check_precision
 
     def unsupported(self, *args, **kwargs):
-        raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation primitive")
+        raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation "
+                           "primitive")
 
     monkeypatch.setattr(torch.nn.LSTM, "forward", unsupported)
     with pytest.raises(SystemExit) as e:
@@ -203,15 +206,16 @@ def test_epochs_end_with_validation_and_resume_across_the_boundary(small_corpus,
     run(train_cmd(*args, "--out", str(split), "--max_steps", str(n0 - 3)), threads=2)
     proc = run(train_cmd(*args, "--out", str(split), "--resume", "auto"), threads=2)
     assert f"at step {n0 - 3}" in proc.stdout
-    a, b = weights(straight / f"checkpoints/step-{n0 + n1:08d}"), weights(split / f"checkpoints/step-{n0 + n1:08d}")
+    last = f"checkpoints/step-{n0 + n1:08d}"
+    a, b = weights(straight / last), weights(split / last)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert series(straight, "train/loss") == series(split, "train/loss")
 
 
 # Dropout off so that ranks and one process compute the same thing (masks are drawn per rank).
-ACCUM = ["--preset", "tiny", "--max_steps", "6", "--warmup_steps", "2", "--eval_every", "3", "--log_every", "1",
-         "--model.dropouth", "0", "--sample_bytes", "0", "--eval_max_segments", "5", "--grad_accum", "2",
-         "--bptt", "32"]
+ACCUM = ["--preset", "tiny", "--max_steps", "6", "--warmup_steps", "2", "--eval_every", "3",
+         "--log_every", "1", "--model.dropouth", "0", "--sample_bytes", "0", "--eval_max_segments", "5",
+         "--grad_accum", "2", "--bptt", "32"]
 
 
 @pytest.mark.slow
@@ -229,18 +233,6 @@ def test_gradient_accumulation_under_ddp_and_deepspeed_matches_one_process(text_
     run(train_cmd(*ACCUM, "--data", str(text_corpus), "--out", str(plain), "--batch_size", "4",
                   "--grad_accum", "1"), threads=2)
     assert series(plain, "train/loss")[2] != pytest.approx(series(one, "train/loss")[2], rel=1e-4)
-
-
-def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert all(p.poll() is None for p in procs) and time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
-def workers_of(proc: subprocess.Popen) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                           text=True).stdout.split()]
 
 
 # Dropout on: each rank's own masks must be restored too.
@@ -336,12 +328,11 @@ def test_best_checkpoint_survives_pruning_and_resume_path_and_sigint(text_corpus
     # SIGINT (Ctrl-C) stops cleanly with a checkpoint that a resume continues from
     ctrl_c = tmp_path / "ctrl-c"
     proc = subprocess.Popen(train_cmd(*STAGE, "--data", str(text_corpus), "--out", str(ctrl_c), "--max_steps",
-                                      "100000", "--warmup_steps", "1", "--eval_every", "0", "--save_every", "0"),
+                                      "100000", "--warmup_steps", "1", "--eval_every", "0", "--save_every",
+                                      "0"),
                             cwd=REPO, env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    while not (ctrl_c / "metrics.jsonl").exists() or len((ctrl_c / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert proc.poll() is None
-        time.sleep(0.1)
+    wait_for_steps(ctrl_c, [proc], 3)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
@@ -359,24 +350,24 @@ def test_mixed_precision_trains_end_to_end(precision, launch, small_corpus, tmp_
     out = tmp_path / precision
     how = {None: None, "ddp": DDP, "deepspeed": deepspeed(tmp_path, 0)}[launch]
     proc = run(train_cmd("--preset", "tiny", "--data", str(small_corpus), "--out", str(out), "--precision",
-                         precision, "--max_steps", "30", "--warmup_steps", "5", "--log_every", "5", "--eval_every",
-                         "15", "--eval_max_segments", "4", "--sample_bytes", "0", "--batch_size", "4",
-                         "--bptt", "32", "--test_streams", "2", launch=how), threads=2)
+                         precision, "--max_steps", "30", "--warmup_steps", "5", "--log_every", "5",
+                         "--eval_every", "15", "--eval_max_segments", "4", "--sample_bytes", "0",
+                         "--batch_size", "4", "--bptt", "32", "--test_streams", "2", launch=how), threads=2)
     assert f"precision {precision}: LSTM forward/backward checked" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit"] == "finished" and summary["step"] == 30 and math.isfinite(summary["test_bpc"])
     loss = series(out, "train/loss")
     assert all(math.isfinite(v) for v in loss.values()) and loss[30] < loss[5]
-    # autocast keeps fp32 weights; DeepSpeed fp16 saves its fp16 module (its fp32 master copy is in its shards)
+    # autocast keeps fp32 weights; DeepSpeed fp16 saves its fp16 module (the fp32 masters are in its shards)
     want = torch.float16 if launch == "deepspeed" else torch.float32
     for value in weights(out / "checkpoints/step-00000030").values():
         assert value.dtype == want and torch.isfinite(value).all()
 
 
 # Dropout off: ranks draw their own masks, so only without dropout do 2 x 4 and 1 x 8 compute the same thing.
-ELASTIC = ["--preset", "tiny", "--warmup_steps", "3", "--log_every", "1", "--sample_bytes", "0", "--eval_every",
-           "10", "--eval_max_segments", "4", "--save_every", "10", "--bptt", "32", "--model.dropouth", "0",
-           "--no_test_at_end"]
+ELASTIC = ["--preset", "tiny", "--warmup_steps", "3", "--log_every", "1", "--sample_bytes", "0",
+           "--eval_every", "10", "--eval_max_segments", "4", "--save_every", "10", "--bptt", "32",
+           "--model.dropouth", "0", "--no_test_at_end"]
 
 
 @pytest.mark.slow
@@ -390,8 +381,8 @@ def test_elastic_resume_keeps_the_streams_on_another_number_of_ranks(text_corpus
                          "--resume", "auto"), threads=2)
     assert "at step 10" in proc.stdout
     run(train_cmd(*args, "--out", str(one_to_two), "--batch_size", "8", "--max_steps", "10"), threads=2)
-    run(train_cmd(*args, "--out", str(one_to_two), "--batch_size", "4", "--max_steps", "20", "--resume", "auto",
-                  launch=DDP))
+    run(train_cmd(*args, "--out", str(one_to_two), "--batch_size", "4", "--max_steps", "20", "--resume",
+                  "auto", launch=DDP))
     want = weights(straight / "checkpoints/step-00000020")
     for out in (two_to_one, one_to_two):
         # the same streams with the same carried state: equal up to the all-reduce's float noise
@@ -404,9 +395,10 @@ def test_elastic_resume_keeps_the_streams_on_another_number_of_ranks(text_corpus
     # another number of streams: refused with the layouts that work, or fresh streams on request
     fresh = tmp_path / "fresh"
     run(train_cmd(*args, "--out", str(fresh), "--batch_size", "8", "--max_steps", "10"), threads=2)
-    proc = run(train_cmd(*args, "--out", str(fresh), "--batch_size", "4", "--max_steps", "11", "--resume", "auto"),
-               check=False)
-    assert proc.returncode != 0 and "1 x 8, 2 x 4, 4 x 2, 8 x 1" in proc.stderr and "--restart_streams" in proc.stderr
+    proc = run(train_cmd(*args, "--out", str(fresh), "--batch_size", "4", "--max_steps", "11", "--resume",
+                         "auto"), check=False)
+    assert proc.returncode != 0 and "1 x 8, 2 x 4, 4 x 2, 8 x 1" in proc.stderr
+    assert "--restart_streams" in proc.stderr
     run(train_cmd(*args, "--out", str(fresh), "--batch_size", "4", "--max_steps", "11", "--resume", "auto",
                   "--restart_streams"), threads=2)
     loader = json.loads((fresh / "checkpoints/step-00000011/train_state.json").read_text())["loader"]
