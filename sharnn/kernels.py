@@ -76,7 +76,10 @@ def cpu_attention(keys: Tensor) -> bool:
     return keys.device.type == "cpu" and _cpu_kernels in _WRITTEN_ATTENTION
 
 
-set_cpu_kernels(os.environ.get(ENV_VAR) or "fast")
+try:
+    set_cpu_kernels(os.environ.get(ENV_VAR) or "fast")
+except ValueError as e:
+    raise ValueError(f"${ENV_VAR}: {e}") from None
 
 
 _CHUNK = 1 << 20  # elements per generator: a mask depends on the seed and its size, not on the thread count
