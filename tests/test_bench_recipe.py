@@ -1,0 +1,100 @@
+"""python -m bench.recipe: variants (flags, git revisions) over seeds, paired by seed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _head() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """~40 KB of real text (standard library sources): 4 KB valid, 4 KB test."""
+    from sharnn.prepare import prepare_files
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"".join(p.read_bytes() for p in sorted(stdlib.glob("*.py")))[:40_000])
+    out = tmp_path / "corpus"
+    prepare_files([src], out, valid_bytes=4_000, test_bytes=4_000)
+    return out
+
+
+def test_recipe_runs_a_revision_in_its_worktree_and_writes_the_json(small_corpus, tmp_path, capsys):
+    import bench.recipe
+
+    head = _head()
+    if head is None:
+        pytest.skip("not a git checkout")
+    worktree = Path(tempfile.gettempdir()) / f"sharnn-rev-{head[:12]}"
+    existed = worktree.exists()
+    out = tmp_path / "recipe.json"
+    extra = ["--max_steps", "3", "--warmup_steps", "1", "--batch_size", "2", "--bptt", "16", "--log_every", "1",
+             "--eval_max_segments", "2"]
+    argv = ["--data", str(small_corpus), "--variant", "head@HEAD:--state_reset_prob 0.5", "--seeds", "1",
+            "--first_seed", "3", "--early_steps", "2", "--json", str(out), "--", *extra]
+    assert bench.recipe.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python -m bench.recipe") and record["date"] and record["machine"]
+    assert record["common_flags"] == bench.recipe.COMMON + extra and record["pairs"] == []
+    assert record["variants"] == [{"name": "head", "rev": "HEAD", "sha": head, "tree": str(worktree),
+                                   "flags": ["--state_reset_prob", "0.5"]}]
+    (run,) = record["runs"]
+    assert run["variant"] == "head" and run["seed"] == 3 and run["step"] == 3 and run["wall_s"] > 0
+    assert head.startswith(run["git_sha"])  # the trainer's own log line: the worktree's code ran
+    assert run["state_reset_prob"] == 0.5 and run["output_bias_init"] == "zeros"  # read from its config.yaml
+    for key in ("best_val_bpc", "test_bpc", "val_bpc"):
+        assert 0 < run[key] < 10
+        d = record["summary"][key]["variants"]["head"]
+        assert d["n"] == 1 and d["std"] is None and d["se"] is None and d["mean"] == run[key]
+        assert d["values"] == {"3": run[key]}
+    assert run["val_curve"][-1]["step"] == 3 and run["val_curve"][-1]["bpc"] == run["val_bpc"]
+    assert set(run["early_train_bpc"]) == {"2"} and 0 < run["early_train_bpc"]["2"] < 10
+    assert record["summary_early_train_bpc"]["2"]["variants"]["head"]["values"] == {"3": run["early_train_bpc"]["2"]}
+    assert record["wall_s"]["head"]["n"] == 1
+    assert worktree.exists() == existed  # made here, removed at exit (or someone else's, left alone)
+    table = capsys.readouterr().out
+    assert "best_val_bpc" in table and "test_bpc" in table
+
+
+def test_recipe_variants_and_paired_statistics():
+    from bench.recipe import Variant, summarize
+
+    v = Variant.parse("after+unigram@HEAD:--output_bias_init unigram --seed 3")
+    assert (v.name, v.rev, v.flags) == ("after+unigram", "HEAD", ["--output_bias_init", "unigram", "--seed", "3"])
+    assert Variant.parse("plain") == Variant("plain") and Variant.parse("x:--a 1").flags == ["--a", "1"]
+    runs = [{"variant": n, "seed": s, "m": x} for n, s, x in
+            [("a", 1, 2.0), ("b", 1, 2.1), ("a", 2, 2.4), ("b", 2, 2.3), ("a", 3, 2.2), ("b", 3, None)]]
+    s = summarize(runs, ["a", "b"], [("a", "b")], lambda r: r["m"])
+    a, b = s["variants"]["a"], s["variants"]["b"]
+    assert a["n"] == 3 and abs(a["mean"] - 2.2) < 1e-12 and abs(a["std"] - 0.2) < 1e-12
+    assert abs(a["se"] - 0.2 / 3 ** 0.5) < 1e-12 and b["n"] == 2
+    d = s["paired"]["a - b"]  # seeds 1 and 2 only: -0.1 and +0.1
+    assert d["n"] == 2 and abs(d["mean"]) < 1e-12 and abs(d["std"] - 2 ** 0.5 * 0.1) < 1e-12
+    assert sorted(d["values"]) == [1, 2]
+
+
+def test_recipe_refuses_bad_arguments(small_corpus, tmp_path, capsys):
+    import bench.recipe
+
+    data = ["--data", str(small_corpus)]
+    for argv, message in ([["--data", str(tmp_path)], "not a prepared corpus"],
+                          [data + ["--variant", "a", "--variant", "a:--seed 2"], "variant names must differ"],
+                          [data + ["--variant", "a", "--pair", "a:b"], "unknown variant"],
+                          [data + ["--variant", "a", "--pair", "ab"], "expected A:B"],
+                          [data + ["--variant", "@HEAD"], "empty name"],
+                          [data + ["--seeds", "0"], "must be >= 1"]):
+        with pytest.raises(SystemExit) as e:
+            bench.recipe.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
