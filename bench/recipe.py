@@ -17,10 +17,10 @@ an interrupted measurement keeps its complete pairs.
 
 Per variant: mean, standard deviation and standard error over seeds of the final validation bpc
 (summary.json val_bpc), the best validation bpc (best_val_bpc) and the test bpc of the checkpoint the trainer
-picked (test_bpc), and the per-seed values; per --pair A:B the paired per-seed differences A - B (the same seed
-is the same initial weights and data order), with mean, standard deviation, standard error and t; and the
-training bpc early in training (metrics.jsonl train/bpc, the mean over the log_every steps ending at each of
---early_steps) with the same statistics.
+picked (test_bpc), and the per-seed values; per --pair A:B the paired per-seed differences A - B (the same
+seed is the same initial weights and data order), with mean, standard deviation, standard error and t; and
+the training bpc early in training (metrics.jsonl train/bpc, the mean over the log_every steps ending at each
+of --early_steps) with the same statistics.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the measured configuration: tiny (d_model 128, 2 blocks, memory 512) with the paper's dropouts raised, 16 streams
-# of 64 bytes, 2 epochs (the step limit out of the way), validation on the whole split at epoch ends only (as the
-# reference), no samples, a checkpoint every 300 steps. Every flag exists at ad49ba3 and after.
+# the measured configuration: tiny (d_model 128, 2 blocks, memory 512) with the paper's dropouts raised,
+# 16 streams of 64 bytes, 2 epochs (the step limit out of the way), validation on the whole split at epoch
+# ends only (as the reference), no samples, a checkpoint every 300 steps. Every flag exists at ad49ba3 and
+# after.
 COMMON = ["--preset", "tiny", "--model.dropout", "0.1", "--model.dropouth", "0.1", "--model.dropouti", "0.1",
           "--batch_size", "16", "--bptt", "64", "--epochs", "2", "--max_steps", "100000", "--eval_every", "0",
           "--eval_max_segments", "100000", "--sample_bytes", "0", "--save_every", "300", "--log_every", "10"]
@@ -74,7 +75,8 @@ class Variant:
         return cls(name=name.strip(), rev=rev.strip() or None, flags=shlex.split(flags))
 
     def spec(self) -> str:
-        return self.name + (f"@{self.rev}" if self.rev else "") + (":" + shlex.join(self.flags) if self.flags else "")
+        rev = f"@{self.rev}" if self.rev else ""
+        return self.name + rev + (":" + shlex.join(self.flags) if self.flags else "")
 
 
 class Worktrees:
@@ -85,11 +87,12 @@ class Worktrees:
         atexit.register(self.close)
 
     def get(self, rev: str) -> tuple[str, Path]:
-        sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.strip()
         path = Path(tempfile.gettempdir()) / f"sharnn-rev-{sha[:12]}"
         if path.exists():
-            here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True).stdout.strip()
+            here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,
+                                  text=True).stdout.strip()
             if here != sha:
                 raise RuntimeError(f"{path} exists but is not a checkout of {sha} (HEAD {here or 'unknown'})")
         else:
@@ -146,7 +149,8 @@ def run_one(variant: Variant, seed: int, args, extra: list[str], root: Path) -> 
     m = re.search(r"sharnn \S+ \(([^)]*)\), torch", log)
     ran_sha = m.group(1) if m else None
     if variant.sha and (ran_sha is None or not variant.sha.startswith(ran_sha)):
-        raise RuntimeError(f"variant {variant.name}: expected code of {variant.sha}, the trainer says {ran_sha!r}")
+        raise RuntimeError(f"variant {variant.name}: expected code of {variant.sha}, the trainer says "
+                           f"{ran_sha!r}")
     vals = [{"step": r["step"], "bpc": r["val/bpc"]} for r in metrics if "val/bpc" in r]
     return {"variant": variant.name, "seed": seed, "wall_s": wall, "git_sha": ran_sha,
             "state_reset_prob": float(cfg["state_reset_prob"]) if "state_reset_prob" in cfg else None,
@@ -187,8 +191,8 @@ def print_table(title: str, s: dict) -> None:
         print(f"{name:16s} {d['n']:2d} {fmt(d['mean']):>7s} {fmt(d['std']):>7s} {fmt(d['se']):>7s}  {seeds}")
     for name, d in s["paired"].items():
         seeds = " ".join(f"{k}:{v:+.4f}" for k, v in sorted(d["values"].items()))
-        print(f"  {name:28s} n={d['n']} mean {fmt(d['mean'], sign=True)} std {fmt(d['std'])} se {fmt(d['se'])} "
-              f"t {fmt(d['t'], 2, sign=True)}  {seeds}")
+        print(f"  {name:28s} n={d['n']} mean {fmt(d['mean'], sign=True)} std {fmt(d['std'])} "
+              f"se {fmt(d['se'])} t {fmt(d['t'], 2, sign=True)}  {seeds}")
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -260,11 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         record = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": command,
                   "machine": f"{platform.processor() or platform.machine()} x{os.cpu_count()} cores",
                   "threads": args.threads, "data": str(args.data), "common_flags": COMMON + extra,
-                  "variants": [{"name": v.name, "rev": v.rev, "sha": v.sha, "tree": str(v.tree), "flags": v.flags}
-                               for v in variants],
+                  "variants": [{"name": v.name, "rev": v.rev, "sha": v.sha, "tree": str(v.tree),
+                                "flags": v.flags} for v in variants],
                   "pairs": [f"{a} - {b}" for a, b in pairs], "early_steps": args.early_steps, "runs": []}
         for v in variants:
-            print(f"variant {v.name}: {v.sha or 'working tree'} in {v.tree}, flags {shlex.join(v.flags) or '-'}")
+            print(f"variant {v.name}: {v.sha or 'working tree'} in {v.tree}, "
+                  f"flags {shlex.join(v.flags) or '-'}")
         print(f"common trainer flags: {shlex.join(COMMON + extra)}\n")
         print(f"{'seed':>4s} {'variant':16s} {'sha':>9s} {'resets':>6s} {'steps':>5s} {'best@':>5s} "
               f"{'val':>7s} {'best val':>8s} {'test':>7s} {'wall s':>7s}", flush=True)
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             print_table(k, record["summary"][k])
         for s, summ in record["summary_early_train_bpc"].items():
             print_table(f"train/bpc at step {s} (mean over the log interval ending there)", summ)
-        print("\nwall s per run: " + ", ".join(f"{n} {fmt(d['mean'], 1)}" for n, d in record["wall_s"].items()))
+        walls = ", ".join(f"{n} {fmt(d['mean'], 1)}" for n, d in record["wall_s"].items())
+        print("\nwall s per run: " + walls)
     finally:
         if args.keep:
             print(f"runs kept in {root}")

@@ -40,8 +40,8 @@ def test_recipe_runs_a_revision_in_its_worktree_and_writes_the_json(small_corpus
     worktree = Path(tempfile.gettempdir()) / f"sharnn-rev-{head[:12]}"
     existed = worktree.exists()
     out = tmp_path / "recipe.json"
-    extra = ["--max_steps", "3", "--warmup_steps", "1", "--batch_size", "2", "--bptt", "16", "--log_every", "1",
-             "--eval_max_segments", "2"]
+    extra = ["--max_steps", "3", "--warmup_steps", "1", "--batch_size", "2", "--bptt", "16",
+             "--log_every", "1", "--eval_max_segments", "2"]
     argv = ["--data", str(small_corpus), "--variant", "head@HEAD:--state_reset_prob 0.5", "--seeds", "1",
             "--first_seed", "3", "--early_steps", "2", "--json", str(out), "--", *extra]
     assert bench.recipe.main(argv) == 0
@@ -61,7 +61,8 @@ def test_recipe_runs_a_revision_in_its_worktree_and_writes_the_json(small_corpus
         assert d["values"] == {"3": run[key]}
     assert run["val_curve"][-1]["step"] == 3 and run["val_curve"][-1]["bpc"] == run["val_bpc"]
     assert set(run["early_train_bpc"]) == {"2"} and 0 < run["early_train_bpc"]["2"] < 10
-    assert record["summary_early_train_bpc"]["2"]["variants"]["head"]["values"] == {"3": run["early_train_bpc"]["2"]}
+    early = record["summary_early_train_bpc"]["2"]["variants"]["head"]["values"]
+    assert early == {"3": run["early_train_bpc"]["2"]}
     assert record["wall_s"]["head"]["n"] == 1
     assert worktree.exists() == existed  # made here, removed at exit (or someone else's, left alone)
     table = capsys.readouterr().out
@@ -72,7 +73,8 @@ def test_recipe_variants_and_paired_statistics():
     from bench.recipe import Variant, summarize
 
     v = Variant.parse("after+unigram@HEAD:--output_bias_init unigram --seed 3")
-    assert (v.name, v.rev, v.flags) == ("after+unigram", "HEAD", ["--output_bias_init", "unigram", "--seed", "3"])
+    assert (v.name, v.rev, v.flags) == ("after+unigram", "HEAD",
+                                        ["--output_bias_init", "unigram", "--seed", "3"])
     assert Variant.parse("plain") == Variant("plain") and Variant.parse("x:--a 1").flags == ["--a", "1"]
     runs = [{"variant": n, "seed": s, "m": x} for n, s, x in
             [("a", 1, 2.0), ("b", 1, 2.1), ("a", 2, 2.4), ("b", 2, 2.3), ("a", 3, 2.2), ("b", 3, None)]]
