@@ -28,19 +28,20 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import math
 import os
 import platform
 import re
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.seeds import describe, fmt, paired
+from sharnn import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,28 +161,11 @@ def run_one(variant: Variant, seed: int, args, extra: list[str], root: Path) -> 
             "val_curve": vals, "early_train_bpc": early_train_bpc(metrics, args.early_steps)}
 
 
-def describe(values: list[float]) -> dict:
-    n = len(values)
-    mean = statistics.fmean(values) if n else None
-    std = statistics.stdev(values) if n > 1 else None
-    return {"n": n, "mean": mean, "std": std, "se": std / math.sqrt(n) if std is not None else None}
-
-
 def summarize(runs: list[dict], names: list[str], pairs: list[tuple[str, str]], get) -> dict:
     """get(run) -> value or None. Per variant: describe + per-seed values; per pair (a, b): a - b by seed."""
     by = {n: {r["seed"]: get(r) for r in runs if r["variant"] == n and get(r) is not None} for n in names}
-    out = {"variants": {n: {**describe(list(v.values())), "values": v} for n, v in by.items()}, "paired": {}}
-    for a, b in pairs:
-        seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
-        diffs = {s: by[a][s] - by[b][s] for s in seeds}
-        d = describe(list(diffs.values()))
-        d["t"] = d["mean"] / d["se"] if d["se"] else None
-        out["paired"][f"{a} - {b}"] = {**d, "values": diffs}
-    return out
-
-
-def fmt(x, digits: int = 4, sign: bool = False) -> str:
-    return "-" if x is None else (f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}")
+    return {"variants": {n: {**describe(list(v.values())), "values": v} for n, v in by.items()},
+            "paired": {f"{a} - {b}": paired(by.get(a, {}), by.get(b, {})) for a, b in pairs}}
 
 
 def print_table(title: str, s: dict) -> None:
@@ -197,9 +181,7 @@ def print_table(title: str, s: dict) -> None:
 
 def write_json(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic.write_json(path, record)
 
 
 def build_summaries(record: dict, names: list[str], pairs: list[tuple[str, str]]) -> None:
