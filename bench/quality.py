@@ -1,6 +1,6 @@
 """Does a CPU kernel setting train the same model as torch's ops? Final validation bpc over seeds, paired.
 
-    python -m bench.quality                                   # small preset, 300 steps, 4 seeds, fast vs torch
+    python -m bench.quality               # small preset, 300 steps, 4 seeds, fast vs torch
     python -m bench.quality --preset tiny --steps 1000 --seeds 20 --json bench/out/quality.json \\
         -- --model.mem_len 1024 --model.dropouth 0.1 --model.dropouti 0.1 --model.dropout 0.1
     python -m bench.quality --impl fast --impl torch --impl fast-masks --impl fast-attention ...
@@ -8,12 +8,12 @@
 Every run is the trainer itself (`python -m train`) in a fresh process, with SHARNN_CPU_KERNELS=<impl>
 (sharnn.kernels.set_cpu_kernels) and OMP_NUM_THREADS=--threads, for exactly --steps optimizer steps: no state
 resets (--state_reset_prob 0), no evaluation before the end, no checkpoints but the last, no test, no samples.
-Flags after `--` go to the trainer (architecture, eval length, ...). Runs go seed by seed, every implementation
-of a seed in turn, and the JSON is rewritten after each run, so an interrupted measurement keeps its complete
-pairs. The same seed means the same initial weights and the same data order (the loader draws from the seed,
-not from torch's generator), so per-seed differences are paired; the table gives each implementation's mean,
-standard deviation and standard error over seeds, and the mean and standard error of the paired differences
-against the reference implementation (torch's ops, when measured).
+Flags after `--` go to the trainer (architecture, eval length, ...). Runs go seed by seed, every
+implementation of a seed in turn, and the JSON is rewritten after each run, so an interrupted measurement
+keeps its complete pairs. The same seed means the same initial weights and the same data order (the loader
+draws from the seed, not from torch's generator), so per-seed differences are paired; the table gives each
+implementation's mean, standard deviation and standard error over seeds, and the mean and standard error of
+the paired differences against the reference implementation (torch's ops, when measured).
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.seeds import describe, fmt, paired
+from sharnn import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +40,8 @@ def train_command(preset: str, data: Path, out: Path, steps: int, seed: int, ext
     from train.config import preset as preset_config
 
     # the preset's warmup, shortened to the run when the run is shorter (the trainer refuses otherwise)
-    warmup = [] if "--warmup_steps" in extra else ["--warmup_steps", str(min(preset_config(preset).warmup_steps, steps))]
+    warmup = ([] if "--warmup_steps" in extra
+              else ["--warmup_steps", str(min(preset_config(preset).warmup_steps, steps))])
     return [sys.executable, "-m", "train", "--preset", preset, "--data", str(data), "--out", str(out),
             "--max_steps", str(steps), "--epochs", "1000", "--seed", str(seed), "--state_reset_prob", "0",
             "--eval_every", "0", "--save_every", "0", "--keep_last", "1", "--no_test_at_end",
@@ -70,13 +73,6 @@ def run_one(impl: str, seed: int, args, extra: list[str]) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def describe(values: list[float]) -> dict:
-    n = len(values)
-    mean = statistics.fmean(values) if n else None
-    std = statistics.stdev(values) if n > 1 else None
-    return {"n": n, "mean": mean, "std": std, "se": std / math.sqrt(n) if std is not None else None}
-
-
 def summarize(runs: list[dict], impls: list[str], key: str = "val_bpc") -> dict:
     """Per implementation: mean, std, se and the per-seed values of `key`; paired differences against the
     reference (torch if measured, else the first implementation) over the seeds both completed."""
@@ -84,20 +80,8 @@ def summarize(runs: list[dict], impls: list[str], key: str = "val_bpc") -> dict:
           for impl in impls}
     reference = "torch" if "torch" in impls else impls[0]
     per_impl = {impl: {**describe(list(v.values())), "values": v} for impl, v in by.items()}
-    paired = {}
-    for impl in impls:
-        if impl == reference:
-            continue
-        seeds = sorted(set(by[impl]) & set(by[reference]))
-        diffs = {s: by[impl][s] - by[reference][s] for s in seeds}
-        d = describe(list(diffs.values()))
-        d["t"] = d["mean"] / d["se"] if d["se"] else None
-        paired[impl] = {**d, "values": diffs}
-    return {"metric": key, "reference": reference, "impls": per_impl, "paired": paired}
-
-
-def fmt(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+    pairs = {impl: paired(by[impl], by[reference]) for impl in impls if impl != reference}
+    return {"metric": key, "reference": reference, "impls": per_impl, "paired": pairs}
 
 
 def print_table(summary: dict) -> None:
@@ -115,15 +99,12 @@ def print_table(summary: dict) -> None:
 
 def write_json(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic.write_json(path, record)
 
 
 # --------------------------------------------------------------------------------- direct mask statistics
 def _corr_z(a, b) -> float:
     """sqrt(n) x the Pearson correlation of two equally long bool masks: N(0, 1) when they are independent."""
-    import torch
 
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
@@ -180,15 +161,18 @@ def mask_checks(p: float = 0.1, seed: int = 1234) -> list[dict]:
                 torch.manual_seed(seed + rank)
                 ranks.append([kernels.keep_mask(shape, p) for _ in range(8)])
             zrow(setting, "rank 0 vs rank 1, same call", [_corr_z(a, b) for a, b in zip(*ranks)])
-            zrow(setting, "rank 0 call k+1 vs rank 1 call k", [_corr_z(a, b) for a, b in zip(ranks[0][1:], ranks[1])])
+            zrow(setting, "rank 0 call k+1 vs rank 1 call k",
+                 [_corr_z(a, b) for a, b in zip(ranks[0][1:], ranks[1])])
 
             # the model: masks of its dropout layers (output == 0), the measured tiny configuration
-            cfg = ModelConfig(d_model=128, d_ff=512, n_layer=2, mem_len=1024, dropout=p, dropouth=p, dropouti=p)
+            cfg = ModelConfig(d_model=128, d_ff=512, n_layer=2, mem_len=1024,
+                              dropout=p, dropouth=p, dropouti=p)
             torch.manual_seed(seed)
             model = SHARNN(cfg).train()
             seen: dict[str, list] = {}
-            hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(
-                (out != 0) if inp[0].ne(0).all() else None))
+            hooks = [m.register_forward_hook(
+                lambda mod, inp, out, name=name: seen.setdefault(name, []).append(
+                    (out != 0) if inp[0].ne(0).all() else None))
                 for name, m in model.named_modules() if isinstance(m, kernels.Dropout)]
             attn, inside = [], []
             real_masked, real_attend = kernels.masked, kernels._attend
@@ -239,7 +223,8 @@ def mask_checks(p: float = 0.1, seed: int = 1234) -> list[dict]:
                 zrow(setting, "attention values, same memory content, step k vs k+1",
                      [_corr_z(a[T:], b[:-T]) for a, b in zip(values, values[1:]) if a.shape == b.shape])
                 zrow(setting, "attention weights mask vs values mask, same step",
-                     [_corr_z(a.flatten()[:b.numel()], b.flatten()[:a.numel()]) for a, b in zip(weights, values)])
+                     [_corr_z(a.flatten()[:b.numel()], b.flatten()[:a.numel()])
+                      for a, b in zip(weights, values)])
     finally:
         kernels.set_cpu_kernels(previous)
     return rows
@@ -277,15 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=4, help="number of seeds (default: 4)")
     parser.add_argument("--first_seed", type=int, default=1, help="seeds are first_seed, first_seed + 1, ...")
     parser.add_argument("--impl", action="append", choices=None,
-                        help="CPU kernel setting (repeatable; sharnn.kernels.CPU_KERNELS); default: fast, torch")
+                        help="CPU kernel setting (repeatable; sharnn.kernels.CPU_KERNELS); "
+                             "default: fast, torch")
     parser.add_argument("--threads", type=int, default=1, help="threads per training process (default: 1)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "demo",
-                        help="prepared corpus (default: data/demo, made by `sharnn-prepare demo --out data/demo`)")
+                        help="prepared corpus (default: data/demo, made by "
+                             "`sharnn-prepare demo --out data/demo`)")
     parser.add_argument("--json", type=Path, help="write runs and summary here (rewritten after every run)")
     parser.add_argument("--masks", action="store_true",
                         help="instead of training: direct statistics of the masks (seconds)")
     parser.add_argument("--report", type=Path, metavar="JSON",
-                        help="instead of training: print the tables of a JSON this command wrote (complete or not)")
+                        help="instead of training: print the tables of a JSON this command wrote "
+                             "(complete or not)")
     args = parser.parse_args(argv)
     if args.report:
         record = json.loads(args.report.read_text())
@@ -301,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         print_mask_checks(rows)
         if args.json:
             write_json(args.json, {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                   "command": "python -m bench.quality " + " ".join(argv), "mask_checks": rows})
+                                   "command": "python -m bench.quality " + " ".join(argv),
+                                   "mask_checks": rows})
         return 0
 
     from sharnn.kernels import CPU_KERNELS

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 CPU_KERNELS = ("fast", "torch", "fast-masks", "fast-attention")
 ENV_VAR = "SHARNN_CPU_KERNELS"
 _NUMPY_MASKS = {"fast", "fast-masks"}  # settings whose masks come from numpy's PCG64
@@ -103,7 +102,8 @@ def _in_chunks(n: int, fill) -> None:
 
 
 def _draw_keep(i: int, seed: int, p: float, out: np.ndarray) -> None:
-    """Chunk i's mask: uniform float32 u from PCG64 stream [seed, i] (24 random bits each), keep where u >= p."""
+    """Chunk i's mask: uniform float32 u from PCG64 stream [seed, i] (24 random bits each), keep where
+    u >= p."""
     u = np.random.Generator(np.random.PCG64([seed, i])).random(out.size, dtype=np.float32)
     np.greater_equal(u, np.float32(p), out=out)
 
@@ -121,7 +121,8 @@ def keep_mask(shape: tuple[int, ...], p: float) -> Tensor:
 
 def masked(x: Tensor, p: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """(x * keep * scale, keep) with keep = keep_mask(x.shape, p): the same mask for the same seed. For a
-    contiguous float32 x the mask is applied chunk by chunk right after it is drawn, while both are in cache."""
+    contiguous float32 x the mask is applied chunk by chunk right after it is drawn, while both are in
+    cache."""
     if x.dtype != torch.float32 or not x.is_contiguous() or not _numpy_masks():
         keep = keep_mask(x.shape, p)
         out = torch.where(keep, x, 0)
@@ -232,6 +233,7 @@ class _Attention(torch.autograd.Function):
         grad_scores = torch._softmax_backward_data(grad_dropped.to(weights.dtype), weights, -1, weights.dtype)
         # the scores' 1/sqrt(C) goes on the (B, T, C) products
         grad_q = torch.bmm(grad_scores.to(keys.dtype), keys.transpose(0, 1)) * (1.0 / math.sqrt(C))
-        grad_keys = torch.bmm(grad_scores[:, :, K - T:].transpose(1, 2), q.transpose(0, 1).to(grad_scores.dtype))
+        grad_keys = torch.bmm(grad_scores[:, :, K - T:].transpose(1, 2),
+                              q.transpose(0, 1).to(grad_scores.dtype))
         grad_segment = (grad_keys * (1.0 / math.sqrt(C)) + grad_values).transpose(0, 1)  # (T, B, C)
         return grad_q.transpose(0, 1), None, grad_segment, None

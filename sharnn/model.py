@@ -109,10 +109,12 @@ class SingleHeadAttention(nn.Module):
                          self.query_ln.bias.float(), LN_EPS)
         q = dropout(torch.sigmoid(self.q_gate.float()) * q, drop, self.training)
         # The key and value gates scale features, so they move off the (memory + T)-long keys onto the
-        # T-long side: q . (k_gate * keys) == (q * k_gate) . keys, and A @ (v_gate * keys) == v_gate * (A @ keys).
+        # T-long side: q . (k_gate * keys) == (q * k_gate) . keys, and
+        # A @ (v_gate * keys) == v_gate * (A @ keys).
         # The dropout the reference applies to v = v_gate * keys is drawn on keys: same shape, same mask.
         q = (q * torch.sigmoid(self.k_gate.float())).to(keys.dtype)
-        if cpu_attention(keys):  # CPU, sharnn.kernels.set_cpu_kernels("fast"): written out, fast dropout masks
+        # CPU, sharnn.kernels.set_cpu_kernels("fast"): written out, fast dropout masks
+        if cpu_attention(keys):
             out = attend_cpu(q, keys, segment_keys, drop)
         else:  # CUDA, or CPU with set_cpu_kernels("torch"): torch's SDPA. (T, B, C) -> (B, 1, T, C): one head
             v = dropout(keys, drop, self.training)  # F.dropout, except under set_cpu_kernels("fast-masks")

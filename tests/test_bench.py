@@ -70,7 +70,8 @@ def test_quality_trains_each_implementation_and_pairs_the_seeds(text_corpus, tmp
 
     out = tmp_path / "quality.json"
     assert bench.quality.main(["--preset", "tiny", "--steps", "2", "--seeds", "1", "--data", str(text_corpus),
-                               "--json", str(out), "--", "--eval_max_segments", "2", "--batch_size", "2"]) == 0
+                               "--json", str(out), "--", "--eval_max_segments", "2",
+                               "--batch_size", "2"]) == 0
     record = json.loads(out.read_text())
     assert record["impls"] == ["fast", "torch"] and record["steps"] == 2 and record["preset"] == "tiny"
     assert record["command"].startswith("python -m bench.quality") and record["date"] and record["machine"]
@@ -83,7 +84,8 @@ def test_quality_trains_each_implementation_and_pairs_the_seeds(text_corpus, tmp
         d = summary["impls"][impl]
         assert d["n"] == 1 and d["std"] is None and d["mean"] == d["values"]["1"]
     paired = summary["paired"]["fast"]
-    assert paired["n"] == 1 and paired["mean"] == summary["impls"]["fast"]["mean"] - summary["impls"]["torch"]["mean"]
+    assert paired["n"] == 1 and paired["mean"] == (summary["impls"]["fast"]["mean"]
+                                                   - summary["impls"]["torch"]["mean"])
     table = capsys.readouterr().out
     assert "fast - torch" in table and "paired n=1" in table
 
@@ -107,7 +109,8 @@ def test_quality_refuses_unknown_settings_and_missing_corpora(tmp_path, capsys):
 
     import bench.quality
 
-    for argv, message in ([["--impl", "numpy"], "unknown --impl"], [["--data", str(tmp_path)], "sharnn-prepare demo"]):
+    for argv, message in ([["--impl", "numpy"], "unknown --impl"],
+                          [["--data", str(tmp_path)], "sharnn-prepare demo"]):
         with pytest.raises(SystemExit) as e:
             bench.quality.main(argv + (["--data", str(tmp_path)] if "--data" not in argv else []))
         assert e.value.code == 2 and message in capsys.readouterr().err

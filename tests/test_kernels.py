@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import sharnn.kernels as kernels
 import sharnn.model
-from sharnn import ModelConfig, SHARNN
+from sharnn import SHARNN, ModelConfig
 from sharnn.kernels import attend_cpu, dropout, keep_mask
 
 
@@ -42,7 +42,8 @@ def test_attention_matches_sdpa_with_gradients(M):
 
 
 def test_attention_dropout_is_the_reference_formula(monkeypatch):
-    """Dropout p on the weights and on the values, each rescaled by 1/(1-p); gradients through the same masks."""
+    """Dropout p on the weights and on the values, each rescaled by 1/(1-p); gradients through the same
+    masks."""
     q, memory, segment = inputs()
     keys = torch.cat([memory, segment])
     masks = []
@@ -57,7 +58,8 @@ def test_attention_dropout_is_the_reference_formula(monkeypatch):
     keep_weights, keep_values = masks
     T, C = q.shape[0], q.shape[2]
     scores = (q.transpose(0, 1) / math.sqrt(C)) @ keys.permute(1, 2, 0)
-    causal = torch.cat([torch.ones(T, memory.shape[0], dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+    causal = torch.cat([torch.ones(T, memory.shape[0], dtype=torch.bool),
+                        torch.ones(T, T, dtype=torch.bool).tril()], 1)
     weights = scores.masked_fill(~causal, float("-inf")).softmax(-1) * keep_weights / (1 - p)
     want = (weights @ (keys * keep_values / (1 - p)).transpose(0, 1)).transpose(0, 1)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
@@ -121,8 +123,10 @@ def test_dropout_zeroes_and_rescales():
 
 @pytest.mark.parametrize("attn", ["penultimate", "all"])
 def test_model_cpu_path_equals_torch_path_in_training(attn, monkeypatch):
-    """Training mode, dropout off: the written-out attention gives the loss and every gradient of the SDPA path."""
-    cfg = ModelConfig(d_model=32, d_ff=64, n_layer=3, attn=attn, mem_len=20, dropout=0, dropouth=0, dropouti=0)
+    """Training mode, dropout off: the written-out attention gives the loss and every gradient of the SDPA
+    path."""
+    cfg = ModelConfig(d_model=32, d_ff=64, n_layer=3, attn=attn, mem_len=20,
+                      dropout=0, dropouth=0, dropouti=0)
     torch.manual_seed(0)
     model = SHARNN(cfg).double().train()
     x, y = torch.randint(0, 256, (8, 2)), torch.randint(0, 256, (8, 2))
@@ -150,8 +154,9 @@ def test_model_cpu_path_equals_torch_path_in_training(attn, monkeypatch):
 
 
 def test_training_under_bf16_autocast_tracks_fp32_with_the_same_masks():
-    """The CPU attention's custom backward under autocast; the bf16 tensors take keep_mask's generic path, which
-    draws the masks the fp32 fast path draws for the same seed, so the two runs see the same dropout."""
+    """The CPU attention's custom backward under autocast; the bf16 tensors take keep_mask's generic path,
+    which draws the masks the fp32 fast path draws for the same seed, so the two runs see the same
+    dropout."""
     cfg = ModelConfig(d_model=32, d_ff=64, n_layer=3, attn="all", mem_len=20)
     torch.manual_seed(0)
     model = SHARNN(cfg).train()
@@ -210,8 +215,8 @@ def test_switch_starts_from_the_environment(value, want):
 
 
 def small_training_model(dropout=0.1, dtype=torch.float32):
-    cfg = ModelConfig(d_model=32, d_ff=64, n_layer=3, attn="all", mem_len=20, dropout=dropout, dropouth=dropout,
-                      dropouti=dropout)
+    cfg = ModelConfig(d_model=32, d_ff=64, n_layer=3, attn="all", mem_len=20, dropout=dropout,
+                      dropouth=dropout, dropouti=dropout)
     torch.manual_seed(0)
     model = SHARNN(cfg).to(dtype).train()
     x, y = torch.randint(0, 256, (8, 2)), torch.randint(0, 256, (8, 2))
@@ -271,8 +276,9 @@ def test_each_setting_takes_its_path(setting, kernels_setting, monkeypatch):
 
 
 def test_torch_setting_is_the_cuda_code_path(kernels_setting, monkeypatch):
-    """Under "torch" a CPU step runs what the model runs on CUDA (where fast_path and cpu_attention are False):
-    the same loss and gradients bit for bit from the same seed, and the same draws from torch's generator."""
+    """Under "torch" a CPU step runs what the model runs on CUDA (where fast_path and cpu_attention are
+    False): the same loss and gradients bit for bit from the same seed, and the same draws from torch's
+    generator."""
     model, x, y, state = small_training_model()
     kernels.set_cpu_kernels("torch")
     loss_t, grads_t, rng_t = loss_and_grads(model, x, y, state)
