@@ -36,7 +36,6 @@ def test_bench_lists_the_issue_scenarios(capsys):
 
 
 def test_unknown_scenario_is_an_error(capsys):
-    import pytest
 
     with pytest.raises(SystemExit) as e:
         bench.main(["--scenario", "nope"])
@@ -54,8 +53,6 @@ def test_profile_prints_the_step_operators(capsys):
 
 
 def test_profile_refuses_a_scenario_that_is_not_training(capsys):
-    import pytest
-
     import bench.profile
 
     with pytest.raises(SystemExit) as e:
@@ -90,23 +87,31 @@ def test_quality_trains_each_implementation_and_pairs_the_seeds(text_corpus, tmp
     assert "fast - torch" in table and "paired n=1" in table
 
 
-def test_quality_summary_statistics():
+def test_seed_statistics():
+    from bench.seeds import describe, fmt, paired
+
+    d = describe([2.0, 2.4, 2.2])
+    assert d["n"] == 3 and abs(d["mean"] - 2.2) < 1e-12 and abs(d["std"] - 0.2) < 1e-12
+    assert abs(d["se"] - 0.2 / 3 ** 0.5) < 1e-12
+    assert describe([1.0]) == {"n": 1, "mean": 1.0, "std": None, "se": None}
+    diff = paired({1: 2.0, 2: 2.4, 3: 2.2}, {1: 2.1, 2: 2.3})  # seeds 1 and 2 only: -0.1 and +0.1
+    assert diff["n"] == 2 and abs(diff["mean"]) < 1e-12 and abs(diff["std"] - 2 ** 0.5 * 0.1) < 1e-12
+    assert sorted(diff["values"]) == [1, 2] and abs(diff["t"]) < 1e-9
+    assert (fmt(None), fmt(0.5), fmt(0.5, 2, sign=True)) == ("-", "0.5000", "+0.50")
+
+
+def test_quality_summary_groups_by_setting_against_torch():
     from bench.quality import summarize
 
     runs = [{"impl": i, "seed": s, "val_bpc": v} for i, s, v in
             [("fast", 1, 2.0), ("torch", 1, 2.1), ("fast", 2, 2.4), ("torch", 2, 2.3), ("fast", 3, 2.2)]]
     summary = summarize(runs, ["fast", "torch"])
-    fast, torch_ = summary["impls"]["fast"], summary["impls"]["torch"]
-    assert fast["n"] == 3 and abs(fast["mean"] - 2.2) < 1e-12 and abs(fast["std"] - 0.2) < 1e-12
-    assert abs(fast["se"] - 0.2 / 3 ** 0.5) < 1e-12 and torch_["n"] == 2
-    paired = summary["paired"]["fast"]  # seeds 1 and 2 only: -0.1 and +0.1
-    assert paired["n"] == 2 and abs(paired["mean"]) < 1e-12 and abs(paired["std"] - 2 ** 0.5 * 0.1) < 1e-12
-    assert sorted(paired["values"]) == [1, 2]
+    assert summary["reference"] == "torch" and list(summary["paired"]) == ["fast"]
+    assert summary["impls"]["fast"]["values"] == {1: 2.0, 2: 2.4, 3: 2.2}
+    assert summary["paired"]["fast"]["values"] == pytest.approx({1: -0.1, 2: 0.1})
 
 
 def test_quality_refuses_unknown_settings_and_missing_corpora(tmp_path, capsys):
-    import pytest
-
     import bench.quality
 
     for argv, message in ([["--impl", "numpy"], "unknown --impl"],
