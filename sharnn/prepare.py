@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import decimal
 import hashlib
 import http.client
 import importlib.metadata
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import sysconfig
 import urllib.error
@@ -208,6 +210,25 @@ def _check_out(out: Path) -> dict | None:
                        f"{MANIFEST_NAME}); refusing to write into it. Choose a new or empty directory.")
 
 
+def manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a corpus manifest's split entries (each needs a whole ``n_bytes`` and a ``sha256``
+    string), or None."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return f"its 'splits' is {type(splits).__name__}, not a mapping of split entries"
+    for name in SPLITS:
+        entry = splits.get(name)
+        if not isinstance(entry, dict):
+            return f"it has no entry for split {name!r}"
+        n_bytes = entry.get("n_bytes")
+        if not isinstance(n_bytes, int) or isinstance(n_bytes, bool) or n_bytes < 0:
+            return (f"split {name!r} has no n_bytes" if n_bytes is None
+                    else f"split {name!r} has n_bytes {n_bytes!r}, not a byte count")
+        if not isinstance(entry.get("sha256"), str):
+            return f"split {name!r} has no sha256"
+    return None
+
+
 def _same_corpus(manifest: dict, splits: dict) -> bool:
     old = manifest.get("splits", {})
     return manifest.get("format_version") == FORMAT_VERSION and set(old) == set(splits) and all(
@@ -229,14 +250,19 @@ def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, 
     bounds = np.cumsum((0,) + tuple(sizes))
     parts = {name: data[bounds[k]:bounds[k + 1]] for k, name in enumerate(SPLITS)}
     digests = {name: _sha256(part, f"sha256 {name}") for name, part in parts.items()}
-    if existing is not None:
+    if existing is not None and (problem := manifest_problem(existing)) is not None:
+        if not overwrite:
+            raise PrepareError(f"--out {out} holds a sharnn corpus whose {MANIFEST_NAME} is damaged "
+                               f"({problem}); pass --overwrite to replace it, or choose another --out.")
+    elif existing is not None:
         same = _same_corpus(existing, {n: {"sha256": digests[n], "n_bytes": len(parts[n])} for n in SPLITS})
         if same and not overwrite:
             return PrepareResult(out=out, manifest=existing, unchanged=True)
         if not same and not overwrite:
-            raise PrepareError(f"--out {out} already holds a different corpus (source: "
-                               f"{existing.get('source', {}).get('kind', '?')}); pass --overwrite to replace "
-                               f"it, or choose another --out.")
+            old_source = existing.get("source")
+            source_kind = old_source.get("kind", "?") if isinstance(old_source, dict) else "?"
+            raise PrepareError(f"--out {out} already holds a different corpus (source: {source_kind}); pass "
+                               f"--overwrite to replace it, or choose another --out.")
     splits = {}
     for name, part in parts.items():
         log.info("writing %s: %s bytes", name, f"{len(part):,}")
@@ -273,24 +299,62 @@ def _check_written(corpus_dir: Path, manifest: dict) -> None:
 # Sources
 
 
-def collect_files(paths: Sequence[str | Path]) -> list[Path]:
+def is_corpus_dir(path: Path) -> bool:
+    """True when ``path`` holds a sharnn corpus manifest (of any format version, damaged entries or not)."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+
+
+@dataclass
+class InputFiles:
+    """What ``collect_files`` found: the files to read, in order, and the directories it left out."""
+
+    files: list[Path]
+    skipped: list[str]
+    """One line per directory not read, naming it and why (a sharnn corpus, the output directory)."""
+
+
+def collect_files(paths: Sequence[str | Path], out: Path | None = None) -> InputFiles:
     """Regular files named by ``paths``, in the given order.
 
     A directory expands to all files below it (hidden ones included), sorted by path components as ``sorted``
-    sorts ``Path`` objects: ``a/b/c``, ``a/z``, ``a.txt``.
+    sorts ``Path`` objects: ``a/b/c``, ``a/z``, ``a.txt``. Left out: directories that hold a sharnn corpus
+    (its Arrow and JSON files are not text; an input named on the command line included) and ``out``, the
+    corpus being written.
     """
+    out_resolved = out.resolve() if out is not None else None
     files: list[Path] = []
+    skipped: list[str] = []
+
+    def leave_out(directory: Path) -> bool:
+        if out_resolved is not None and directory.resolve() == out_resolved:
+            skipped.append(f"{directory}: the output directory")
+            return True
+        if is_corpus_dir(directory):
+            skipped.append(f"{directory}: a sharnn corpus ({MANIFEST_NAME}), not text")
+            return True
+        return False
+
     for raw in paths:
         path = Path(raw)
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+            if leave_out(path):
+                continue
+            found = []
+            for parent, dirnames, filenames in os.walk(path, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not leave_out(Path(parent, d))]  # prune
+                found.extend(Path(parent, f) for f in filenames)
+            files.extend(sorted(p for p in found if p.is_file()))
         elif not path.exists():
             raise PrepareError(f"no such file or directory: {path}")
         else:
             raise PrepareError(f"{path} is neither a regular file nor a directory")
-    return files
+    return InputFiles(files, skipped)
 
 
 def _concat_files(files: Sequence[Path], dest: Path, max_bytes: int | None = None) -> int:
@@ -322,7 +386,8 @@ def _prepare_from_files(files: Sequence[Path], out: Path, source: dict, overwrit
                         valid_bytes: int | None, test_bytes: int | None, max_bytes: int | None,
                         row_bytes: int = ROW_BYTES) -> PrepareResult:
     existing = _check_out(out)
-    # An --out inside an input directory must not feed its previous corpus back in.
+    # An --out inside an input directory must not feed its previous corpus back in (collect_files prunes it;
+    # this also catches a file named directly).
     files = [f for f in files if not f.resolve().is_relative_to(out.resolve())]
     with atomic.staging_dir(out) as tmp:
         n_bytes = _concat_files(files, tmp / _SOURCE_FILE, max_bytes)
@@ -342,9 +407,14 @@ def prepare_files(paths: Sequence[str | Path], out: str | Path, valid_bytes: int
 
     ``row_bytes`` only changes how the bytes are cut into dataset rows (tests use small rows for many chunks).
     """
-    files = collect_files(paths)
+    inputs = collect_files(paths, out=Path(out))
+    for line in inputs.skipped:
+        log.warning("skipped %s", line)
     source = {"kind": "files", "inputs": [str(Path(p).absolute()) for p in paths]}
-    return _prepare_from_files(files, Path(out), source, overwrite, valid_bytes, test_bytes, None, row_bytes)
+    if inputs.skipped:
+        source["skipped"] = inputs.skipped
+    return _prepare_from_files(inputs.files, Path(out), source, overwrite, valid_bytes, test_bytes, None,
+                               row_bytes)
 
 
 def demo_files() -> list[Path]:
@@ -478,14 +548,36 @@ def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | N
 # Command line
 
 
+_BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_BYTE_COUNT = re.compile(r"(?P<number>\d[\d_]*(?:\.\d+)?)\s*(?P<unit>[kmgt]i?)?b?", re.IGNORECASE)
+
+
+def parse_byte_count(text: str) -> int:
+    """A byte count as people write it: ``5000000``, ``5_000_000``, ``5M``, ``5MB``, ``1.5K``, ``64KiB``.
+
+    K, M, G, T are decimal (10^3, 10^6, 10^9, 10^12: enwik8's 90M / 5M / 5M), Ki, Mi, Gi, Ti binary
+    (2^10 ...); letters in either case, an optional trailing B. Raises ``ValueError`` with a message for
+    anything else, a negative number, or a fraction of a byte (``1.5`` or ``1.0001K``).
+    """
+    match = _BYTE_COUNT.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"expected a number of bytes such as 5000000, 5_000_000, 5M (10^6) or 64KiB (2^16), "
+                         f"got {text!r}")
+    value = decimal.Decimal(match["number"].replace("_", "")) * _BYTE_UNITS[(match["unit"] or "").lower()]
+    if value != value.to_integral_value():
+        raise ValueError(f"{text!r} is not a whole number of bytes ({value})")
+    return int(value)
+
+
 def _byte_count(text: str) -> int:
+    """argparse type for ``parse_byte_count``."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of bytes, got {text}")
     try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number of bytes, got {value}")
-    return value
+        return parse_byte_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -524,9 +616,10 @@ def build_parser() -> cli.ArgumentParser:
                                        "before them valid, the rest train.")
     files.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories")
     files.add_argument(*cli.spellings("--valid_bytes"), type=_byte_count, default=None, metavar="N",
-                       help="valid split size in bytes (default 5%% of the input)")
+                       help="valid split size in bytes, e.g. 5M (= 5,000,000: K/M/G are decimal, "
+                            "KiB/MiB/GiB binary; default 5%% of the input)")
     files.add_argument(*cli.spellings("--test_bytes"), type=_byte_count, default=None, metavar="N",
-                       help="test split size in bytes (default 5%% of the input)")
+                       help="test split size in bytes, as --valid_bytes (default 5%% of the input)")
 
     sub.add_parser("demo", parents=[common], help="built-in demo corpus: Python standard library sources",
                    description=f"The first {DEMO_BYTES // 2**20} MiB of this Python's standard-library *.py "

@@ -29,6 +29,7 @@ from sharnn.prepare import (
     enwik8_split_sizes,
     held_out_split_sizes,
     main,
+    parse_byte_count,
     prepare_enwik8,
     prepare_files,
 )
@@ -78,6 +79,39 @@ def test_enwik8_split_rule():
     assert enwik8_split_sizes(20_019) == (18_019, 1_000, 1_000)
     assert held_out_split_sizes(100_000) == (90_000, 5_000, 5_000)
     assert held_out_split_sizes(100_000, valid_bytes=2_000, test_bytes=3_000) == (95_000, 2_000, 3_000)
+
+
+@pytest.mark.parametrize("text, n_bytes", [
+    ("5000000", 5_000_000), ("5_000_000", 5_000_000), ("5M", 5_000_000), ("5m", 5_000_000),
+    ("5MB", 5_000_000), ("90M", 90_000_000), ("1.5K", 1_500), ("2G", 2 * 10**9), ("64KiB", 65_536),
+    ("1Mi", 2**20), ("0", 0),
+    (" 7 k ", 7_000)])
+def test_byte_counts_take_decimal_and_binary_suffixes(text, n_bytes):
+    assert parse_byte_count(text) == n_bytes
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lots", "expected a number of bytes"), ("5X", "expected a number of bytes"),
+    ("1e6", "expected a number"), ("", "expected a number"), ("1.5", "not a whole number of bytes"),
+    ("1.0001K", "not a whole number"),
+    ("-5", "non-negative"), ("-5M", "non-negative")])
+def test_byte_count_garbage_is_a_usage_error(tmp_path, capsys, text, message):
+    (tmp_path / "a.txt").write_bytes(random_bytes(50_000))
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error, exit code 2
+        main(["files", str(tmp_path / "a.txt"), "--out", str(tmp_path / "c"), f"--test-bytes={text}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --test-bytes" in err and message in err, err
+    assert listing(tmp_path) == ["a.txt"]
+
+
+def test_the_readme_example_sizes_work(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(random_bytes(30_000))
+    code, _ = run_main(capsys, "files", tmp_path / "a.txt", "--out", tmp_path / "c", "--valid-bytes", "2K",
+                       "--test_bytes", "1KiB")
+    assert code == 0
+    sizes = {name: info["n_bytes"] for name, info in read_manifest(tmp_path / "c")["splits"].items()}
+    assert sizes == {"train": 30_000 - 2_000 - 1_024, "valid": 2_000, "test": 1_024}
 
 
 # --- enwik8 -------------------------------------------------------------------------------------------------
@@ -255,6 +289,40 @@ def test_files_never_reads_the_output_corpus_back_in(tmp_path, capsys):
     assert code == 0 and "already holds this corpus" in err
 
 
+def test_files_skips_older_corpora_inside_the_inputs_and_says_so(tmp_path, capsys, caplog):
+    """`files D --out D/c2` next to an older corpus D/c1 reads only D's text, not D/c1's Arrow and JSON."""
+    text = {"d/a.txt": random_bytes(20_000, seed=1), "d/sub/b.txt": random_bytes(20_000, seed=2)}
+    for name, content in text.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    d = tmp_path / "d"
+    prepare_files([d], d / "sub" / "c1")
+    prepare_files([d], d / "c2")  # D/sub/c1 skipped
+    code, err = run_main(capsys, "files", d, d / "sub" / "c1", "--out", d / "c3")
+    assert code == 0
+    want = text["d/a.txt"] + text["d/sub/b.txt"]
+    for corpus in (d / "c2", d / "c3"):
+        assert b"".join(split_bytes_via_datasets(corpus, name) for name in SPLITS) == want
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert skipped == [f"skipped {d / 'sub' / 'c1'}: a sharnn corpus (manifest.json), not text",  # into c2
+                       f"skipped {d / 'c2'}: a sharnn corpus (manifest.json), not text",  # into c3
+                       f"skipped {d / 'sub' / 'c1'}: a sharnn corpus (manifest.json), not text",
+                       f"skipped {d / 'sub' / 'c1'}: a sharnn corpus (manifest.json), not text"]  # named
+    assert read_manifest(d / "c3")["source"]["skipped"] == [s[len("skipped "):] for s in skipped[1:]]
+
+
+def test_files_skip_message_reaches_stderr_of_the_command(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_bytes(random_bytes(30_000))
+    prepare_files([tmp_path / "d"], tmp_path / "d" / "c1")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "sharnn.prepare", "files", "d", "--out", "d/c2"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped d/c1: a sharnn corpus (manifest.json), not text\n" in proc.stderr
+    assert read_manifest(tmp_path / "d" / "c2")["total_bytes"] == 30_000
+
+
 def test_demo_is_the_first_8_mib_of_the_stdlib_sources(tmp_path, capsys):
     files = demo_files()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -361,6 +429,33 @@ def test_existing_corpus_identical_different_and_overwrite(tmp_path, capsys):
     assert code == 0 and listing(tmp_path) == ["a.txt", "b.txt", "c"]
     replaced = b"".join(split_bytes_via_datasets(out, name) for name in SPLITS)
     assert replaced == (tmp_path / "b.txt").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["drop n_bytes", "n_bytes text", "drop split", "splits list"])
+def test_existing_corpus_with_a_damaged_manifest(tmp_path, capsys, damage):
+    (tmp_path / "a.txt").write_bytes(random_bytes(50_000, seed=1))
+    out = tmp_path / "c"
+    prepare_files([tmp_path / "a.txt"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if damage == "drop n_bytes":
+        del manifest["splits"]["valid"]["n_bytes"]
+    elif damage == "n_bytes text":
+        manifest["splits"]["valid"]["n_bytes"] = "2500"
+    elif damage == "drop split":
+        del manifest["splits"]["test"]
+    else:
+        manifest["splits"] = list(manifest["splits"].values())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    damaged = tree_digest(out)
+    want = {"drop n_bytes": "split 'valid' has no n_bytes",
+            "n_bytes text": "split 'valid' has n_bytes '2500'", "drop split": "no entry for split 'test'",
+            "splits list": "'splits' is list"}[damage]
+    code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", out)
+    assert_failed_cleanly(code, err, tmp_path, ["a.txt", "c"], "manifest.json is damaged", want,
+                          "--overwrite")
+    assert tree_digest(out) == damaged
+    code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", out, "--overwrite")
+    assert code == 0 and read_manifest(out)["splits"]["valid"]["n_bytes"] == 2_500
 
 
 @pytest.mark.parametrize("existing", [False, True])
