@@ -238,18 +238,30 @@ def _same_corpus(manifest: dict, splits: dict) -> bool:
 
 def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, int], source: dict,
                  existing: dict | None, overwrite: bool, row_bytes: int = ROW_BYTES) -> PrepareResult:
-    """Write ``data`` cut into (train, valid, test) ``sizes`` in staging dir ``tmp``, then move it to ``out``.
-
-    ``existing`` is the manifest already at ``out`` (from ``_check_out``): an identical corpus is left alone
-    (unless ``overwrite``), a different one is replaced only with ``overwrite``. Every split is read back and
-    compared with the source's sha256 before the rename.
-    """
+    """Write ``data`` cut into (train, valid, test) ``sizes`` in staging dir ``tmp``, then move it to ``out``
+    (``write_corpus_parts`` does the work)."""
     if sum(sizes) != len(data):
         raise ValueError(f"split sizes {sizes} do not add up to the {len(data)} bytes of data")
     _check_split_sizes(len(data), sizes)
     bounds = np.cumsum((0,) + tuple(sizes))
     parts = {name: data[bounds[k]:bounds[k + 1]] for k, name in enumerate(SPLITS)}
-    digests = {name: _sha256(part, f"sha256 {name}") for name, part in parts.items()}
+    return write_corpus_parts(tmp, out, parts, source, existing, overwrite, row_bytes)
+
+
+def write_corpus_parts(tmp: Path, out: Path, parts: dict[str, np.ndarray], source: dict,
+                       existing: dict | None, overwrite: bool, row_bytes: int = ROW_BYTES,
+                       scratch: Sequence[str] = (_SOURCE_FILE,)) -> PrepareResult:
+    """Write each split's bytes (``parts``: train, valid, test; 1-D uint8, may be memory maps) in staging dir
+    ``tmp``, then move it to ``out``.
+
+    ``existing`` is the manifest already at ``out`` (from ``_check_out``): an identical corpus is left alone
+    (unless ``overwrite``), a different or damaged one is replaced only with ``overwrite``. Every split is
+    read back and compared with the source's sha256 before the rename. The ``scratch`` files in ``tmp`` are
+    removed before the rename.
+    """
+    total = sum(len(parts[name]) for name in SPLITS)
+    _check_split_sizes(total, tuple(len(parts[name]) for name in SPLITS))
+    digests = {name: _sha256(parts[name], f"sha256 {name}") for name in SPLITS}
     if existing is not None and (problem := manifest_problem(existing)) is not None:
         if not overwrite:
             raise PrepareError(f"--out {out} holds a sharnn corpus whose {MANIFEST_NAME} is damaged "
@@ -264,10 +276,12 @@ def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, 
             raise PrepareError(f"--out {out} already holds a different corpus (source: {source_kind}); pass "
                                f"--overwrite to replace it, or choose another --out.")
     splits = {}
-    for name, part in parts.items():
+    for name in SPLITS:
+        part = parts[name]
         log.info("writing %s: %s bytes", name, f"{len(part):,}")
         splits[name] = write_split(part, tmp / name, digests[name], row_bytes)
-    (tmp / _SOURCE_FILE).unlink(missing_ok=True)
+    for name in scratch:
+        (tmp / name).unlink(missing_ok=True)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -276,7 +290,7 @@ def write_corpus(tmp: Path, out: Path, data: np.ndarray, sizes: tuple[int, int, 
         "datasets_version": datasets.__version__,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": source,
-        "total_bytes": int(len(data)),
+        "total_bytes": int(total),
         "layout": {"column": BYTES_COLUMN, "dtype": "binary", "row_bytes": row_bytes,
                    "contract": "each split's rows, concatenated in order, are exactly that split's bytes; "
                                "the last row may be shorter"},
@@ -580,6 +594,22 @@ def _byte_count(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _escaped_text(text: str) -> str:
+    """argparse type: text with Python's backslash escapes (``\\n``, ``\\t``, ``\\x00``) resolved."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise argparse.ArgumentTypeError(f"bad backslash escape in {text!r} ({e.reason})") from None
+
+
+def _add_held_out_sizes(parser: argparse.ArgumentParser, of_what: str) -> None:
+    parser.add_argument(*cli.spellings("--valid_bytes"), type=_byte_count, default=None, metavar="N",
+                        help="valid split size in bytes, e.g. 5M (= 5,000,000: K/M/G are decimal, "
+                             f"KiB/MiB/GiB binary; default 5%% of {of_what})")
+    parser.add_argument(*cli.spellings("--test_bytes"), type=_byte_count, default=None, metavar="N",
+                        help="test split size in bytes, as --valid_bytes")
+
+
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="sharnn-prepare", description="Prepare a byte corpus (train/valid/test) for sharnn training.",
@@ -615,11 +645,33 @@ def build_parser() -> cli.ArgumentParser:
                                        "given order; the last --test_bytes become test, the --valid_bytes "
                                        "before them valid, the rest train.")
     files.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories")
-    files.add_argument(*cli.spellings("--valid_bytes"), type=_byte_count, default=None, metavar="N",
-                       help="valid split size in bytes, e.g. 5M (= 5,000,000: K/M/G are decimal, "
-                            "KiB/MiB/GiB binary; default 5%% of the input)")
-    files.add_argument(*cli.spellings("--test_bytes"), type=_byte_count, default=None, metavar="N",
-                       help="test split size in bytes, as --valid_bytes (default 5%% of the input)")
+    _add_held_out_sizes(files, "the input")
+
+    hf = sub.add_parser("hf", parents=[common], help="the text of any `datasets` dataset, streamed",
+                        description="The text column(s) of a `datasets` dataset, UTF-8, records joined "
+                                    "with --separator, read in bounded memory (streaming=True; a "
+                                    "save_to_disk directory memory-mapped). NAME: a Hub dataset (needs the "
+                                    "network or the datasets cache), a local directory (save_to_disk, or a "
+                                    "folder of parquet/JSON lines/CSV/text files) or a builder with "
+                                    "--data_files (`hf json --data_files a.jsonl`). The dataset's own "
+                                    "validation and test splits are used when it has them; a missing one is "
+                                    "cut from the end of --split's text, as `files` does.")
+    hf.add_argument("name", metavar="NAME", help="Hub name, local directory, or builder (json, parquet, csv, "
+                                                 "text) with --data_files")
+    hf.add_argument("--config", default=None, help="the dataset's configuration (default: its default)")
+    hf.add_argument("--split", default="train", help="the split that becomes train (default train)")
+    hf.add_argument("--column", dest="columns", action="append", default=None, metavar="NAME",
+                    help="text column, repeat for several (joined with the separator within a record); "
+                         "default: text, or the only string column")
+    hf.add_argument("--separator", type=_escaped_text, default="\n",
+                    help="written between records, with backslash escapes: '\\n' (the default), "
+                         "'\\n\\n', '' for none")
+    hf.add_argument(*cli.spellings("--data_files"), action="append", default=None, metavar="FILE",
+                    help="a data file (or glob) for a builder NAME; repeat for several")
+    hf.add_argument("--revision", default=None, help="Hub revision: branch, tag or commit")
+    hf.add_argument(*cli.spellings("--held_out_from_train"), action="store_true",
+                    help="cut valid and test from the end of --split even when the dataset has its own")
+    _add_held_out_sizes(hf, "--split's text; only for a split the dataset lacks")
 
     sub.add_parser("demo", parents=[common], help="built-in demo corpus: Python standard library sources",
                    description=f"The first {DEMO_BYTES // 2**20} MiB of this Python's standard-library *.py "
@@ -636,6 +688,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = prepare_enwik8(args.out, args.path, url=args.url, overwrite=args.overwrite,
                                     timeout=args.timeout,
                                     expected_sha256=None if args.no_checksum else ENWIK8_SHA256)
+        elif args.command == "hf":
+            from sharnn.hf_corpus import HFSource, prepare_hf  # imported here: it imports this module
+            source = HFSource(name=args.name, config=args.config, split=args.split,
+                              columns=tuple(args.columns or ()), separator=args.separator,
+                              data_files=tuple(args.data_files or ()), revision=args.revision,
+                              use_dataset_splits=not args.held_out_from_train)
+            result = prepare_hf(source, args.out, valid_bytes=args.valid_bytes, test_bytes=args.test_bytes,
+                                overwrite=args.overwrite)
         elif args.command == "files":
             result = prepare_files(args.paths, args.out, valid_bytes=args.valid_bytes,
                                    test_bytes=args.test_bytes, overwrite=args.overwrite)

@@ -1,0 +1,349 @@
+"""sharnn-prepare hf: the text of any ``datasets`` dataset as a sharnn byte corpus, in bounded memory.
+
+    sharnn-prepare hf NAME [--config C] [--split train] [--column text] [--separator '\\n'] --out DIR
+
+NAME is a Hub dataset (``Salesforce/wikitext --config wikitext-103-raw-v1``; needs the network, or the
+``datasets`` cache when offline), a local directory (a ``save_to_disk`` directory, or a folder of parquet /
+JSON lines / CSV / text files, whose splits ``datasets`` infers from the file names), or a builder with its
+files (``json --data_files a.jsonl``). Each record's text column(s) are encoded to UTF-8 and the records
+joined with the separator (default a newline; several columns of one record are joined with it too).
+
+Nothing is loaded whole: Hub names and data files are read with ``streaming=True``, a ``save_to_disk``
+directory through ``load_from_disk(...).to_iterable_dataset()`` (memory-mapped), and the bytes go to a scratch
+file in the staging directory, which ``sharnn.prepare.write_corpus`` cuts into the corpus splits through a
+memory map. Private memory stays at one batch of records (``BATCH_ROWS``) whatever the dataset's size
+(tests/test_prepare_hf.py prepares a dataset larger than its process's memory limit).
+
+Splits: the dataset's ``--split`` (default ``train``) is the training text. A dataset's own validation and
+test splits (named ``validation``/``valid``/``val``/``dev`` and ``test``) are used as they are; a held-out
+split the dataset lacks, or both with ``--held_out_from_train``, is cut from the end of the training text:
+the last ``--test_bytes`` are test, the ``--valid_bytes`` before them valid (default 5% each, as ``files``).
+
+The manifest's ``source`` records what was read: ``name``, ``config``, ``revision`` (the Hub commit when
+known), the splits used, the columns and separator, the record counts and a ``fingerprint`` per split:
+``datasets``' own ``_fingerprint`` for a ``save_to_disk`` directory; for streamed files, which have none, the
+sha256 of the data files' names and bytes when local, or of their names and origin (the Hub revision or the
+server's etag) when remote (``fingerprint_kind`` says which).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+import numpy as np
+import pyarrow as pa
+from datasets.data_files import EmptyDatasetError
+from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+from tqdm import tqdm
+
+from sharnn import atomic
+from sharnn.prepare import (
+    DEFAULT_HELD_OUT_FRACTION,
+    PrepareError,
+    PrepareResult,
+    _check_out,
+    _check_split_sizes,
+    _map,
+    log,
+    write_corpus_parts,
+)
+
+BATCH_ROWS = 64
+"""Records read per batch: the only text held in memory at a time."""
+VALID_SPLIT_NAMES = ("validation", "valid", "val", "dev")
+TEST_SPLIT_NAMES = ("test",)
+DEFAULT_COLUMN = "text"
+_STRING_TYPES = ("string", "large_string")
+_HINT = ("NAME is a Hub dataset (needs the network, or the datasets cache when offline), a local directory "
+         "(save_to_disk, or a folder of parquet/JSON lines/CSV/text files) or a builder with --data_files "
+         "(`hf json --data_files a.jsonl`)")
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """What ``prepare_hf`` reads: a dataset, its split(s), its text column(s) and how records are joined."""
+
+    name: str
+    """Hub name, local directory (``save_to_disk`` or data files), or a builder used with ``data_files``."""
+    config: str | None = None
+    """The dataset's configuration (``wikitext-103-raw-v1``); None: its default."""
+    split: str = "train"
+    """The split whose text is the training text."""
+    columns: tuple[str, ...] = ()
+    """Text columns, joined with ``separator`` within a record; empty: ``text``, or the only string column."""
+    separator: str = "\n"
+    """Written between records (and between the columns of one record)."""
+    data_files: tuple[str, ...] = ()
+    """Files for a builder (``json``, ``parquet``, ``csv``, ``text``), as ``load_dataset(data_files=...)``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); None: the default branch."""
+    use_dataset_splits: bool = True
+    """Use the dataset's own validation/test splits when it has them (False: cut both from the training
+    text)."""
+
+
+@dataclass
+class _Opened:
+    """A dataset opened for streaming: its splits, and what identifies it for the manifest."""
+
+    splits: dict[str, datasets.IterableDataset]
+    identity: dict
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    fingerprint_kind: str = ""
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """``datasets``' progress bars only on a terminal, as ``sharnn.prepare.write_split`` does."""
+    quiet = not sys.stderr.isatty() and not datasets.utils.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _is_save_to_disk_dir(path: Path) -> bool:
+    return (path / datasets.config.DATASET_STATE_JSON_FILENAME).is_file() or \
+        (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file()
+
+
+def _open_saved(source: HFSource) -> _Opened:
+    """A ``save_to_disk`` directory: memory-mapped, streamed through ``to_iterable_dataset``."""
+    if source.config is not None or source.data_files or source.revision is not None:
+        raise PrepareError(f"{source.name} is a save_to_disk directory: it has no --config, --data_files or "
+                           f"--revision; drop them")
+    try:
+        loaded = datasets.load_from_disk(source.name, keep_in_memory=False)
+    except (FileNotFoundError, ValueError, OSError, pa.ArrowException) as e:
+        raise PrepareError(f"cannot load the save_to_disk directory {source.name} ({_first_line(e)}); "
+                           f"save it again with Dataset.save_to_disk")
+    # A single Dataset is the training text, whatever its split was called.
+    by_split = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {source.split: loaded}
+    return _Opened(splits={name: ds.to_iterable_dataset() for name, ds in by_split.items()},
+                   identity={"loader": "load_from_disk", "path": str(Path(source.name).absolute()),
+                             "config": None, "revision": None},
+                   fingerprints={name: ds._fingerprint for name, ds in by_split.items()},
+                   fingerprint_kind="datasets _fingerprint of each split")
+
+
+def _files_fingerprint(files: Sequence[str], origins: Sequence[tuple]) -> tuple[str, bool]:
+    """sha256 over the data files' names and bytes (local files) or names and origin metadata (remote files);
+    the flag says whether every file was local."""
+    h = hashlib.sha256()
+    all_local = True
+    for name, origin in zip(files, origins):
+        h.update(os.path.basename(name).encode() + b"\0")
+        if os.path.isfile(name):
+            with open(name, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        else:
+            all_local = False
+            h.update(repr(origin).encode() + b"\0")
+    return h.hexdigest(), all_local
+
+
+def _open_streaming(source: HFSource) -> _Opened:
+    """A Hub name, a folder of data files, or a builder with ``data_files``: ``streaming=True``."""
+    if os.path.isfile(source.name):
+        raise PrepareError(f"{source.name} is a file: pass its builder and the file, e.g. `sharnn-prepare hf "
+                           f"json --data_files {source.name}` (or parquet, csv, text), or its directory")
+    try:
+        builder = datasets.load_dataset_builder(source.name, source.config, revision=source.revision,
+                                                data_files=list(source.data_files) or None)
+        splits = builder.as_streaming_dataset()
+    except (DatasetNotFoundError, EmptyDatasetError, FileNotFoundError) as e:
+        raise PrepareError(f"dataset {source.name!r} not found ({_first_line(e)}). {_HINT}")
+    except ConnectionError as e:
+        raise PrepareError(f"cannot reach dataset {source.name!r} on the Hub ({_first_line(e)}); this "
+                           f"machine may be offline: {_HINT}")
+    except (ValueError, OSError, ImportError, NotImplementedError) as e:
+        raise PrepareError(f"cannot load dataset {source.name!r} ({_first_line(e)}). {_HINT}")
+    is_local = os.path.isdir(source.name) or bool(source.data_files)
+    identity = {"loader": "load_dataset(streaming=True)", "builder": builder.name,
+                "config": builder.config.name,
+                # For a Hub dataset, `datasets` passes the commit it resolved the revision to as the hash.
+                "revision": None if is_local else builder.hash}
+    if os.path.isdir(source.name):
+        identity["path"] = str(Path(source.name).absolute())
+    fingerprints, kinds = {}, set()
+    data_files = builder.config.data_files or {}
+    for name, files in data_files.items():
+        fingerprints[str(name)], local = _files_fingerprint(list(files),
+                                                            getattr(files, "origin_metadata", []))
+        kinds.add("names and bytes" if local else "names and origin (Hub revision or etag)")
+    identity["data_files"] = {str(name): len(files) for name, files in data_files.items()}
+    return _Opened(splits={str(name): stream for name, stream in splits.items()}, identity=identity,
+                   fingerprints=fingerprints,
+                   fingerprint_kind=f"sha256 of the data files' {' / '.join(sorted(kinds)) or 'names'}")
+
+
+def _choose_columns(source: HFSource, features: datasets.Features | None,
+                    first: dict | None) -> tuple[str, ...]:
+    """The text columns to read, checked against the split's features (or its first batch, when a streamed
+    dataset does not know its features)."""
+    if features is not None:
+        types = {name: getattr(feature, "dtype", type(feature).__name__)
+                 for name, feature in features.items()}
+    else:
+        types = {name: "string" if all(isinstance(v, (str, type(None))) for v in values) else "other"
+                 for name, values in (first or {}).items()}
+    text_columns = [name for name, dtype in types.items() if dtype in _STRING_TYPES]
+    columns = source.columns
+    if not columns:
+        if DEFAULT_COLUMN in types:
+            columns = (DEFAULT_COLUMN,)
+        elif len(text_columns) == 1:
+            columns = (text_columns[0],)
+        else:
+            raise PrepareError(f"split {source.split!r} of {source.name} has no column {DEFAULT_COLUMN!r} "
+                               f"and {len(text_columns)} string columns "
+                               f"({', '.join(text_columns) or 'none'}; all: {', '.join(types) or 'none'}); "
+                               f"choose with --column NAME")
+    for column in columns:
+        if column not in types:
+            raise PrepareError(f"split {source.split!r} of {source.name} has no column {column!r}; its "
+                               f"columns are {', '.join(types) or 'none'} "
+                               f"(string: {', '.join(text_columns) or 'none'}); choose with --column NAME")
+        if types[column] not in _STRING_TYPES:
+            raise PrepareError(f"column {column!r} of {source.name} holds {types[column]}, not text; choose "
+                               f"a string column with --column ({', '.join(text_columns) or 'it has none'})")
+    return tuple(columns)
+
+
+def _write_split_text(stream: datasets.IterableDataset, split: str, source: HFSource,
+                      columns: tuple[str, ...], out) -> tuple[int, int]:
+    """Append the split's records, joined with the separator, to the open file ``out``; returns (records,
+    bytes). Holds one batch of ``BATCH_ROWS`` records at a time."""
+    separator = source.separator.encode("utf-8")
+    n_records = n_bytes = 0
+    try:
+        with tqdm(unit="B", unit_scale=True, desc=f"reading {split}", disable=None, leave=False) as bar:
+            for batch in stream.iter(batch_size=BATCH_ROWS):
+                records = []
+                for row in range(len(batch[columns[0]])):
+                    values = [batch[c][row] for c in columns]
+                    if any(not isinstance(v, (str, type(None))) for v in values):
+                        bad = next(c for c, v in zip(columns, values) if not isinstance(v, (str, type(None))))
+                        raise PrepareError(f"record {n_records + row} of split {split!r} of {source.name} "
+                                           f"has a {type(batch[bad][row]).__name__} in column {bad!r}, not "
+                                           f"text; choose string columns with --column")
+                    records.append(source.separator.join(v for v in values if v is not None).encode("utf-8"))
+                if not records:
+                    continue
+                block = separator.join(records)
+                if n_records:
+                    block = separator + block
+                out.write(block)
+                n_records += len(records)
+                n_bytes += len(block)
+                bar.update(len(block))
+    except KeyError as e:
+        raise PrepareError(f"a record of split {split!r} of {source.name} has no column {e}; choose with "
+                           f"--column NAME")
+    except UnicodeEncodeError as e:
+        raise PrepareError(f"split {split!r} of {source.name} holds text that is not valid Unicode ({e}); "
+                           f"clean the dataset first")
+    except (DatasetGenerationError, ValueError, OSError, pa.ArrowException) as e:
+        raise PrepareError(f"reading split {split!r} of {source.name} failed ({_first_line(e)}); check that "
+                           f"its files are complete and of the format their names say")
+    return n_records, n_bytes
+
+
+def _held_out_splits(source: HFSource, available: Sequence[str], valid_bytes: int | None,
+                     test_bytes: int | None) -> dict[str, str | None]:
+    """Which of the dataset's splits become valid and test (None: cut from the training text)."""
+    chosen: dict[str, str | None] = {}
+    for role, names, size, flag in (("valid", VALID_SPLIT_NAMES, valid_bytes, "--valid_bytes"),
+                                    ("test", TEST_SPLIT_NAMES, test_bytes, "--test_bytes")):
+        own = next((n for n in names if n in available and n != source.split), None)
+        if not source.use_dataset_splits:
+            own = None
+        if own is not None and size is not None:
+            raise PrepareError(f"{source.name} has its own {own!r} split, used as {role}; {flag} only sizes "
+                               f"a split cut from the training text: drop {flag}, or pass "
+                               f"--held_out_from_train to cut both held-out splits from {source.split!r}")
+        chosen[role] = own
+    return chosen
+
+
+def prepare_hf(source: HFSource, out: str | Path, valid_bytes: int | None = None,
+               test_bytes: int | None = None, overwrite: bool = False) -> PrepareResult:
+    """Prepare a corpus from a ``datasets`` dataset (see the module docstring for what is read and how)."""
+    out = Path(out)
+    if source.separator is None:
+        raise ValueError("separator must be a string (use '' for none)")
+    existing = _check_out(out)
+    local = Path(source.name)
+    with _quiet_progress_bars():
+        opened = _open_saved(source) if local.is_dir() and _is_save_to_disk_dir(local) else \
+            _open_streaming(source)
+    if source.split not in opened.splits:
+        raise PrepareError(f"{source.name} has no split {source.split!r}; it has "
+                           f"{', '.join(opened.splits) or 'none'}: choose one with --split")
+    held_out = _held_out_splits(source, list(opened.splits), valid_bytes, test_bytes)
+    roles = [("train", source.split), ("valid", held_out["valid"]), ("test", held_out["test"])]
+    columns: tuple[str, ...] | None = None
+    counts: dict[str, dict] = {}
+    with atomic.staging_dir(out) as tmp:
+        text: dict[str, np.ndarray] = {}  # each split read: its text, memory-mapped from a scratch file
+        for role, split in roles:
+            if split is None:
+                continue
+            stream = opened.splits[split]
+            if columns is None:
+                first = None if stream.features is not None else next(iter(stream.iter(batch_size=1)), None)
+                columns = _choose_columns(source, stream.features, first)
+            log.info("reading %s split %r of %s", role, split, source.name)
+            with open(tmp / _scratch_name(role), "wb") as scratch:
+                n_records, n_bytes = _write_split_text(stream, split, source, columns, scratch)
+            if n_bytes == 0:
+                raise PrepareError(f"split {split!r} of {source.name} holds no text ({n_records:,} records, "
+                                   f"0 bytes in column(s) {', '.join(columns)}); choose another --split or "
+                                   f"--column")
+            counts[split] = {"n_records": n_records, "n_bytes": n_bytes}
+            text[role] = _map(tmp / _scratch_name(role))
+        # The held-out splits the dataset lacks come from the end of the training text, as `files` cuts them.
+        n_train = len(text["train"])
+        default_cut = int(n_train * DEFAULT_HELD_OUT_FRACTION)
+        cut_valid = 0 if "valid" in text else default_cut if valid_bytes is None else valid_bytes
+        cut_test = 0 if "test" in text else default_cut if test_bytes is None else test_bytes
+        n_kept = n_train - cut_valid - cut_test
+        _check_split_sizes(n_train + sum(len(t) for role, t in text.items() if role != "train"),
+                           (n_kept, len(text["valid"]) if "valid" in text else cut_valid,
+                            len(text["test"]) if "test" in text else cut_test))
+        parts = {"train": text["train"][:n_kept],
+                 "valid": text.get("valid", text["train"][n_kept:n_kept + cut_valid]),
+                 "test": text.get("test", text["train"][n_train - cut_test:])}
+        kept = source.split if n_kept == n_train else f"{source.split} (its first {n_kept:,} bytes)"
+        used = {"train": kept,
+                "valid": held_out["valid"] or f"{source.split} (the {cut_valid:,} bytes before test)",
+                "test": held_out["test"] or f"{source.split} (its last {cut_test:,} bytes)"}
+        record = {"kind": "hf", "name": source.name, **opened.identity, "splits_used": used,
+                  "columns": list(columns), "separator": source.separator, "records": counts,
+                  "fingerprint": {split: opened.fingerprints.get(split) for split in counts},
+                  "fingerprint_kind": opened.fingerprint_kind,
+                  "n_bytes": sum(len(t) for t in text.values())}
+        if source.data_files:
+            record["data_files_given"] = list(source.data_files)
+        return write_corpus_parts(tmp, out, parts, record, existing, overwrite,
+                                  scratch=[_scratch_name(role) for role in text])
+
+
+def _scratch_name(role: str) -> str:
+    return f"_text-{role}.bin"
