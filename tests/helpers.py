@@ -37,6 +37,7 @@ def subprocess_env(threads: int = 1) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     env.pop("ACCELERATE_USE_CPU", None)
+    env["CUDA_VISIBLE_DEVICES"] = "-1"  # the CPU runs stay on the CPU on a machine with GPUs (issue 18)
     return env
 
 

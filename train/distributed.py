@@ -22,7 +22,16 @@ def build_accelerator(precision: str, timeout_s: int = 600, grad_accum: int = 1,
     """An Accelerator for this launch (one process, DDP or DeepSpeed; CPU or CUDA), checked for the traps
     that make ranks train unsynchronised. Under DeepSpeed call `fill_deepspeed_config` next."""
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = cpu_requested() or not torch.cuda.is_available()
+    if on_cpu and use_deepspeed:
+        if torch.cuda.is_available():
+            # accelerate has no CPU switch for DeepSpeed: it places the engine on cuda:LOCAL_RANK whenever
+            # torch sees a GPU (accelerate/state.py, PartialState._prepare_backend and set_device)
+            raise SystemExit("error: a CPU DeepSpeed launch on a machine whose GPUs are visible: accelerate "
+                             "would put DeepSpeed on the GPUs. Hide them with CUDA_VISIBLE_DEVICES=-1 "
+                             "(launch/cpu_deepspeed.yaml does, through gpu_ids) or use "
+                             "launch/deepspeed.yaml.")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ops and communication on the CPU too
     # On CPU, DDP needs cpu=True (else 2 unsynced processes) and DeepSpeed needs an explicit gloo group.
     launched_by_torchrun = "LOCAL_RANK" in os.environ
     pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s),
@@ -49,6 +58,21 @@ def build_accelerator(precision: str, timeout_s: int = 600, grad_accum: int = 1,
                          "train unsynchronised. On a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
                          "or use launch/cpu_ddp.yaml.")
     return accelerator
+
+
+def cpu_requested() -> bool:
+    """Whether the launch asks for the CPU even on a machine with GPUs: ACCELERATE_USE_CPU (accelerate's
+    --cpu, the simple launcher's use_cpu) or CUDA_VISIBLE_DEVICES hiding every GPU (empty, or a negative first
+    id, which ends CUDA's list). launch/cpu_*.yaml hide them through `gpu_ids`: accelerate's multi-GPU and
+    DeepSpeed launchers do not pass a YAML's `use_cpu` on, but turn `gpu_ids` into CUDA_VISIBLE_DEVICES
+    (accelerate/utils/launch.py, prepare_multi_gpu_env and prepare_deepspeed_cmd_env)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return False
+    first = visible.split(",")[0].strip()
+    return first == "" or first.startswith("-")
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
