@@ -15,16 +15,31 @@ take. It reads a state dict in the reference's naming (safetensors, or torch.sav
 checkpoint, a pickled `[model, criterion]` list (its `model_save`). Pickles are read with the restricted
 unpickler of `sharnn.safe_pickle`: tensors and containers only, every other class the file names an inert stub
 that records the pickled `_parameters`, `_buffers` and `_modules`; nothing from the file is executed.
+
+A model the original code trained does not number bytes 0..255: its `data.Corpus` reads `train.txt` (every
+byte a decimal token, a real line break for byte 10), adds `<eos>` at the end of every line (so byte 10
+becomes `<eos>`, and a text not ending in a line break gets one more at its end), counts the tokens of the
+training file and numbers them by falling frequency, ties in order of first appearance (a stable sort).
+Its embedding, tied output and output bias have one row per id, none for bytes the training text lacks.
+`read_original_vocab` rebuilds that id -> byte map from the original's `train.txt`, its corpus cache
+(`corpus.<md5>.data`, a pickled `Corpus`, read with the same restricted unpickler) or the raw training bytes
+(a file, or enwik8.zip split as the original's prep_enwik8.py does), and `to_byte_order` puts the rows in byte
+order: 256 rows, zero embeddings for the bytes never seen and an output bias of UNSEEN_BYTE_BIAS for them.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import json
 import pickle
 import re
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -186,22 +201,226 @@ def read_reference_file(path: str | Path, prefix: str = "") -> dict[str, Tensor]
             for k, v in tensors.items()}
 
 
+# ------------------------------------------------------------------ the original's vocabulary -> bytes
+EOS = "<eos>"
+LINE_BREAK = 10
+"""The byte the original turns into `<eos>`: its train.txt writes byte 10 as a real line break."""
+UNSEEN_BYTE_BIAS = -1e4
+"""Output bias of a byte the original never saw. Its embedding row is zero, so this is its logit whatever the
+context: e^-10000 is 0 in fp32 beside any logit a trained model gives (probability far below 1e-9), so the
+bytes the original knew keep exactly the original's probabilities. Finite, so fp16 and bf16 copies hold
+it too."""
+ENWIK8_HELD_OUT = 10_000_000
+"""The original's prep_enwik8.py keeps all of enwik8 but its last 2 x 5,000,000 bytes as training text."""
+VOCAB_FILES = ("the original's train.txt (or the data directory holding it), its corpus cache "
+               "(corpus.<md5>.data, written next to main.py) or the raw training bytes (a file, or "
+               "enwik8.zip)")
+_CHUNK = 1 << 20
+_TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's magic number, pickled (legacy)
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalVocab:
+    """The original code's token ids as bytes, rebuilt from its training text."""
+
+    byte_of_id: tuple[int, ...]
+    """byte_of_id[i] is the byte the original's token id i stands for (10 for `<eos>`)."""
+    kind: str
+    """The source it was read from: "train.txt", "corpus cache" or "raw bytes"."""
+    path: Path
+
+
+def _byte_of_word(word: str, path: Path) -> int:
+    """The byte a token of the original's train.txt format stands for."""
+    if word == EOS:
+        return LINE_BREAK
+    if re.fullmatch(r"0|[1-9][0-9]{0,2}", word) and int(word) < 256 and int(word) != LINE_BREAK:
+        return int(word)
+    problem = ("byte 10 is written as a line break, never as a token" if word == str(LINE_BREAK) else
+               "every token must be a byte value 0-255 in decimal, or <eos>")
+    raise ValueError(f"--vocab {path}: its vocabulary holds the token {word[:20]!r}: not the original's "
+                     f"byte-level format ({problem}, as data/enwik8/prep_enwik8.py writes). Pass "
+                     f"{VOCAB_FILES}")
+
+
+def _vocab_of_words(words: list[str], kind: str, path: Path) -> OriginalVocab:
+    if not words:
+        raise ValueError(f"--vocab {path}: the {kind} holds no tokens. Pass {VOCAB_FILES}")
+    return OriginalVocab(tuple(_byte_of_word(w, path) for w in words), kind, path)
+
+
+def vocab_from_train_txt(path: Path) -> OriginalVocab:
+    """As the original's data.Corpus: each line's tokens, then `<eos>`, counted; ids by falling count, ties in
+    order of first appearance (Counter keeps first appearances in order; sorted() is stable)."""
+    counts: collections.Counter[str] = collections.Counter()
+    try:
+        with open(path, encoding="utf-8") as f:  # text mode, universal newlines: as the original opens it
+            for line in f:
+                counts.update(line.split())
+                counts[EOS] += 1
+    except UnicodeDecodeError:
+        raise ValueError(f"--vocab {path} starts like the original's train.txt but is not text. Pass "
+                         f"{VOCAB_FILES}") from None
+    by_frequency = sorted(counts.items(), key=lambda item: item[1], reverse=True)
+    return _vocab_of_words([word for word, _ in by_frequency], "train.txt", path)
+
+
+def vocab_from_corpus_cache(path: Path) -> OriginalVocab:
+    """The dictionary of the original's pickled data.Corpus, read without running code from the file."""
+    try:
+        corpus = safe_torch_load(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, TypeError, AttributeError,
+            KeyError, IndexError, OSError, ValueError) as e:
+        raise ValueError(f"--vocab {path}: cannot read it as the original's corpus cache "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass "
+                         f"{VOCAB_FILES}") from None
+    dictionary = getattr(corpus, "dictionary", None)
+    idx2word = getattr(dictionary, "idx2word", None)
+    if not (isinstance(corpus, PickledObject) and isinstance(idx2word, list)
+            and all(isinstance(w, str) for w in idx2word)):
+        what = corpus.pickled_name if isinstance(corpus, PickledObject) else type(corpus).__name__
+        raise ValueError(f"--vocab {path} is a torch.save file holding a {what}, not the original's corpus "
+                         f"cache (a pickled data.Corpus with dictionary.idx2word). Pass {VOCAB_FILES}")
+    word2idx = getattr(dictionary, "word2idx", None)
+    if isinstance(word2idx, dict) and any(word2idx.get(w) != i for i, w in enumerate(idx2word)):
+        raise ValueError(f"--vocab {path}: the corpus cache's word2idx and idx2word disagree; it is damaged. "
+                         "Pass the run's train.txt or raw training bytes instead")
+    return _vocab_of_words(idx2word, "corpus cache", path)
+
+
+def _raw_training_chunks(path: Path, train_bytes: int | None) -> Iterator[np.ndarray]:
+    """The training bytes in pieces: a plain file's first `train_bytes` (default all), or enwik8.zip's
+    `enwik8` without its last ENWIK8_HELD_OUT bytes, as the original's prep_enwik8.py splits it."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("enwik8")
+            n = info.file_size - ENWIK8_HELD_OUT if train_bytes is None else train_bytes
+            if not 0 < n <= info.file_size:
+                raise ValueError(f"--vocab {path}: its enwik8 holds {info.file_size:,} bytes; cannot take "
+                                 f"{n:,} of them as training text (see --train_bytes)")
+            with z.open(info) as f:
+                while n > 0 and (piece := f.read(min(_CHUNK, n))):
+                    n -= len(piece)
+                    yield np.frombuffer(piece, dtype=np.uint8)
+        return
+    size = path.stat().st_size
+    n = size if train_bytes is None else train_bytes
+    if not 0 < n <= size:
+        raise ValueError(f"--vocab {path} holds {size:,} bytes; cannot take {n:,} of them as training text"
+                         + (" (see --train_bytes)" if train_bytes else f". Pass {VOCAB_FILES}"))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for start in range(0, n, _CHUNK):
+        yield np.asarray(data[start:min(start + _CHUNK, n)])
+
+
+def vocab_from_raw_bytes(path: Path, train_bytes: int | None = None) -> OriginalVocab:
+    """The original's numbering simulated on raw training bytes: every byte a token, byte 10 the end of a
+    line (`<eos>`), one more `<eos>` at the end if the text does not end with byte 10; ids by falling count,
+    ties by first appearance."""
+    counts = np.zeros(256, dtype=np.int64)
+    first_seen = np.full(256, -1, dtype=np.int64)
+    offset, last = 0, None
+    for chunk in _raw_training_chunks(path, train_bytes):
+        present = np.bincount(chunk, minlength=256)
+        for value in np.flatnonzero((present > 0) & (first_seen < 0)):  # at most 256 times in all
+            first_seen[value] = offset + int(np.argmax(chunk == value))
+        counts += present
+        offset, last = offset + len(chunk), int(chunk[-1])
+    if last != LINE_BREAK:  # the last line's <eos>, after the last byte
+        counts[LINE_BREAK] += 1
+        if first_seen[LINE_BREAK] < 0:
+            first_seen[LINE_BREAK] = offset
+    order = sorted(np.flatnonzero(counts).tolist(), key=lambda b: (-counts[b], first_seen[b]))
+    return OriginalVocab(tuple(order), "raw bytes", path)
+
+
+def _looks_like_train_txt(head: bytes) -> bool:
+    """The original's format: decimal tokens separated by spaces, line breaks for byte 10."""
+    return re.fullmatch(rb"[0-9 \n]+", head) is not None and b" " in head
+
+
+def read_original_vocab(path: str | Path, train_bytes: int | None = None) -> OriginalVocab:
+    """The original's id -> byte map from whichever of its three sources `path` is (told apart by content)."""
+    path = Path(path)
+    if path.is_dir() and (path / "train.txt").is_file():  # the original's --data directory
+        path = path / "train.txt"
+    if not path.is_file():
+        raise ValueError(f"--vocab {path} is not a file. Pass {VOCAB_FILES}")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            kind = "corpus cache"
+        elif "enwik8" in names:
+            kind = "raw bytes"
+        else:
+            raise ValueError(f"--vocab {path} is a zip holding neither enwik8 nor a torch.save'd corpus "
+                             f"cache (it holds {', '.join(names[:5]) or 'nothing'}). Pass {VOCAB_FILES}")
+    elif head[:1] == b"\x80" and head[2:14] == _TORCH_LEGACY_MAGIC:
+        kind = "corpus cache"
+    elif _looks_like_train_txt(head):
+        kind = "train.txt"
+    else:
+        kind = "raw bytes"
+    if train_bytes is not None and kind != "raw bytes":
+        raise ValueError(f"--train_bytes applies to raw training bytes; --vocab {path} is a {kind}")
+    if kind == "corpus cache":
+        return vocab_from_corpus_cache(path)
+    if kind == "train.txt":
+        return vocab_from_train_txt(path)
+    if not head:
+        raise ValueError(f"--vocab {path} is empty. Pass {VOCAB_FILES}")
+    return vocab_from_raw_bytes(path, train_bytes)
+
+
+def to_byte_order(ref: dict[str, Tensor], vocab: OriginalVocab) -> dict[str, Tensor]:
+    """A reference state dict whose vocabulary rows follow the original's ids -> the same with 256 rows in
+    byte order: zero embeddings and an output bias of UNSEEN_BYTE_BIAS for the bytes the original never
+    saw."""
+    rows = ref["encoder.weight"].shape[0]
+    if rows != len(vocab.byte_of_id):
+        raise ValueError(f"--vocab {vocab.path} ({vocab.kind}) gives the original's vocabulary "
+                         f"{len(vocab.byte_of_id)} symbols, but the checkpoint's embedding has {rows} rows: "
+                         "it is not the training text of this checkpoint. Pass the train.txt, corpus cache "
+                         "or raw training bytes of the run that wrote it")
+    index = torch.tensor(vocab.byte_of_id)
+    out = dict(ref)
+    for key, fill in (("encoder.weight", 0.0), ("decoder.weight", 0.0), ("decoder.bias", UNSEEN_BYTE_BIAS)):
+        if key in ref:
+            spread = ref[key].new_full((256, *ref[key].shape[1:]), fill)
+            spread[index] = ref[key]
+            out[key] = spread
+    return out
+
+
 def import_reference(path: str | Path, out: str | Path, mem_len: int = 5000, prefix: str = "",
-                     overwrite: bool = False) -> tuple[ModelConfig, list[str]]:
+                     overwrite: bool = False, vocab: OriginalVocab | None = None
+                     ) -> tuple[ModelConfig, list[str]]:
     """Convert a reference checkpoint into an exported sharnn model directory. Returns the config and the
-    names of the reference tensors left out (held by the reference, never read by its forward)."""
+    names of the reference tensors left out (held by the reference, never read by its forward). With `vocab`
+    (the original's ids as bytes, see `read_original_vocab`), the vocabulary rows are put in byte order."""
     from sharnn.pretrained import check_output_dir, check_state_dict, save_state_dict
 
     check_output_dir(out, overwrite)
     ref = read_reference_file(path, prefix)
+    metadata = {"source": str(path), "converted_from": "Smerity/sha-rnn reference naming"}
+    if vocab is not None:
+        ref = to_byte_order(ref, vocab)
+        metadata["original_vocab"] = json.dumps({"kind": vocab.kind, "path": str(vocab.path),
+                                                 "byte_of_id": list(vocab.byte_of_id)})
+    elif ref["encoder.weight"].shape[0] != 256:
+        raise ValueError(f"{path}: its embedding has {ref['encoder.weight'].shape[0]} rows, not 256: a model "
+                         "the original code trained numbers the symbols of its training text by frequency, "
+                         f"not bytes by value. Pass --vocab with {VOCAB_FILES}")
     cfg = infer_config(ref, mem_len=mem_len)
     converted = from_reference(ref, cfg)
     check_state_dict(cfg, converted, where=f"the tensors of {path} (in sharnn's naming)",
                      hint="the architecture was read off the file's own tensors, so the file is "
                           "incomplete or not a SHA-RNN of the reference code")
     ignored = [k for k in ref if k != "decoder.weight" and _renamed(k) not in converted]
-    save_state_dict(converted, cfg, out, overwrite=overwrite,
-                    metadata={"source": str(path), "converted_from": "Smerity/sha-rnn reference naming"})
+    save_state_dict(converted, cfg, out, overwrite=overwrite, metadata=metadata)
     return cfg, ignored
 
 
@@ -234,6 +453,12 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--prefix", default="",
                         help="take only the tensors whose names start with this and strip it "
                              "(e.g. 'model.' for a state dict nested in a training checkpoint)")
+    parser.add_argument("--vocab", type=Path, metavar="PATH",
+                        help="for a model the original code trained: where its vocabulary comes from, "
+                             f"{VOCAB_FILES}; its ids are mapped back to bytes")
+    parser.add_argument(*cli.spellings("--train_bytes"), type=cli.positive_int, metavar="N",
+                        help="with raw bytes as --vocab: the training text is their first N bytes (default: "
+                             "the whole file; enwik8.zip: all but the last 10,000,000, as prep_enwik8.py)")
     parser.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
     return parser
 
@@ -243,12 +468,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.mem_len < 1:
         raise SystemExit(f"error: --mem_len must be >= 1, got {args.mem_len}")
+    if args.train_bytes is not None and args.vocab is None:
+        raise SystemExit("error: --train_bytes goes with --vocab (raw training bytes)")
     try:
-        cfg, ignored = import_reference(args.source, args.out, args.mem_len, args.prefix, args.overwrite)
+        vocab = None if args.vocab is None else read_original_vocab(args.vocab, args.train_bytes)
+        cfg, ignored = import_reference(args.source, args.out, args.mem_len, args.prefix, args.overwrite,
+                                        vocab)
     except ValueError as e:  # includes sharnn.pretrained.ModelError
         raise SystemExit(f"error: {e}") from None
     arch = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("d_model", "d_ff", "n_layer", "attn", "mem_len"))
     print(f"imported {args.source} ({arch}) to {args.out}", file=sys.stderr)
+    if vocab is not None:
+        print(f"the original's {len(vocab.byte_of_id)} symbols ({vocab.kind} {vocab.path}) put in byte "
+              f"order; the {256 - len(vocab.byte_of_id)} bytes it never saw get output bias "
+              f"{UNSEEN_BYTE_BIAS:g}",
+              file=sys.stderr)
     if ignored:
         print(f"left out {len(ignored)} reference tensors its forward never reads: {', '.join(ignored)}",
               file=sys.stderr)
