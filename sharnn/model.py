@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharnn.config import ModelConfig
+from sharnn.hub import HubMixin
 from sharnn.kernels import Dropout, attend_cpu, cpu_attention, dropout
 from sharnn.state import CarryState, LSTMState
 
@@ -168,7 +169,7 @@ class Block(nn.Module):
         return h, hidden, new_memory
 
 
-class SHARNN(nn.Module):
+class SHARNN(nn.Module, HubMixin):  # HubMixin: from_pretrained, save_pretrained, push_to_hub
     """The SHA-RNN language model over bytes. Time-major: inputs (T, B) int64, logits (T, B, vocab)."""
 
     def __init__(self, cfg: ModelConfig):

@@ -1,6 +1,6 @@
 """Load and save trained SHA-RNN models with sharnn alone (no accelerate, no DeepSpeed, no `train`).
 
-`load_model(path)` accepts any of three kinds of directory:
+`load_model(path)` accepts any of three kinds of directory, or the id of a model repo on the Hugging Face Hub:
 
     exported model   model.safetensors + config.json (the ModelConfig's fields): what `sharnn-export` and
                      `sharnn-import` write, and `save_model` below
@@ -8,6 +8,8 @@
                      its `model:` key is the ModelConfig) + train_state.json (written last: marks it complete)
     run directory    RUN/ with checkpoints/: its best checkpoint (checkpoints/best.json), else its latest
                      complete one
+    Hub repo id      "owner/name" or "owner/name@revision" that is no local path: an exported model on the
+                     Hub, downloaded into the Hub's cache (sharnn.hub; HF_HUB_OFFLINE is respected)
 
     from sharnn.pretrained import load_model
     model = load_model("runs/paper")                 # eval mode, on the CPU
@@ -31,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sharnn import atomic, rundir
+from sharnn import atomic, hub, rundir
 from sharnn.config import ModelConfig
 from sharnn.model import SHARNN
 from sharnn.rundir import EXPORT_FILES, ModelError
@@ -57,13 +59,16 @@ class ModelSource:
     """The checkpoint's full training config as saved (None for exported models)."""
     step: int | None = None
     """The checkpoint's optimizer step (None for exported models)."""
+    repo_id: str | None = None
+    """The Hub repo (owner/name[@revision]) it was downloaded from; `path` is then its cached snapshot."""
 
     @property
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_NAME
 
     def describe(self) -> str:
-        return f"{self.path} ({self.kind}{'' if self.step is None else f', step {self.step}'})"
+        where = f"{self.repo_id} on the Hub" if self.repo_id else str(self.path)
+        return f"{where} ({self.kind}{'' if self.step is None else f', step {self.step}'})"
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -92,7 +97,14 @@ def _model_config(fields: dict, where: Path) -> ModelConfig:
 
 
 def find_model(path: str | Path) -> ModelSource:
-    """Resolve an exported model, a checkpoint or a run directory (or the model.safetensors inside one)."""
+    """Resolve an exported model, a checkpoint or a run directory (or the model.safetensors inside one), or a
+    Hub repo id (a str `owner/name[@revision]` that is no local path: downloaded, see sharnn.hub)."""
+    repo = hub.parse_repo_id(path)
+    if repo is not None:
+        snapshot = hub.download(*repo)
+        source = find_model(snapshot)
+        source.repo_id = path
+        return source
     found = rundir.locate(path)
     path = found.path
     if found.kind == "exported":
@@ -215,24 +227,34 @@ def check_output_dir(out: str | Path, overwrite: bool, allowed: tuple[str, ...] 
                          f"({_first(foreign)}); refusing to replace it: choose another directory")
 
 
-def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, out: str | Path,
-                    overwrite: bool = False, metadata: dict[str, str] | None = None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
-    """Write an exported model (model.safetensors + config.json) atomically; checked against `config` first.
-
-    `metadata` goes into the safetensors header (strings); `extra(tmp_dir)` may add files (e.g. model.onnx)
-    before the directory is renamed into place.
-    """
-    check_state_dict(config, state_dict)
+def write_export_files(directory: Path, state_dict: dict[str, Tensor], config: ModelConfig,
+                       metadata: dict[str, str] | None = None) -> None:
+    """Write model.safetensors (with the format marker in its metadata) and config.json (the ModelConfig's
+    fields) into an existing `directory`: the files of an exported model, not atomic by themselves."""
     from sharnn import __version__
 
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "sharnn_version": __version__}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, directory / WEIGHTS_NAME,
+              metadata=meta)
+    (directory / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+
+
+def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, out: str | Path,
+                    overwrite: bool = False, metadata: dict[str, str] | None = None,
+                    extra: Callable[[Path], None] | None = None, card=None) -> Path:
+    """Write an exported model (model.safetensors + config.json) atomically; checked against `config` first.
+
+    `metadata` goes into the safetensors header (strings); `card` (a huggingface_hub ModelCard, see
+    `sharnn.hub.model_card`) is written as README.md; `extra(tmp_dir)` may add files (e.g. model.onnx)
+    before the directory is renamed into place.
+    """
+    check_state_dict(config, state_dict)
 
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_NAME,
-                  metadata=meta)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        write_export_files(tmp, state_dict, config, metadata)
+        if card is not None:
+            card.save(tmp / hub.CARD_NAME)
         if extra is not None:
             extra(tmp)
         atomic.apply_umask(tmp)  # safetensors writes its file 0600
@@ -247,5 +269,5 @@ def save_model(model: SHARNN, out: str | Path, overwrite: bool = False,
 
 
 __all__ = ["ModelError", "ModelSource", "find_model", "read_state_dict", "check_state_dict", "build_model",
-           "load_model", "save_model", "save_state_dict", "write_dir_atomic", "check_output_dir",
-           "WEIGHTS_NAME", "CONFIG_NAME"]
+           "load_model", "save_model", "save_state_dict", "write_export_files", "write_dir_atomic",
+           "check_output_dir", "WEIGHTS_NAME", "CONFIG_NAME"]

@@ -14,6 +14,7 @@
         best.json                     {"step", "dir", "val_bpc"} of the best checkpoint by validation bpc
     MODEL/                            an exported model (`sharnn-export`, `sharnn-import`, `save_model`)
       model.safetensors, config.json  the weights and the ModelConfig's fields
+      README.md                       the model card (sharnn-export; sharnn.hub)
 
 Training writes checkpoints (train/checkpoint.py); everything that reads them (resume, --init_from,
 `sharnn.pretrained.load_model`, sharnn-eval, sharnn-export, sharnn-generate) finds them through this module.
@@ -52,7 +53,7 @@ EXPORT_CONFIG_NAME = "config.json"
 EXPORT_FORMAT_NAME = "sharnn-model"
 EXPORT_FORMAT_VERSION = 1
 """Exported model format, recorded in model.safetensors' metadata."""
-EXPORT_FILES = (WEIGHTS_NAME, EXPORT_CONFIG_NAME, "model.onnx", "model.onnx.data")
+EXPORT_FILES = (WEIGHTS_NAME, EXPORT_CONFIG_NAME, "README.md", "model.onnx", "model.onnx.data")
 """Files an exported model directory may hold; --overwrite replaces a directory holding nothing else."""
 
 WHAT_LOADS = ("an exported model (model.safetensors + config.json, from sharnn-export or sharnn-import), "
