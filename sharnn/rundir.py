@@ -123,15 +123,27 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint best.json names, if it is complete (None without a readable best.json)."""
+    """The checkpoint best.json names (None when the run has no best.json: it never validated).
+
+    A best.json that cannot be read, or that names a checkpoint which is not complete, is a `ModelError`:
+    taking the latest checkpoint instead would silently give another model than the best."""
     pointer = checkpoints_root(run_dir) / BEST_NAME
-    if not pointer.is_file():
+    if not pointer.exists():
         return None
+    fix = (f"give a checkpoint directory ({checkpoints_root(run_dir)}/step-N) instead of the run directory, "
+           "or delete best.json to use the latest checkpoint")
     try:
-        path = checkpoints_root(run_dir) / json.loads(pointer.read_text())["dir"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return path if is_complete(path) else None
+        name = json.loads(pointer.read_text())["dir"]
+        if not isinstance(name, str) or not name.startswith(STEP_PREFIX) or "/" in name:
+            raise ValueError(f"'dir' is {name!r}, not a checkpoint name")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{pointer} is unreadable ({type(e).__name__}: {e}), so the run's best checkpoint "
+                         f"is unknown; {fix}") from None
+    path = checkpoints_root(run_dir) / name
+    if not is_complete(path):
+        raise ModelError(f"{pointer} names {name}, which is not a complete checkpoint (missing, or without "
+                         f"{TRAIN_STATE_NAME}); {fix}")
+    return path
 
 
 def write_best(run_dir: str | Path, step: int, val_bpc: float) -> None:
@@ -159,6 +171,14 @@ def looks_like_checkpoint(path: str | Path) -> bool:
     markers = (CKPT_CONFIG_NAME, META_NAME, "optimizer.bin", "random_states_0.pkl", carry_name(0), "latest")
     return path.name.startswith((TMP_PREFIX + STEP_PREFIX, STEP_PREFIX)) or any((path / m).exists()
                                                                                  for m in markers)
+
+
+def unrenamed_checkpoint(path: Path) -> str:
+    """The problem and the fix for a `.tmp-step-N` directory that holds train_state.json."""
+    final = path.with_name(path.name[len(TMP_PREFIX):])
+    return (f"{path} is a checkpoint under its temporary name: it holds {TRAIN_STATE_NAME}, which is written "
+            "last, but the run stopped before renaming it (or is renaming it now). If no run is writing it, "
+            f"rename it to use it: mv {path} {final}")
 
 
 # ------------------------------------------------------------------------------------------- resolution
@@ -202,6 +222,8 @@ def locate(path: str | Path) -> Located:
         return Located("checkpoint", path)
     if checkpoints_root(path).is_dir():
         return locate(run_checkpoint(path))
+    if path.name.startswith(TMP_PREFIX) and (path / TRAIN_STATE_NAME).is_file():
+        raise ModelError(unrenamed_checkpoint(path))
     if looks_like_checkpoint(path):
         raise ModelError(f"{path} is an incomplete checkpoint (no {TRAIN_STATE_NAME}: it was still being "
                          "written when the run stopped); use a complete checkpoint, or give the run "

@@ -63,10 +63,22 @@ def test_best_checkpoint_then_latest(run):
     assert json.loads((root / rundir.BEST_NAME).read_text()) == {"step": 10, "dir": "step-00000010",
                                                                  "val_bpc": 1.25}
     assert rundir.best_checkpoint(run) == rundir.run_checkpoint(run) == root / "step-00000010"
-    rundir.write_best(run, 40, 1.0)  # an incomplete checkpoint is never the best
+    (root / rundir.BEST_NAME).unlink()  # a run that never validated: its latest checkpoint
     assert rundir.best_checkpoint(run) is None and rundir.run_checkpoint(run) == root / "step-00000099"
-    (root / rundir.BEST_NAME).write_text("{not json")
-    assert rundir.best_checkpoint(run) is None
+
+
+@pytest.mark.parametrize("best_json, message", [
+    ("{not json", "best.json is unreadable"),
+    ('{"dir": "../../elsewhere"}', "best.json is unreadable"),
+    (json.dumps({"step": 40, "dir": "step-00000040", "val_bpc": 1.0}), "names step-00000040, which is not a "
+     "complete checkpoint"),
+])
+def test_an_unusable_best_json_is_an_error_not_the_latest_checkpoint(run, best_json, message):
+    """Taking the latest checkpoint instead would silently give sharnn-eval/-export/-generate another model."""
+    (rundir.checkpoints_root(run) / rundir.BEST_NAME).write_text(best_json)
+    for resolve in (rundir.best_checkpoint, rundir.run_checkpoint, rundir.locate):
+        with pytest.raises(ModelError, match=f"{message}.*give a checkpoint directory.*or delete best.json"):
+            resolve(run)
 
 
 def test_train_checkpoint_uses_the_layout(run):
@@ -76,8 +88,13 @@ def test_train_checkpoint_uses_the_layout(run):
     assert checkpoint.best_checkpoint(run) == rundir.best_checkpoint(run)
     assert checkpoint.resolve_resume("auto", run) == rundir.latest_checkpoint(run)
     assert checkpoint.resolve_resume(str(run), run.parent / "other") == rundir.latest_checkpoint(run)
-    with pytest.raises(SystemExit, match="incomplete checkpoint"):
+    with pytest.raises(SystemExit, match="checkpoint under its temporary name: it holds train_state.json"):
         checkpoint.weights_file(rundir.tmp_checkpoint_dir(run, 50))
+    with pytest.raises(SystemExit, match=r"temporary name.*mv \S*\.tmp-step-00000050 \S*/step-00000050$"):
+        checkpoint.resolve_resume(str(rundir.tmp_checkpoint_dir(run, 50)), run)
+    (rundir.checkpoint_dir(run, 10) / rundir.TRAIN_STATE_NAME).write_text("garbage")
+    with pytest.raises(SystemExit, match="^error: --resume auto: checkpoint .* cannot read the step from"):
+        checkpoint.resolve_resume("auto", run)
 
 
 # -------------------------------------------------------------------------------------------- resolution
@@ -101,7 +118,7 @@ def test_resolution_of_run_checkpoint_export_and_weights_file(run, tmp_path):
 
 
 @pytest.mark.parametrize("target, message", [
-    (lambda run, tmp: rundir.tmp_checkpoint_dir(run, 50), "incomplete checkpoint"),
+    (lambda run, tmp: rundir.tmp_checkpoint_dir(run, 50), "under its temporary name: it holds train_state"),
     (lambda run, tmp: rundir.checkpoint_dir(run, 40), "incomplete checkpoint"),
     (lambda run, tmp: rundir.checkpoints_root(run), "checkpoints folder"),
     (lambda run, tmp: tmp / "missing", "does not exist"),
