@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,7 +34,18 @@ class ModelConfig:
     """Dropout on the embedding output."""
 
     def __post_init__(self) -> None:
-        if self.attn not in ("penultimate", "all", "none"):
+        # Types first: a config.json or YAML file may hold `mem_len: 512.9` or `d_model: "128"`.
+        for name in ("vocab_size", "d_model", "d_ff", "n_layer", "mem_len"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))
+        for name in ("dropout", "dropouth", "dropouti"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        if not isinstance(self.attn, str) or self.attn not in ("penultimate", "all", "none"):
             raise ValueError(f"attn must be 'penultimate', 'all' or 'none', got {self.attn!r}")
         for name in ("vocab_size", "d_model", "d_ff", "n_layer", "mem_len"):
             if getattr(self, name) < 1:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import secrets
 import sys
@@ -70,6 +72,32 @@ def generate(model, prompt: bytes, n_bytes: int, **kwargs) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ command line
+SEED_LIMIT = 2**64
+"""torch.Generator.manual_seed takes seeds in [0, 2**64) (and negative ones, which --seed refuses)."""
+
+
+def parse_temperature(text: str) -> float:
+    """argparse type: a finite number >= 0 (nan or inf would turn every probability into nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def parse_seed(text: str) -> int:
+    """argparse type: a whole number in [0, 2**64), the range torch's generators accept."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {text}")
+    return value
+
+
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="sharnn-generate",
@@ -83,14 +111,15 @@ def build_parser() -> cli.ArgumentParser:
                         help="read the prompt's raw bytes from this file")
     parser.add_argument("--length", type=cli.non_negative(int), default=256,
                         help="bytes to generate (default 256)")
-    parser.add_argument("--temperature", type=cli.non_negative(float), default=1.0,
+    parser.add_argument("--temperature", type=parse_temperature, default=1.0,
                         help="softmax temperature; 0 = greedy, always the most likely byte (default 1.0)")
     parser.add_argument(*cli.spellings("--top_k"), type=cli.non_negative(int), default=0,
                         help="sample among the k most likely bytes only (0 = all; default 0)")
     parser.add_argument(*cli.spellings("--top_p"), type=cli.probability, default=1.0,
                         help="nucleus sampling: the smallest set of bytes holding this much probability "
                              "(default 1.0 = all)")
-    parser.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed to stderr)")
+    parser.add_argument("--seed", type=parse_seed,
+                        help="random seed in [0, 2**64) (default: a fresh one, printed to stderr)")
     parser.add_argument(*cli.spellings("--mem_len"), type=cli.positive_int,
                         help="attention memory length (default: the model's own)")
     parser.add_argument(*cli.spellings("--prompt_chunk"), type=cli.positive_int,
