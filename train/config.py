@@ -26,6 +26,9 @@ class TrainConfig:
 
     data: str = ""
     """Prepared corpus directory (made by `sharnn-prepare`)."""
+    skip_data_check: bool = False
+    """Do not hash the splits against the corpus manifest at the start (about a second per GB): a corpus
+    changed after sharnn-prepare wrote it then trains without a word. A warning says so."""
     out: str = "runs/sharnn"
     """Run directory: metrics.jsonl, tensorboard/, checkpoints/, config.yaml."""
     model: ModelConfig = field(default_factory=ModelConfig)
