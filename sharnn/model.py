@@ -18,7 +18,6 @@ The model holds only parameters it uses: the reference's `lnout`, `qkvs`, `r_gat
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +76,25 @@ def lstm_dtype(lstm: nn.LSTM, x: Tensor) -> torch.dtype:
     return lstm.weight_ih_l0.dtype
 
 
-@lru_cache(maxsize=32)
+_CAUSAL_MASKS: dict[torch.device, Tensor] = {}  # per device, the largest mask asked for (see causal_mask)
+
+
 def causal_mask(T: int, mem_len: int, device: torch.device) -> Tensor:
-    """(T, mem_len + T) bool, True = may attend: all of memory and segment positions <= t."""
-    seg = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.ones(T, mem_len, dtype=torch.bool, device=device), seg], dim=1)
+    """(T, mem_len + T) bool, True = may attend: all of memory and segment positions <= t.
+
+    Query t may see key j iff j <= mem_len + t. One (T_max, M_max + T_max) mask with
+    [t, k] = k <= M_max + t per device holds every smaller one as the view [:T, M_max - mem_len : M_max + T],
+    so random segment lengths and a memory growing during generation cost no more than the largest mask
+    (a cache keyed on (T, mem_len) held up to 32 of them: ~160 MB on a GPU)."""
+    big = _CAUSAL_MASKS.get(device)
+    if big is None or big.shape[0] < T or big.shape[1] - big.shape[0] < mem_len:
+        t_max = max(T, big.shape[0] if big is not None else 0)
+        m_max = max(mem_len, big.shape[1] - big.shape[0] if big is not None else 0)
+        keys = torch.arange(m_max + t_max, device=device)
+        big = keys[None, :] <= torch.arange(t_max, device=device)[:, None] + m_max  # (t_max, m_max + t_max)
+        _CAUSAL_MASKS[device] = big
+    m_max = big.shape[1] - big.shape[0]
+    return big[:T, m_max - mem_len: m_max + T]
 
 
 class SingleHeadAttention(nn.Module):

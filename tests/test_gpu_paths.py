@@ -100,3 +100,55 @@ def test_a_cpu_request_wins_over_visible_gpus(monkeypatch, fresh_accelerate_stat
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES=-1"):
         build_accelerator("fp32")
+
+
+# ------------------------------------------------------------------------------------ causal mask, ONNX
+def test_causal_mask_cache_holds_one_mask_per_device_whatever_the_lengths():
+    """Random segment lengths and a memory growing byte by byte (generation) used to fill a 32-entry cache
+    keyed on (T, mem_len); now every mask is a view of the largest one of its device, and equal to the
+    mask built directly."""
+    from sharnn import model as model_module
+
+    model_module._CAUSAL_MASKS.clear()
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    lengths = [(int(t), int(m)) for t, m in torch.randint(1, 40, (100, 2), generator=g)]
+    lengths += [(1, m) for m in range(0, 60, 3)]  # generation: one byte at a time, the memory growing
+    for T, mem_len in lengths:
+        mask = model_module.causal_mask(T, mem_len, cpu)
+        direct = torch.cat([torch.ones(T, mem_len, dtype=torch.bool),
+                            torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
+        assert torch.equal(mask, direct), (T, mem_len)
+    assert list(model_module._CAUSAL_MASKS) == [cpu]
+    largest = model_module._CAUSAL_MASKS[cpu]
+    assert largest.shape == (39, 57 + 39)  # the largest T and the largest memory: ~4 kB, not 32 masks
+    assert model_module.causal_mask(5, 7, cpu).untyped_storage().data_ptr() == \
+        largest.untyped_storage().data_ptr()  # a view: nothing new allocated
+
+
+@pytest.mark.slow  # ~20 s: a real export and onnxruntime check
+def test_onnx_export_of_a_model_that_is_not_cpu_float32(tmp_path):
+    """export_onnx traces with CPU float32 inputs: a bf16 model (as a CUDA model) failed; it now exports a
+    CPU float32 copy and leaves the caller's model as it was."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from sharnn import SHARNN, ModelConfig
+    from train.export import export_onnx
+
+    torch.manual_seed(0)
+    model = SHARNN(ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=6)).to(torch.bfloat16)
+    assert "onnxruntime matches PyTorch" in export_onnx(model, tmp_path / "model.onnx")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_onnx_export_of_a_cuda_model(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from sharnn import SHARNN, ModelConfig
+    from train.export import export_onnx
+
+    model = SHARNN(ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=6)).cuda()
+    assert "onnxruntime matches PyTorch" in export_onnx(model, tmp_path / "model.onnx")
+    assert next(model.parameters()).is_cuda

@@ -13,6 +13,7 @@ writes one forward step as ONNX.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -133,6 +134,10 @@ def export_onnx(model, path: Path, batch_size: int = 1) -> str:
             from None
     import warnings
 
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+        # traced and checked with CPU float32 inputs: export a CPU float32 copy of a model on a GPU or in
+        # bf16/fp16 (the caller's model stays as it is)
+        model = copy.deepcopy(model).to("cpu", torch.float32)
     cfg = model.cfg
     step = OneStep(model).eval()
     B, C, n_attn = batch_size, cfg.d_model, len(cfg.attn_layers)
