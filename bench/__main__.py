@@ -7,7 +7,7 @@
 Each scenario runs in a fresh process (clean peak memory, its own thread count). Training scenarios time the
 real step (forward, backward, clipping, LAMB step, state carry and detach) after warm-up with the attention
 memory full, and report the median over repeats with the min-max spread. FLOPs per byte come from the analytic
-formula in bench/flops.py (tested against FlopCounterMode); MFU divides the achieved FLOP/s by the device's
+formula in train/flops.py (tested against FlopCounterMode); MFU divides the achieved FLOP/s by the device's
 matmul ceiling for that dtype, measured in the same process. World-size scenarios run the trainer itself
 under `accelerate launch` (gloo on CPU) and report per-process throughput, so the scaling efficiency shows.
 """
@@ -87,21 +87,14 @@ def _model_config(sc: Scenario):
     return cfg, model_cfg, sc.batch or cfg.batch_size, sc.bptt or cfg.bptt
 
 
-def matmul_ceiling(device, dtype, n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` n x n matrix products: the device's practical ceiling for dtype.
-    Callers measure it before and after their timed work and keep the higher: on a shared VM a single
-    measurement can catch a slow moment (seen here: 78 to 135 GFLOP/s for the same product)."""
-    import torch
+def matmul_ceiling(device, dtype) -> float:
+    """The device's practical matmul ceiling for dtype: the best 2048 x 2048 product over half a second
+    (train.flops.measure_matmul_flops, which measures the trainer's CPU peak). Callers measure it before and
+    after their timed work and keep the higher: on a shared VM a single measurement can catch a slow moment
+    (seen here: 78 to 135 GFLOP/s for the same product)."""
+    from train.flops import measure_matmul_flops
 
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return measure_matmul_flops(device, dtype, min_n=2048)[0]
 
 
 def _sync(device) -> None:
@@ -122,10 +115,10 @@ def _peak_memory(device) -> int:
 def run_in_process(sc: Scenario) -> dict:
     import torch
 
-    from bench.flops import forward_flops_per_byte, steady_keys, train_flops_per_byte
     from sharnn import SHARNN
     from sharnn.generate import stream_bytes
     from sharnn.optim import LAMB
+    from train.flops import forward_flops_per_byte, steady_keys, train_flops_per_byte
 
     if sc.threads:
         torch.set_num_threads(sc.threads)
@@ -215,7 +208,7 @@ def _device_name(device) -> str:
 # ------------------------------------------------------------------------------------------ scaling runs
 def run_scaling(sc: Scenario, corpus: Path) -> dict:
     """The trainer itself, 1 process or 2 under accelerate launch, each with sc.threads threads."""
-    from bench.flops import steady_keys, train_flops_per_byte
+    from train.flops import steady_keys, train_flops_per_byte
 
     cfg, model_cfg, B, T = _model_config(sc)
     steps = 24

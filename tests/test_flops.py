@@ -1,4 +1,4 @@
-"""The analytic FLOP formula of bench/flops.py against torch's FlopCounterMode.
+"""The analytic FLOP formula of train/flops.py against torch's FlopCounterMode.
 
 FlopCounterMode does not count nn.LSTM's fused kernel, so the LSTMs run here decomposed into the matrix
 products they perform (same weights, same function). The attention runs as on every CPU: sharnn.kernels'
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.flops import forward_flops, steady_keys, train_flops
 from sharnn import SHARNN, ModelConfig
+from train.flops import forward_flops, steady_keys, train_flops
 
 
 class MatmulLSTM(torch.nn.Module):
