@@ -268,7 +268,7 @@ def vocab_from_train_txt(path: Path) -> OriginalVocab:
 def vocab_from_corpus_cache(path: Path) -> OriginalVocab:
     """The dictionary of the original's pickled data.Corpus, read without running code from the file."""
     try:
-        corpus = safe_torch_load(path)
+        corpus = safe_torch_load(path, mmap=True)  # its token tensors (800 MB for enwik8) are not needed
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, TypeError, AttributeError,
             KeyError, IndexError, OSError, ValueError) as e:
         raise ValueError(f"--vocab {path}: cannot read it as the original's corpus cache "

@@ -112,12 +112,14 @@ restricted_pickle = types.SimpleNamespace(
     load=lambda file, **kwargs: RestrictedUnpickler(file, **kwargs).load())
 
 
-def safe_torch_load(path: str | Path):
+def safe_torch_load(path: str | Path, mmap: bool = False):
     """torch.load a file written by torch.save without running code from it: tensors, containers and the
     pickled state of other objects (as `PickledObject` stubs). TorchScript archives are refused (loading
-    one runs its code)."""
+    one runs its code). `mmap`: map the tensors of a zip-format file instead of reading them (for files whose
+    tensors are not needed, such as the original's corpus cache)."""
     path = Path(path)
-    if zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
@@ -126,4 +128,5 @@ def safe_torch_load(path: str | Path):
     # weights_only=False is required to pass our own pickle module; its Unpickler allows tensors only.
     with warnings.catch_warnings():  # the legacy format warns it cannot check the stubbed classes' source
         warnings.simplefilter("ignore", UserWarning)
-        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False,
+                          mmap=mmap and is_zip)
