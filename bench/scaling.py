@@ -62,7 +62,8 @@ def plan(batches: list[int], rules: list[str], warmups: list[str]) -> list[dict]
     configs = []
     if REFERENCE_BATCH in batches:
         configs.append({"batch": REFERENCE_BATCH, "rule": "none", "warmup": "steps"})
-    for b, rule, warmup in itertools.product(batches, rules, warmups):
+    # every batch of one (warmup, rule) before the next: an interrupted study has whole curves
+    for warmup, rule, b in itertools.product(warmups, rules, batches):
         if b != REFERENCE_BATCH:
             configs.append({"batch": b, "rule": rule, "warmup": warmup})
     for c in configs:
