@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -101,16 +102,36 @@ class _Opened:
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """``datasets``' progress bars only on a terminal, as ``sharnn.prepare.write_split`` does."""
+def _quiet_datasets() -> Iterator[None]:
+    """``datasets``' progress bars only on a terminal (as ``sharnn.prepare.write_split``), and none of its
+    error logs: every failure reaches the user as one ``error:`` line from us instead."""
     quiet = not sys.stderr.isatty() and not datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     if quiet:
         datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if quiet:
             datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _reading(split: str, source: HFSource) -> Iterator[None]:
+    """Turns what reading a split's records raises into a ``PrepareError`` naming the split."""
+    try:
+        yield
+    except KeyError as e:
+        raise PrepareError(f"a record of split {split!r} of {source.name} has no column {e}; choose with "
+                           f"--column NAME")
+    except UnicodeEncodeError as e:
+        raise PrepareError(f"split {split!r} of {source.name} holds text that is not valid Unicode ({e}); "
+                           f"clean the dataset first")
+    except (DatasetGenerationError, ValueError, OSError, pa.ArrowException) as e:
+        raise PrepareError(f"reading split {split!r} of {source.name} failed ({_first_line(e)}); check that "
+                           f"its files are complete and of the format their names say")
 
 
 def _first_line(error: BaseException) -> str:
@@ -123,11 +144,23 @@ def _is_save_to_disk_dir(path: Path) -> bool:
         (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file()
 
 
+def _saved_data_files(state_json: Path) -> list:
+    with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return json.loads(state_json.read_text()).get("_data_files") or []
+    return [None]  # unreadable: let load_from_disk say what is wrong
+
+
 def _open_saved(source: HFSource) -> _Opened:
     """A ``save_to_disk`` directory: memory-mapped, streamed through ``to_iterable_dataset``."""
     if source.config is not None or source.data_files or source.revision is not None:
         raise PrepareError(f"{source.name} is a save_to_disk directory: it has no --config, --data_files or "
                            f"--revision; drop them")
+    states = sorted(Path(source.name).rglob(datasets.config.DATASET_STATE_JSON_FILENAME))
+    empty = [str(state.parent) for state in states if not _saved_data_files(state)]
+    if empty:
+        # datasets saves an empty Dataset without data files and then cannot load it (an IndexError).
+        raise PrepareError(f"the save_to_disk directory {source.name} holds an empty dataset (no records in "
+                           f"{', '.join(empty)}); give a dataset with text")
     try:
         loaded = datasets.load_from_disk(source.name, keep_in_memory=False)
     except (FileNotFoundError, ValueError, OSError, pa.ArrowException) as e:
@@ -169,6 +202,9 @@ def _open_streaming(source: HFSource) -> _Opened:
         splits = builder.as_streaming_dataset()
     except (DatasetNotFoundError, EmptyDatasetError, FileNotFoundError) as e:
         raise PrepareError(f"dataset {source.name!r} not found ({_first_line(e)}). {_HINT}")
+    except StopIteration:  # the json builder reads the first file to infer features: it was empty
+        raise PrepareError(f"{source.name} holds no text (0 records in its first data file); give a dataset "
+                           f"with text") from None
     except ConnectionError as e:
         raise PrepareError(f"cannot reach dataset {source.name!r} on the Hub ({_first_line(e)}); this "
                            f"machine may be offline: {_HINT}")
@@ -232,36 +268,27 @@ def _write_split_text(stream: datasets.IterableDataset, split: str, source: HFSo
     bytes). Holds one batch of ``BATCH_ROWS`` records at a time."""
     separator = source.separator.encode("utf-8")
     n_records = n_bytes = 0
-    try:
-        with tqdm(unit="B", unit_scale=True, desc=f"reading {split}", disable=None, leave=False) as bar:
-            for batch in stream.iter(batch_size=BATCH_ROWS):
-                records = []
-                for row in range(len(batch[columns[0]])):
-                    values = [batch[c][row] for c in columns]
-                    if any(not isinstance(v, (str, type(None))) for v in values):
-                        bad = next(c for c, v in zip(columns, values) if not isinstance(v, (str, type(None))))
-                        raise PrepareError(f"record {n_records + row} of split {split!r} of {source.name} "
-                                           f"has a {type(batch[bad][row]).__name__} in column {bad!r}, not "
-                                           f"text; choose string columns with --column")
-                    records.append(source.separator.join(v for v in values if v is not None).encode("utf-8"))
-                if not records:
-                    continue
-                block = separator.join(records)
-                if n_records:
-                    block = separator + block
-                out.write(block)
-                n_records += len(records)
-                n_bytes += len(block)
-                bar.update(len(block))
-    except KeyError as e:
-        raise PrepareError(f"a record of split {split!r} of {source.name} has no column {e}; choose with "
-                           f"--column NAME")
-    except UnicodeEncodeError as e:
-        raise PrepareError(f"split {split!r} of {source.name} holds text that is not valid Unicode ({e}); "
-                           f"clean the dataset first")
-    except (DatasetGenerationError, ValueError, OSError, pa.ArrowException) as e:
-        raise PrepareError(f"reading split {split!r} of {source.name} failed ({_first_line(e)}); check that "
-                           f"its files are complete and of the format their names say")
+    with _reading(split, source), \
+            tqdm(unit="B", unit_scale=True, desc=f"reading {split}", disable=None, leave=False) as bar:
+        for batch in stream.iter(batch_size=BATCH_ROWS):
+            records = []
+            for row in range(len(batch[columns[0]])):
+                values = [batch[c][row] for c in columns]
+                if any(not isinstance(v, (str, type(None))) for v in values):
+                    bad = next(c for c, v in zip(columns, values) if not isinstance(v, (str, type(None))))
+                    raise PrepareError(f"record {n_records + row} of split {split!r} of {source.name} "
+                                       f"has a {type(batch[bad][row]).__name__} in column {bad!r}, not "
+                                       f"text; choose string columns with --column")
+                records.append(source.separator.join(v for v in values if v is not None).encode("utf-8"))
+            if not records:
+                continue
+            block = separator.join(records)
+            if n_records:
+                block = separator + block
+            out.write(block)
+            n_records += len(records)
+            n_bytes += len(block)
+            bar.update(len(block))
     return n_records, n_bytes
 
 
@@ -289,10 +316,15 @@ def prepare_hf(source: HFSource, out: str | Path, valid_bytes: int | None = None
     if source.separator is None:
         raise ValueError("separator must be a string (use '' for none)")
     existing = _check_out(out)
+    with _quiet_datasets():
+        return _prepare_hf(source, out, valid_bytes, test_bytes, overwrite, existing)
+
+
+def _prepare_hf(source: HFSource, out: Path, valid_bytes: int | None, test_bytes: int | None, overwrite: bool,
+                existing: dict | None) -> PrepareResult:
     local = Path(source.name)
-    with _quiet_progress_bars():
-        opened = _open_saved(source) if local.is_dir() and _is_save_to_disk_dir(local) else \
-            _open_streaming(source)
+    is_saved = local.is_dir() and _is_save_to_disk_dir(local)
+    opened = _open_saved(source) if is_saved else _open_streaming(source)
     if source.split not in opened.splits:
         raise PrepareError(f"{source.name} has no split {source.split!r}; it has "
                            f"{', '.join(opened.splits) or 'none'}: choose one with --split")
@@ -307,7 +339,12 @@ def prepare_hf(source: HFSource, out: str | Path, valid_bytes: int | None = None
                 continue
             stream = opened.splits[split]
             if columns is None:
-                first = None if stream.features is not None else next(iter(stream.iter(batch_size=1)), None)
+                with _reading(split, source):
+                    first = None if stream.features is not None else \
+                        next(iter(stream.iter(batch_size=1)), None)
+                if stream.features is None and first is None:
+                    raise PrepareError(f"split {split!r} of {source.name} holds no text (0 records); give a "
+                                       f"dataset with text, or choose another --split")
                 columns = _choose_columns(source, stream.features, first)
             log.info("reading %s split %r of %s", role, split, source.name)
             with open(tmp / _scratch_name(role), "wb") as scratch:

@@ -1,0 +1,285 @@
+"""sharnn-prepare hf: datasets made here (save_to_disk, parquet and JSON lines folders, a builder with
+data files) become corpora whose splits are exactly their records' text; bad input is one `error:` line; a
+dataset larger than the process's memory limit is prepared. Nothing touches the network: the Hub is switched
+off where a name could reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import datasets
+import huggingface_hub
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sharnn.data import SPLITS, read_manifest
+from sharnn.hf_corpus import HFSource, prepare_hf
+from tests.helpers import REPO, subprocess_env
+from tests.test_prepare import assert_failed_cleanly, listing, run_main, split_bytes_via_datasets
+
+
+def records(n: int, seed: int = 0, prefix: str = "") -> list[str]:
+    """Distinct lines of text, some non-ASCII, of varied lengths."""
+    return [f"{prefix}record {seed}-{i}: {'héllo wörld ' * (i % 7)}{'∑' * (i % 3)} end" for i in range(n)]
+
+
+def joined(texts: list[str], separator: str = "\n") -> bytes:
+    return separator.join(texts).encode("utf-8")
+
+
+def save_to_disk(dataset: datasets.Dataset | datasets.DatasetDict, path) -> None:
+    """`save_to_disk` without its progress bar, which would land in the captured stderr the tests read."""
+    datasets.disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(path))
+    finally:
+        datasets.enable_progress_bars()
+
+
+def corpus_text(corpus) -> dict[str, bytes]:
+    return {name: split_bytes_via_datasets(corpus, name) for name in SPLITS}
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """No network: a Hub name fails at once (as with HF_HUB_OFFLINE=1) instead of retrying for seconds."""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+# --- sources ------------------------------------------------------------------------------------------------
+
+def test_save_to_disk_dataset_dict_uses_its_own_splits(tmp_path, capsys):
+    texts = {"train": records(3000, 1), "validation": records(400, 2), "test": records(500, 3)}
+    dataset = datasets.DatasetDict({name: datasets.Dataset.from_dict({"text": t, "id": list(range(len(t)))})
+                                    for name, t in texts.items()})
+    save_to_disk(dataset, tmp_path / "saved")
+    code, err = run_main(capsys, "hf", tmp_path / "saved", "--out", tmp_path / "c")
+    assert code == 0, err
+    want = {"train": joined(texts["train"]), "valid": joined(texts["validation"]),
+            "test": joined(texts["test"])}
+    assert corpus_text(tmp_path / "c") == want
+    source = read_manifest(tmp_path / "c")["source"]
+    assert source["kind"] == "hf" and source["name"] == str(tmp_path / "saved")
+    assert source["loader"] == "load_from_disk" and source["config"] is None and source["revision"] is None
+    assert source["splits_used"] == {"train": "train", "valid": "validation", "test": "test"}
+    saved = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert source["fingerprint"] == {name: saved[name]._fingerprint for name in texts}
+    assert source["records"]["validation"] == {"n_records": 400, "n_bytes": len(joined(texts["validation"]))}
+    assert source["columns"] == ["text"] and source["separator"] == "\n"
+    assert listing(tmp_path) == ["c", "saved"]  # no scratch or staging left
+
+
+def test_parquet_folder_without_a_test_split_cuts_test_from_train(tmp_path):
+    texts = {"train": records(4000, 1), "validation": records(300, 2)}
+    (tmp_path / "pq").mkdir()
+    for name, t in texts.items():  # two shards each: a split may span several files
+        half = len(t) // 2
+        for k, part in enumerate((t[:half], t[half:])):
+            pq.write_table(pa.table({"content": part}), tmp_path / "pq" / f"{name}-{k:05d}-of-00002.parquet",
+                           row_group_size=100)
+    result = prepare_hf(HFSource(str(tmp_path / "pq")), tmp_path / "c", test_bytes=2_000)
+    train = joined(texts["train"])
+    assert corpus_text(tmp_path / "c") == {"train": train[:-2_000], "valid": joined(texts["validation"]),
+                                           "test": train[-2_000:]}
+    source = result.manifest["source"]
+    assert source["columns"] == ["content"]  # the only string column
+    assert source["splits_used"] == {"train": f"train (its first {len(train) - 2_000:,} bytes)",
+                                     "valid": "validation", "test": "train (its last 2,000 bytes)"}
+    assert source["builder"] == "parquet" and source["data_files"] == {"train": 2, "validation": 2}
+    assert source["fingerprint_kind"] == "sha256 of the data files' names and bytes"
+    fingerprint = source["fingerprint"]["train"]
+    shard = tmp_path / "pq" / "train-00000-of-00002.parquet"
+    pq.write_table(pa.table({"content": texts["train"][:10]}), shard)
+    changed = prepare_hf(HFSource(str(tmp_path / "pq")), tmp_path / "c2", test_bytes=1_024)
+    assert changed.manifest["source"]["fingerprint"]["train"] != fingerprint
+
+
+def test_json_lines_columns_separator_and_held_out_from_train(tmp_path, capsys):
+    rows = [{"title": f"title {i}", "body": None if i % 10 == 3 else f"body {i} ünïcode", "n": i}
+            for i in range(3000)]
+    (tmp_path / "jl").mkdir()
+    for name, part in (("train", rows), ("test", rows[:200])):
+        (tmp_path / "jl" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    code, err = run_main(capsys, "hf", tmp_path / "jl", "--column", "title", "--column", "body",
+                         "--separator", r"\n\n", "--held_out_from_train", "--valid_bytes", "3K",
+                         "--test_bytes", "1KiB", "--out", tmp_path / "c")
+    assert code == 0, err
+    text = "\n\n".join("\n\n".join(v for v in (r["title"], r["body"]) if v is not None) for r in rows)
+    data = text.encode("utf-8")
+    assert b"".join(corpus_text(tmp_path / "c").values()) == data  # the dataset's own test split not used
+    assert corpus_text(tmp_path / "c")["test"] == data[-1024:]
+    assert corpus_text(tmp_path / "c")["valid"] == data[-1024 - 3000:-1024]
+    assert read_manifest(tmp_path / "c")["source"]["separator"] == "\n\n"
+
+
+def test_a_builder_with_data_files_and_an_empty_separator(tmp_path, capsys):
+    lines = [f"line {i}\n" for i in range(5000)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    code, err = run_main(capsys, "hf", "json", "--data_files", tmp_path / "a.jsonl", "--separator", "",
+                         "--out", tmp_path / "c")
+    assert code == 0, err
+    data = "".join(lines).encode()
+    n_held_out = int(len(data) * 0.05)
+    assert corpus_text(tmp_path / "c") == {"train": data[:-2 * n_held_out], "test": data[-n_held_out:],
+                                           "valid": data[-2 * n_held_out:-n_held_out]}
+    source = read_manifest(tmp_path / "c")["source"]
+    assert source["builder"] == "json" and source["data_files_given"] == [str(tmp_path / "a.jsonl")]
+    code, err = run_main(capsys, "hf", "json", "--data_files", tmp_path / "a.jsonl", "--separator", "",
+                         "--out", tmp_path / "c")
+    assert code == 0 and "already holds this corpus" in err  # deterministic
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def jsonl_folder(tmp_path):
+    (tmp_path / "jl").mkdir()
+    (tmp_path / "jl" / "train.jsonl").write_text("".join(json.dumps({"body": f"row {i}", "n": i}) + "\n"
+                                                         for i in range(2000)))
+    return tmp_path / "jl"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--column", "text"], ["no column 'text'", "its columns are body, n", "--column NAME"]),
+    (["--column", "n"], ["column 'n' of", "holds int64, not text", "(body)"]),
+    (["--split", "dev"], ["has no split 'dev'", "it has train", "--split"]),
+])
+def test_bad_column_or_split(tmp_path, capsys, jsonl_folder, args, needles):
+    code, err = run_main(capsys, "hf", jsonl_folder, *args, "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["jl"], *needles)
+
+
+def test_no_text_column_to_guess(tmp_path, capsys):
+    dataset = datasets.Dataset.from_dict({"a": ["x"] * 10, "b": ["y"] * 10})
+    save_to_disk(dataset, tmp_path / "saved")
+    code, err = run_main(capsys, "hf", tmp_path / "saved", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["saved"], "no column 'text' and 2 string columns (a, b",
+                          "--column NAME")
+
+
+@pytest.mark.parametrize("kind", ["saved, no records", "saved, empty records", "empty json lines file"])
+def test_empty_dataset(tmp_path, capsys, kind):
+    if kind.startswith("saved"):
+        texts = [] if kind == "saved, no records" else ["", "", ""]
+        features = datasets.Features({"text": datasets.Value("string")})
+        save_to_disk(datasets.Dataset.from_dict({"text": texts}, features=features), tmp_path / "d")
+    else:
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "train.jsonl").write_text("")
+    code, err = run_main(capsys, "hf", tmp_path / "d", "--out", tmp_path / "c", "--separator", "")
+    want = {"saved, no records": "holds an empty dataset (no records in",
+            "saved, empty records": "of {d} holds no text (3 records, 0 bytes in column(s) text)",
+            "empty json lines file": "{d} holds no text (0 records"}[kind]
+    assert_failed_cleanly(code, err, tmp_path, ["d"], want.format(d=tmp_path / "d"))
+
+
+def test_own_split_with_its_size_flag_is_refused(tmp_path, capsys):
+    save_to_disk(datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": records(2000)}),
+                                       "validation": datasets.Dataset.from_dict({"text": records(300, 1)})}),
+                 tmp_path / "saved")
+    code, err = run_main(capsys, "hf", tmp_path / "saved", "--valid_bytes", "2K", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["saved"], "its own 'validation' split",
+                          "--held_out_from_train")
+
+
+def test_a_dataset_name_that_does_not_exist_offline(tmp_path, capsys, offline_hub):
+    code, err = run_main(capsys, "hf", "nobody-here/no-such-dataset", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, [], "'nobody-here/no-such-dataset'", "offline",
+                          "a local directory")
+
+
+def test_a_file_or_empty_folder_as_name(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "empty").mkdir()
+    code, err = run_main(capsys, "hf", tmp_path / "a.jsonl", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["a.jsonl", "empty"], "is a file",
+                          f"hf json --data_files {tmp_path / 'a.jsonl'}")
+    code, err = run_main(capsys, "hf", tmp_path / "empty", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["a.jsonl", "empty"], "not found", "a local directory")
+
+
+def test_a_corrupt_data_file(tmp_path, capsys):
+    (tmp_path / "jl").mkdir()
+    good = "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(3000))
+    (tmp_path / "jl" / "train.jsonl").write_text(good + '{"text": "unfinished\n')
+    code, err = run_main(capsys, "hf", tmp_path / "jl", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["jl"], "reading split 'train' of", "failed")
+
+
+def test_bad_separator_escape_is_a_usage_error(tmp_path, capsys, jsonl_folder):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(capsys, "hf", jsonl_folder, "--separator", "\\x4", "--out", tmp_path / "c")
+    assert exit_info.value.code == 2 and "bad backslash escape" in capsys.readouterr().err
+
+
+# --- bounded memory -----------------------------------------------------------------------------------------
+
+# The child sets RLIMIT_DATA after its imports, to what they use plus HEADROOM_BYTES. RLIMIT_DATA (Linux >=
+# 4.7) caps private writable memory: the heap, anonymous maps, thread stacks, what any copy of the text would
+# need. It does not count read-only file maps (the page cache that Arrow's and numpy's memory maps read
+# through), which is the point: the corpus is read through maps, never copied whole. RLIMIT_AS would count
+# those maps too, and torch alone reserves more address space than the data (VmData is ~1.4 GB after the
+# imports, VmSize ~2 GB), so an address-space limit cannot tell streaming from loading. The child first
+# checks that the limit bites: allocating the text's size must fail.
+HEADROOM_BYTES = 128 * 2**20
+TEXT_BYTES = 320 * 10**6  # 2.4 x the headroom
+CHILD = """
+import resource, sys
+from sharnn.hf_corpus import HFSource, prepare_hf
+
+def vm_data():
+    status = open("/proc/self/status").read().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+
+headroom, text_bytes, dataset, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+limit = vm_data() + headroom
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+try:
+    bytearray(text_bytes)
+    sys.exit("the memory limit does not bite: the text fits in memory")
+except MemoryError:
+    pass
+result = prepare_hf(HFSource(dataset), out)
+print(result.manifest["total_bytes"])
+"""
+
+
+def write_parquet_text(directory, n_bytes: int, row_bytes: int = 16384) -> bytes:
+    """A train split of about `n_bytes` of text, rows of `row_bytes`, in parquet shards of 256-row groups;
+    returns the first row."""
+    import numpy as np
+
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     \n.,", dtype=np.uint8)
+    pool = letters[rng.integers(0, len(letters), 2**21)].tobytes().decode()
+    n_rows, rows_per_file = n_bytes // row_bytes, 2048
+    for first in range(0, n_rows, rows_per_file):
+        rows = [pool[(i * 7919) % (len(pool) - row_bytes):][:row_bytes]
+                for i in range(first, min(n_rows, first + rows_per_file))]
+        pq.write_table(pa.table({"text": rows}), directory / f"train-{first // rows_per_file:05d}.parquet",
+                       row_group_size=256)
+    return pool[:row_bytes].encode()
+
+
+@pytest.mark.slow
+def test_a_dataset_larger_than_the_memory_limit(tmp_path):
+    first_row = write_parquet_text(tmp_path / "big", TEXT_BYTES)
+    command = [sys.executable, "-c", CHILD, str(HEADROOM_BYTES), str(TEXT_BYTES), str(tmp_path / "big"),
+               str(tmp_path / "c")]
+    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    total_bytes = int(proc.stdout)
+    n_rows = TEXT_BYTES // 16384
+    assert total_bytes == n_rows * 16384 + (n_rows - 1)  # the rows and a newline between each two
+    assert total_bytes > 2 * HEADROOM_BYTES
+    manifest = read_manifest(tmp_path / "c")
+    assert sum(s["n_bytes"] for s in manifest["splits"].values()) == total_bytes
+    train = datasets.load_from_disk(str(tmp_path / "c" / "train"))
+    assert train[0]["bytes"][:len(first_row) + 1] == first_row + b"\n"
