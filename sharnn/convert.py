@@ -444,7 +444,9 @@ def build_parser() -> cli.ArgumentParser:
                     "model (OUT/model.safetensors + OUT/config.json) that sharnn-eval and sharnn-generate "
                     "take. "
                     "Accepts a state dict in the reference's naming (safetensors or torch.save) or the "
-                    "reference's pickled [model, criterion] file, read without running code from it.")
+                    "reference's pickled [model, criterion] file, read without running code from it. A model "
+                    "the original code trained numbers its symbols by frequency in its training text: pass "
+                    "--vocab.")
     parser.add_argument("source", type=Path, help="the reference checkpoint file")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the sharnn model to")
     parser.add_argument(*cli.spellings("--mem_len"), type=int, default=5000,

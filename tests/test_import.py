@@ -296,7 +296,8 @@ def test_import_original_bad_vocabularies(vocab_sources, tmp_path):
     exits_with(main, [ckpt, "--vocab", str(tmp_path / "nope"), "--out", out], "is not a file", *files)
     exits_with(main, [ckpt, "--vocab", str(ORIGINAL / "valid.bytes"), "--out", out],
                "raw bytes", "symbols, but the checkpoint's embedding has 86 rows")
-    exits_with(main, [ckpt, "--vocab", ckpt, "--out", out], "holding a list", "not the original's corpus cache")
+    exits_with(main, [ckpt, "--vocab", ckpt, "--out", out], "holding a list",
+               "not the original's corpus cache")
     (tmp_path / "bad.txt").write_text("32 101 300 \n 32")
     exits_with(main, [ckpt, "--vocab", str(tmp_path / "bad.txt"), "--out", out], "'300'", *files)
     (tmp_path / "empty").write_bytes(b"")
