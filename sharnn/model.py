@@ -118,15 +118,11 @@ class SingleHeadAttention(nn.Module):
         """h: (T, B, C) the segment; keys: (K, B, C) memory then `segment_keys`, the segment's own keys."""
         T, B, C = h.shape
         drop = self.dropout if self.training else 0.0
-        # The reference computes this LayerNorm in float32 (it casts before qln), also under mixed precision.
-        q = F.layer_norm(self.query(h).float(), (C,), self.query_ln.weight.float(),
-                         self.query_ln.bias.float(), LN_EPS)
-        q = dropout(torch.sigmoid(self.q_gate.float()) * q, drop, self.training)
         # The key and value gates scale features, so they move off the (memory + T)-long keys onto the
         # T-long side: q . (k_gate * keys) == (q * k_gate) . keys, and
         # A @ (v_gate * keys) == v_gate * (A @ keys).
         # The dropout the reference applies to v = v_gate * keys is drawn on keys: same shape, same mask.
-        q = (q * torch.sigmoid(self.k_gate.float())).to(keys.dtype)
+        q = self.queries(h, drop).to(keys.dtype)
         # CPU, sharnn.kernels.set_cpu_kernels("fast"): written out, fast dropout masks
         if cpu_attention(keys):
             out = attend_cpu(q, keys, segment_keys, drop)
@@ -138,6 +134,16 @@ class SingleHeadAttention(nn.Module):
             out = out.squeeze(1).transpose(0, 1)  # (T, B, C)
         v_gate = self.v_overparam(torch.sigmoid(self.v_gate))  # (C,)
         return out * v_gate
+
+    def queries(self, h: Tensor, drop: float = 0.0) -> Tensor:
+        """(T, B, C) float32: the segment's queries with the key gate folded in, q * sigmoid(k_gate), so that
+        the attention scores are queries(h) @ keys^T / sqrt(C) (also read by sharnn.attention)."""
+        C = h.shape[-1]
+        # The reference computes this LayerNorm in float32 (it casts before qln), also under mixed precision.
+        q = F.layer_norm(self.query(h).float(), (C,), self.query_ln.weight.float(),
+                         self.query_ln.bias.float(), LN_EPS)
+        q = dropout(torch.sigmoid(self.q_gate.float()) * q, drop, self.training)
+        return q * torch.sigmoid(self.k_gate.float())
 
 
 class Block(nn.Module):

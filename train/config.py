@@ -93,6 +93,10 @@ class TrainConfig:
     """Evaluate the best checkpoint on the test split at the end."""
     sample_bytes: int = 256
     """Bytes of generated text logged at each validation (0: none)."""
+    attention_report: bool = True
+    """At each validation, log what the attention head reads in a fixed validation window (weights image,
+    mass by distance, entropy, most-attended bytes: train.evaluation.log_attention_report). Costs a few
+    batch-1 forwards on the main process; nothing in the training step."""
 
     log_every: int = 10
     """Log train metrics every N optimizer steps."""

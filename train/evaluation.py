@@ -1,4 +1,5 @@
-"""Evaluation: bits per byte over held-out streams with carried state (the trainer and `sharnn-eval`)."""
+"""Evaluation: bits per byte over held-out streams with carried state (the trainer and `sharnn-eval`), and
+what is logged with it: a text sample and the attention report."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import torch
 
+from sharnn import attention
 from sharnn.data import ByteSplit, EvalStreams
 from sharnn.generate import generate
 
@@ -44,3 +46,27 @@ def sample_text(model, split: ByteSplit, n_bytes: int, seed: int, device: torch.
     prompt = bytes(split.read(0, 64))
     text = generate(model, prompt, n_bytes, temperature=0.8, generator=g)
     return (prompt + b" >>> " + text).decode("utf-8", errors="replace")
+
+
+def log_attention_report(logger, model, split: ByteSplit, bptt: int, step: int) -> None:
+    """What the attention head reads in the validation split's fixed window (sharnn.attention: the first
+    `bptt`-long segment of stream 0 whose memory is full, after the preceding ones): per attention block the
+    weights as an image (`attention/weights/block{i}`, log colour scale), the mass by distance as a histogram
+    (`attention/distance/block{i}`), the mean entropy in bits as scalars (`attention/entropy`, and per block
+    when there are several), and the window's text with the most-attended earlier bytes marked
+    (`attention/reads`). Main process only (no collectives); the model is read in eval mode, batch 1. A model
+    without attention (attn_layers empty) logs nothing."""
+    if all(block.attn is None for block in model.blocks):
+        return
+    window = attention.read_window(model, split.read(0, min(len(split), model.cfg.mem_len + bptt)), bptt)
+    report = attention.summarize(window)
+    entropies = {"attention/entropy": report.entropy_bits}
+    if len(report.layers) > 1:
+        entropies.update({f"attention/entropy/block{i}": layer["entropy_bits"]
+                          for i, layer in report.layers.items()})
+    logger.scalars(entropies, step)
+    for i, weights in window.weights.items():
+        logger.image(f"attention/weights/block{i}", attention.weights_rgb(weights), step)
+        upper_edges, mass, stats = attention.distance_histogram(window, i)
+        logger.binned_histogram(f"attention/distance/block{i}", upper_edges, mass, stats, step)
+    logger.text("attention/reads", attention.marked_text(window, report), step)

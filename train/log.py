@@ -33,7 +33,8 @@ def flat_hparams(d: dict, prefix: str = "") -> dict:
 
 
 class RunLogger:
-    """Writes scalars, histograms and text to TensorBoard and one JSON object per step to metrics.jsonl."""
+    """Writes scalars, histograms, text and images to TensorBoard and one JSON object per step to
+    metrics.jsonl."""
 
     def __init__(self, accelerator, run_dir: Path, config: dict, start_step: int):
         self.accelerator = accelerator
@@ -61,6 +62,16 @@ class RunLogger:
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)
 
+    def image(self, tag: str, rgb, step: int) -> None:
+        """An (H, W, 3) uint8 image."""
+        self.writer.add_image(tag, rgb, step, dataformats="HWC")
+
+    def binned_histogram(self, tag: str, upper_edges, counts, stats: dict[str, float], step: int) -> None:
+        """A histogram already binned: counts[i] (any non-negative weight, e.g. attention mass) of the values
+        up to upper_edges[i]; stats holds min, max, num, sum, sum_squares of the values."""
+        self.writer.add_histogram_raw(tag, bucket_limits=upper_edges, bucket_counts=counts, global_step=step,
+                                      **stats)
+
     def close(self) -> None:
         self.metrics.close()
         self.writer.flush()
@@ -79,6 +90,12 @@ class NullLogger:
         pass
 
     def text(self, tag, text, step):
+        pass
+
+    def image(self, tag, rgb, step):
+        pass
+
+    def binned_histogram(self, tag, upper_edges, counts, stats, step):
         pass
 
     def close(self):

@@ -32,7 +32,7 @@ from train.distributed import (
     is_deepspeed,
     unwrap_optimizer,
 )
-from train.evaluation import evaluate, sample_text
+from train.evaluation import evaluate, log_attention_report, sample_text
 from train.log import NullLogger, RunLogger, TrainMeter, finite_or_none, git_sha
 from train.step import train_step
 
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.sample_bytes and accelerator.is_main_process:
             logger.text("sample", sample_text(raw_model, valid_split, cfg.sample_bytes, cfg.seed, device),
                         ts.step)
+        if cfg.attention_report and accelerator.is_main_process:
+            log_attention_report(logger, raw_model, valid_split, cfg.eval_bptt or cfg.bptt, ts.step)
         say(f"step {ts.step}: val bpc {bpc:.4f} (best {ts.best_val_bpc:.4f})")
         return bpc
 
