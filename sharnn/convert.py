@@ -213,7 +213,7 @@ it too."""
 ENWIK8_HELD_OUT = 10_000_000
 """The original's prep_enwik8.py keeps all of enwik8 but its last 2 x 5,000,000 bytes as training text."""
 VOCAB_FILES = ("the original's train.txt (or the data directory holding it), its corpus cache "
-               "(corpus.<md5>.data, written next to main.py) or the raw training bytes (a file, or "
+               "(corpus.<md5>.data, written where main.py ran) or the raw training bytes (a file, or "
                "enwik8.zip)")
 _CHUNK = 1 << 20
 _TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's magic number, pickled (legacy)
