@@ -10,6 +10,10 @@
         also does for directories staged elsewhere (checkpoints: every rank writes into `.tmp-step-N`,
         the main process renames it)
 
+    cannot_write_into(directory)
+        why files cannot be created in `directory` (created first if missing), or None: checked before any
+        work, so that a command fails at once rather than after its work
+
 A failure, Ctrl-C included, leaves the target as it was and removes the temporary sibling. Readers that list a
 directory should skip names starting with "." (temporary siblings are hidden). `apply_umask` gives files and
 directories the modes a plain `open`/`mkdir` would have (safetensors and mkdtemp make them private).
@@ -45,6 +49,22 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj, indent: int | None = 1) -> None:
     """Write `obj` as JSON, with a final newline, to `path` atomically."""
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def cannot_write_into(directory: str | Path) -> str | None:
+    """Why files cannot be created in `directory` (created, with its parents, if missing), or None.
+
+    Looks at the nearest existing ancestor and writes nothing. `os.access` answers for this process: as root
+    it reports only a read-only filesystem, which is all that stops root."""
+    directory = Path(directory).absolute()
+    existing = directory
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"directory {existing} is not writable"
+    return None
 
 
 def umask() -> int:

@@ -210,14 +210,11 @@ def open_split(corpus_dir: str | Path, split: str, verify: bool = False) -> Byte
     """Open ``corpus_dir/split`` of a prepared corpus read-only and memory-mapped.
 
     Checks the manifest and the split's byte count (cheap). ``verify=True`` also hashes every byte against the
-    manifest's sha256 (one full read). Raises ``CorpusError`` with the command to run when something is wrong.
+    manifest's sha256 (one full read, about a second per GB). Raises ``CorpusError`` with the command to run
+    when something is wrong.
     """
     corpus_dir = Path(corpus_dir)
-    manifest = read_manifest(corpus_dir)
-    info = manifest.get("splits", {}).get(split)
-    if info is None:
-        raise CorpusError(f"corpus {corpus_dir} has no split {split!r}; it has "
-                          f"{sorted(manifest.get('splits', {}))}")
+    info = split_record(corpus_dir, split)
     split_dir = corpus_dir / split
     try:
         # keep_in_memory=False: always memory-map, even if HF_DATASETS_IN_MEMORY_MAX_SIZE is set.
@@ -234,10 +231,42 @@ def open_split(corpus_dir: str | Path, split: str, verify: bool = False) -> Byte
         raise CorpusError(f"split {split!r} of {corpus_dir} holds {len(byte_split)} bytes but its manifest "
                           f"says {info['n_bytes']}; the corpus is damaged: re-create it with "
                           f"sharnn-prepare ... --overwrite")
-    if verify and byte_split.sha256() != info["sha256"]:
-        raise CorpusError(f"split {split!r} of {corpus_dir} does not match the sha256 in its manifest; the "
-                          f"corpus is damaged: re-create it with sharnn-prepare ... --overwrite")
+    if verify:
+        digest = byte_split.sha256()
+        if digest != info["sha256"]:
+            raise CorpusError(f"split {split!r} of {corpus_dir} has changed since sharnn-prepare wrote "
+                              f"it: its {len(byte_split):,} bytes hash to sha256 {digest}, its manifest says "
+                              f"{info['sha256']}. Re-create the corpus with sharnn-prepare ... --overwrite")
     return byte_split
+
+
+def split_record(corpus_dir: str | Path, split: str) -> dict:
+    """``{"n_bytes": int, "sha256": str}``: what the manifest of ``corpus_dir`` records for ``split``
+    (``CorpusError`` if the manifest lacks the split or its entry is malformed). Reads no split data."""
+    corpus_dir = Path(corpus_dir)
+    manifest = read_manifest(corpus_dir)
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or split not in splits:
+        present = sorted(splits) if isinstance(splits, dict) else []
+        raise CorpusError(f"corpus {corpus_dir} has no split {split!r}; it has {present}")
+    info = splits[split]
+    n_bytes = info.get("n_bytes") if isinstance(info, dict) else None
+    sha256 = info.get("sha256") if isinstance(info, dict) else None
+    if not isinstance(n_bytes, int) or isinstance(n_bytes, bool) or n_bytes < 0:
+        raise CorpusError(f"{corpus_dir / MANIFEST_NAME}: the entry of split {split!r} has no valid n_bytes "
+                          f"(got {n_bytes!r}); the manifest is damaged: re-create the corpus with "
+                          f"sharnn-prepare ... --overwrite")
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise CorpusError(f"{corpus_dir / MANIFEST_NAME}: the entry of split {split!r} has no valid sha256 "
+                          f"(got {sha256!r}); the manifest is damaged: re-create the corpus with "
+                          f"sharnn-prepare ... --overwrite")
+    return {"n_bytes": n_bytes, "sha256": sha256}
+
+
+def corpus_record(corpus_dir: str | Path) -> dict[str, dict]:
+    """``{split: {"n_bytes", "sha256"}}`` for every split the manifest of ``corpus_dir`` lists: what a
+    checkpoint stores to recognise the corpus it was trained on. Reads no split data."""
+    return {split: split_record(corpus_dir, split) for split in read_manifest(corpus_dir).get("splits", {})}
 
 
 # Segment lengths are drawn in blocks of this many steps: one generator per block instead of one per step

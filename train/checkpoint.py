@@ -17,14 +17,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import shutil
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import DistributedType
+from accelerate.utils import load as accelerate_load
+from accelerate.utils.constants import RNG_STATE_NAME
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sharnn import atomic, rundir
+from sharnn.pretrained import find_model
 from sharnn.rundir import (
     FORMAT_VERSION,
     WEIGHTS_NAME,
@@ -37,7 +44,8 @@ from sharnn.rundir import (
 from sharnn.state import CarryState
 from train import elastic
 
-__all__ = ["TrainState", "save", "load", "resolve_resume", "complete_checkpoints", "best_checkpoint",
+__all__ = ["TrainState", "Resumable", "inspect", "check_same_corpus", "save", "load", "resolve_resume",
+           "complete_checkpoints", "best_checkpoint",
            "weights_file", "is_complete", "read_meta", "checkpoints_root", "FORMAT_VERSION", "WEIGHTS_NAME"]
 
 
@@ -51,6 +59,9 @@ class TrainState:
     best_val_bpc: float = math.inf
     best_step: int | None = None
     loader: dict = dataclasses.field(default_factory=dict)
+    corpus: dict | None = None
+    """The corpus trained on: its manifest's {split: {"n_bytes", "sha256"}} (sharnn.data.corpus_record).
+    None in checkpoints written before sharnn recorded it."""
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -59,9 +70,36 @@ class TrainState:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainState":
+        """Parse train_state.json; ValueError saying what is wrong if it is not one."""
         d = json.loads(text)
-        d["best_val_bpc"] = math.inf if d["best_val_bpc"] is None else d["best_val_bpc"]
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known or not {"step", "loader"} <= set(d):
+            raise ValueError(f"keys {sorted(d)}, expected {sorted(known)}")
+        for name in ("step", "epoch", "bytes_seen"):
+            if not isinstance(d.get(name, 0), int) or d.get(name, 0) < 0:
+                raise ValueError(f"{name} is {d[name]!r}, not a count")
+        if not isinstance(d["loader"], dict) or not isinstance(d.get("corpus") or {}, dict):
+            raise ValueError("loader and corpus must be JSON objects")
+        best = d.get("best_val_bpc")
+        if best is not None and not isinstance(best, (int, float)):
+            raise ValueError(f"best_val_bpc is {best!r}, not a number")
+        d["best_val_bpc"] = math.inf if best is None else best
         return cls(**d)
+
+
+@dataclasses.dataclass
+class Resumable:
+    """A checkpoint whose files were found readable by `inspect` (nothing loaded into a model yet)."""
+
+    path: Path
+    meta: dict
+    """meta.json: format version, world size, distributed type."""
+    state: TrainState
+    """train_state.json."""
+    train_config: dict
+    """config.yaml: the TrainConfig the checkpoint was written with (`model:` is its ModelConfig)."""
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -69,17 +107,22 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     its latest checkpoint; a checkpoint directory -> itself."""
     if resume is None:
         return None
-    if resume == "auto":
-        return rundir.latest_checkpoint(run_dir)
-    path = Path(resume)
-    if is_complete(path):
-        return path
-    if path.is_dir() and checkpoints_root(path).is_dir():
-        found = rundir.latest_checkpoint(path)
-        if found is not None:
-            return found
-        raise SystemExit(f"error: --resume {resume}: the run has no complete checkpoint yet; "
-                         "start it afresh or use --resume auto")
+    try:
+        if resume == "auto":
+            return rundir.latest_checkpoint(run_dir)
+        path = Path(resume)
+        if is_complete(path):
+            return path
+        if path.is_dir() and checkpoints_root(path).is_dir():
+            found = rundir.latest_checkpoint(path)
+            if found is not None:
+                return found
+            raise SystemExit(f"error: --resume {resume}: the run has no complete checkpoint yet; "
+                             "start it afresh or use --resume auto")
+    except ModelError as e:  # a checkpoint whose train_state.json cannot be read
+        raise SystemExit(f"error: --resume {resume}: {e}") from None
+    if path.name.startswith(rundir.TMP_PREFIX) and (path / rundir.TRAIN_STATE_NAME).is_file():
+        raise SystemExit(f"error: --resume {resume}: {rundir.unrenamed_checkpoint(path)}")
     raise SystemExit(f"error: --resume {resume}: not a run directory or a checkpoint "
                      "(a checkpoint holds train_state.json); use --resume auto to continue --out")
 
@@ -130,18 +173,113 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads((ckpt / rundir.META_NAME).read_text())
 
 
+def _damaged(ckpt: Path, name: str, problem: str) -> SystemExit:
+    return SystemExit(f"error: cannot resume from {ckpt}: {name} {problem}. The checkpoint is damaged: "
+                      "resume from another checkpoint (--resume RUN/checkpoints/step-N), or start a new run "
+                      f"from its weights alone with --init_from {ckpt}")
+
+
+def _short(e: BaseException) -> str:
+    """`Type: first line of the message`."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def inspect(ckpt: Path, rank: int = 0) -> Resumable:
+    """Check, before anything is started or written, that the files a resume reads are there and readable:
+    meta.json, train_state.json, config.yaml, model.safetensors, every rank's carried state, this rank's
+    random number generator states and the optimizer state. SystemExit naming the file otherwise."""
+    try:
+        meta = read_meta(ckpt)
+        world = meta.get("world_size") if isinstance(meta, dict) else None
+        if not isinstance(world, int) or world < 1:
+            raise ValueError(f"world_size is {world!r}")
+    except (OSError, ValueError) as e:
+        raise _damaged(ckpt, rundir.META_NAME, f"is unreadable ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SystemExit(f"error: {ckpt} has checkpoint format {meta.get('format_version')!r}; this sharnn "
+                         f"reads format {FORMAT_VERSION}")
+    try:
+        state = TrainState.from_json((ckpt / rundir.TRAIN_STATE_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise _damaged(ckpt, rundir.TRAIN_STATE_NAME, f"is unreadable ({e})") from None
+    try:
+        source = find_model(ckpt)  # reads and checks config.yaml's model section
+    except ModelError as e:
+        raise SystemExit(f"error: cannot resume: {e}") from None
+    for name in [WEIGHTS_NAME] + [rundir.carry_name(r) for r in range(meta["world_size"])]:
+        try:
+            with safe_open(str(ckpt / name), framework="pt"):
+                pass  # opening reads the header and checks that the file holds all the data it lists
+        except FileNotFoundError:
+            raise _damaged(ckpt, name, "is missing") from None
+        except (SafetensorError, OSError) as e:
+            raise _damaged(ckpt, name, f"is unreadable ({e})") from None
+    if rank < meta["world_size"]:  # a rank the checkpoint had: its random states must come back exactly
+        _check_rng_states(ckpt, rank)
+    if "DEEPSPEED" not in str(meta.get("distributed_type", "")):
+        optimizer = ckpt / "optimizer.bin"
+        if not optimizer.is_file():
+            raise _damaged(ckpt, optimizer.name, "is missing")
+        if not zipfile.is_zipfile(optimizer):  # torch.save's format is a zip archive
+            raise _damaged(ckpt, optimizer.name, "is not a file torch.save wrote (truncated or overwritten)")
+    return Resumable(ckpt, meta, state, source.train_config)
+
+
+def _check_rng_states(ckpt: Path, rank: int) -> None:
+    """Load rank `rank`'s random states as accelerate's load_state does and apply them. Accelerate swallows
+    any failure here (it logs "Could not load random states" at INFO level) and the run would go on with
+    other random numbers than the uninterrupted one; this makes it an error instead."""
+    path = ckpt / f"{RNG_STATE_NAME}_{rank}.pkl"
+    if not path.is_file():
+        raise _damaged(ckpt, path.name, f"(rank {rank}'s random number generator states) is missing")
+    try:
+        states = accelerate_load(path)  # weights_only, with accelerate's allowed numpy globals
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    except Exception as e:  # what accelerate would swallow: any failure to read or apply them
+        raise _damaged(ckpt, path.name, f"(rank {rank}'s random number generator states) is unreadable "
+                       f"({_short(e)}); without it the "
+                       "resumed run would not draw the random numbers of the uninterrupted one") from None
+
+
+def check_same_corpus(resumable: Resumable, corpus: dict, data: str) -> str | None:
+    """Refuse to resume on another corpus than the checkpoint's (SystemExit saying which split differs and
+    how); a warning line for a checkpoint that predates the record, else None."""
+    saved = resumable.state.corpus
+    if saved is None:
+        return (f"warning: {resumable.path} records no corpus hashes (written by an older sharnn): cannot "
+                f"check that --data {data} is the corpus it was trained on")
+    differ = []
+    for split in sorted(set(saved) & set(corpus)):
+        was, now = saved[split], corpus[split]
+        if was != now:
+            differ.append(f"{split}: checkpoint {was.get('n_bytes', 0):,} bytes sha256 {was.get('sha256')}, "
+                          f"--data {now['n_bytes']:,} bytes sha256 {now['sha256']}")
+    if differ:
+        trained_on = resumable.train_config.get("data")
+        raise SystemExit(f"error: --data {data} is not the corpus {resumable.path} was trained on ("
+                         + "; ".join(differ) + f"). Resume with the run's own corpus (its config.yaml says "
+                         f"data: {trained_on}), or start a new run on this corpus with --init_from "
+                         f"{resumable.path}")
+    return None
+
+
 def load(accelerator, ckpt: Path, n_layer: int, batch_size: int,
          restart_streams: bool = False) -> tuple[TrainState, CarryState]:
-    """Every rank calls this, after accelerator.prepare. Restores weights, optimizer, RNG and carry.
+    """Every rank calls this, after accelerator.prepare (and `inspect`). Restores weights, optimizer, RNG
+    and carry.
 
     The checkpoint may come from another number of ranks (train.elastic): with the same number of streams
     (ranks x batch_size) each rank takes its streams' carried state from the saved files; with another, only
     if `restart_streams` (fresh streams, empty state)."""
-    meta = read_meta(ckpt)
-    if meta["format_version"] != FORMAT_VERSION:
-        raise SystemExit(f"error: {ckpt} has checkpoint format {meta['format_version']}; this sharnn reads "
-                         f"format {FORMAT_VERSION}")
-    state = TrainState.from_json((ckpt / rundir.TRAIN_STATE_NAME).read_text())
+    resumable = inspect(ckpt, accelerator.process_index)
+    meta, state = resumable.meta, resumable.state
+    if not isinstance(state.loader.get("batch_size"), int):
+        raise _damaged(ckpt, rundir.TRAIN_STATE_NAME, "has no loader batch_size")
     saved_world, saved_batch = meta["world_size"], state.loader["batch_size"]
     world, rank = accelerator.num_processes, accelerator.process_index
     same_layout = (saved_world, saved_batch) == (world, batch_size)
@@ -152,15 +290,26 @@ def load(accelerator, ckpt: Path, n_layer: int, batch_size: int,
                          f"resume with {saved_world} processes")
     same_streams = same_layout or elastic.check_layout(saved_world, saved_batch, world, batch_size,
                                                        restart_streams)
-    accelerator.load_state(str(ckpt))
+    try:
+        accelerator.load_state(str(ckpt))
+    except Exception as e:  # the files were readable (`inspect`); their contents do not fit this model
+        raise SystemExit(f"error: cannot resume from {ckpt}: accelerate could not load its model or "
+                         f"optimizer state ({_short(e)}). The checkpoint is damaged or from another model: "
+                         "resume from another checkpoint, or start a new run from its weights alone with "
+                         f"--init_from {ckpt}") from None
     # safetensors names devices "cpu" or "cuda:N"; accelerate's multi-process CPU device is "cpu:0".
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
-    if same_layout:
-        carry = CarryState.from_tensors(load_file(ckpt / rundir.carry_name(rank), device=device), n_layer)
-    elif same_streams:
-        carry = elastic.regroup_carry(ckpt, saved_world, saved_batch, rank, batch_size, n_layer, device)
+    try:
+        if same_layout:
+            carry = CarryState.from_tensors(load_file(ckpt / rundir.carry_name(rank), device=device), n_layer)
+        elif same_streams:
+            carry = elastic.regroup_carry(ckpt, saved_world, saved_batch, rank, batch_size, n_layer, device)
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+        raise _damaged(ckpt, "the carried state (carry_rank*.safetensors)",
+                       f"does not fit the model ({_short(e)})") from None
+    if same_streams and not same_layout:
         state.loader = state.loader | {"world_size": world, "batch_size": batch_size}
-    else:
+    if not same_streams:
         carry = CarryState.empty(n_layer)
         state.loader = elastic.rescale_loader_state(state.loader, world, batch_size,
                                                     state.loader["split_bytes"])
@@ -171,6 +320,14 @@ def weights_file(path: str | Path) -> Path:
     """model.safetensors of a checkpoint, of a run's best (else latest) checkpoint or of an exported model, or
     a .safetensors file (sharnn.rundir.weights_path); SystemExit with the problem and its fix otherwise."""
     try:
-        return rundir.weights_path(path)
+        weights = rundir.weights_path(path)
     except ModelError as e:
         raise SystemExit(f"error: {e}") from None
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass  # reads the header; checks the file holds all the data it lists
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"error: cannot read the weights {weights} ({_short(e)}): it is not a safetensors "
+                         "file, or it is damaged; give a run, a checkpoint, an exported model or the "
+                         "model.safetensors of one") from None
+    return weights

@@ -63,6 +63,9 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 autocast (default fp32)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file (atomically)")
+    parser.add_argument(*cli.spellings("--skip_data_check"), action="store_true",
+                        help="do not hash the split against the corpus manifest first (about a second per "
+                             "GB)")
     parser.add_argument(*cli.spellings("--timeout_s"), type=positive_int, default=600,
                         help="seconds a collective may wait for a missing rank (default 600)")
     return parser
@@ -95,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: the model's vocabulary has {source.config.vocab_size} symbols; sharnn "
                          "corpora are bytes (vocabulary 256)")
     try:
-        split = open_split(args.data, args.split)
+        split = open_split(args.data, args.split, verify=not args.skip_data_check)
     except CorpusError as e:
-        raise SystemExit(f"error: --data: {e}") from None
+        raise SystemExit(f"error: --data: {e} (or pass --skip_data_check to score it as it is)") from None
     n_streams = args.streams or PAPER_STREAMS[args.split]
     bptt = args.bptt or _default_bptt(source)
     mem_lens = args.mem_len or [source.config.mem_len]
@@ -108,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         if args.json.is_dir():
             raise SystemExit(f"error: --json {args.json} is a directory; give a file path")
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+        if problem := atomic.cannot_write_into(args.json.parent):
+            raise SystemExit(f"error: --json {args.json}: cannot write there ({problem}); choose another "
+                             "path")
 
     # The training loop's Accelerator (process group, device, precision, world-size guard).
     accelerator = build_accelerator(args.precision, timeout_s=args.timeout_s)
@@ -145,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                   "precision": args.precision, "world_size": world, "results": results}
         if len(results) == 1:
             record["bpc"] = results[0]["bpc"]
-        atomic.write_json(args.json, record)
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(args.json, record)
+        except OSError as e:  # checked at the start; the directory changed since
+            raise SystemExit(f"error: --json {args.json}: {e}") from None
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 import sharnn
 from sharnn import CarryState, atomic, kernels
-from sharnn.data import CorpusError, StreamLoader, open_split
+from sharnn.data import CorpusError, StreamLoader, corpus_record, open_split
+from sharnn.rundir import ModelError
 from train import checkpoint
 from train.build import build_model, build_optimizer, model_config_for_resume
 from train.config import TrainConfig, dump_yaml, lr_at, parse_args
@@ -40,13 +41,17 @@ from train.step import train_step
 def main(argv: list[str] | None = None) -> int:
     cfg, flags = parse_args(argv)
     run_dir = Path(cfg.out)
+    # Nothing is written to the run directory before the start has succeeded: a failed start (a damaged
+    # checkpoint, another corpus) leaves it as it was.
+    if problem := atomic.cannot_write_into(run_dir):
+        raise SystemExit(f"error: --out {run_dir}: cannot write the run there ({problem}); choose another "
+                         "--out")
     ckpt = checkpoint.resolve_resume(cfg.resume, run_dir)
+    resumable = checkpoint.inspect(ckpt) if ckpt is not None else None  # the files are there and readable
     if ckpt is not None:
         cfg.model = model_config_for_resume(cfg, ckpt)
-    if (ckpt is None and cfg.resume != "auto" and checkpoint.complete_checkpoints(run_dir)
-            and not flags.dry_run):
-        raise SystemExit(f"error: --out {run_dir} already holds a run with checkpoints; continue it with "
-                         "--resume auto, or choose a new --out")
+    if ckpt is None and not flags.dry_run:
+        refuse_earlier_run(run_dir, cfg.resume)
     accelerator = build_accelerator(cfg.precision, cfg.timeout_s, cfg.grad_accum, cfg.out, "tensorboard")
     world, rank, say = accelerator.num_processes, accelerator.process_index, accelerator.print
     if is_deepspeed(accelerator):
@@ -61,13 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(accelerator, cfg, peak_lr)
 
     say(check_precision(cfg.precision, accelerator.device))
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    try:
-        train_split, valid_split = open_split(cfg.data, "train"), open_split(cfg.data, "valid")
+    try:  # every rank hashes the splits it reads (about a second per GB): all fail alike, none waits
+        train_split, valid_split = (open_split(cfg.data, name, verify=not cfg.skip_data_check)
+                                    for name in ("train", "valid"))
+        test_split = open_split(cfg.data, "test", verify=not cfg.skip_data_check) if cfg.test_at_end else None
+        corpus = corpus_record(cfg.data)
     except CorpusError as e:
-        raise SystemExit(f"error: --data: {e}") from None
+        raise SystemExit(f"error: --data: {e} (or pass --skip_data_check to use it as it is)") from None
+    if cfg.skip_data_check:
+        say(f"WARNING: --skip_data_check: the splits of {cfg.data} were not checked against its manifest; "
+            "a corpus changed since sharnn-prepare wrote it trains without a word")
+    if resumable is not None and (warning := checkpoint.check_same_corpus(resumable, corpus, cfg.data)):
+        say(warning)
     loader = StreamLoader(train_split, cfg.batch_size, cfg.bptt, rank, world, cfg.seed,
                           vary_bptt=cfg.vary_bptt)
     model, origin = build_model(cfg, train_split, fresh=ckpt is None)
@@ -80,8 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     ts, carry = checkpoint.TrainState(), CarryState.empty(cfg.model.n_layer)
     if ckpt is not None:
         ts, carry = checkpoint.load(accelerator, ckpt, cfg.model.n_layer, cfg.batch_size, cfg.restart_streams)
-        loader.load_state_dict(ts.loader)
+        try:
+            loader.load_state_dict(ts.loader)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume {ckpt}: {e}") from None
         say(f"resumed from {ckpt} at step {ts.step}")
+    ts.corpus = corpus  # checked equal above; an older checkpoint's run records it from now on
+
+    # The start has succeeded: from here on the run directory is written.
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "config.yaml", dump_yaml(cfg))
     logger = (RunLogger if accelerator.is_main_process else NullLogger)(accelerator, run_dir, cfg.to_dict(),
                                                                         ts.step)
     say(f"sharnn {sharnn.__version__} ({git_sha()}), torch {torch.__version__}, world size {world} "
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if exit_reason == "finished" and cfg.test_at_end:
         accelerator.load_state(str(checkpoint.best_checkpoint(run_dir)
                                    or checkpoint.complete_checkpoints(run_dir)[-1]))
-        test_bpc = evaluate(accelerator, raw_model, open_split(cfg.data, "test"), cfg.test_streams,
+        test_bpc = evaluate(accelerator, raw_model, test_split, cfg.test_streams,
                             cfg.eval_bptt or cfg.bptt)
         logger.scalars({"test/bpc": test_bpc}, ts.step)
     summary = {"step": ts.step, "epoch": ts.epoch, "val_bpc": finite_or_none(val_bpc),
@@ -159,6 +178,27 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.end_training()
     StopSignal.ignore_from_now()
     return 0
+
+
+RUN_RECORDS = ("metrics.jsonl", "summary.json")
+"""What a run writes besides checkpoints that a fresh start in the same directory would replace."""
+
+
+def refuse_earlier_run(run_dir: Path, resume: str | None) -> None:
+    """A fresh start must not replace an earlier run's checkpoints or records. `--resume auto` on a run
+    that stopped before its first checkpoint starts it again (its records are of steps to be run again)."""
+    try:
+        has_checkpoints = bool(checkpoint.complete_checkpoints(run_dir))
+    except ModelError:  # a checkpoint whose train_state.json is unreadable is still a checkpoint
+        has_checkpoints = True
+    if has_checkpoints and resume != "auto":
+        raise SystemExit(f"error: --out {run_dir} already holds a run with checkpoints; continue it with "
+                         "--resume auto, or choose a new --out")
+    records = [name for name in RUN_RECORDS if (run_dir / name).exists()]
+    if records and not (resume == "auto" and "summary.json" not in records):
+        raise SystemExit(f"error: --out {run_dir} holds the records of an earlier run ({', '.join(records)}) "
+                         "but no checkpoint to continue from; a new run there would replace them. Choose a "
+                         "new --out, or delete them to start over in it")
 
 
 def finished(cfg: TrainConfig, ts: checkpoint.TrainState, loader: StreamLoader) -> bool:

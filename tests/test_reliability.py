@@ -1,0 +1,261 @@
+"""What a run trusts is checked, and bad input stops with one `error:` line that names the file or field.
+
+The corpus is hashed against its manifest at the start and recorded in every checkpoint, and a resume on
+other data is refused; a damaged checkpoint (weights, train state, optimizer, carried state, random states)
+is refused before anything is written, leaving the run directory byte for byte as it was. One tiny trained
+run (tests/conftest.py `trained`) serves every case: each works on a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sharnn import rundir
+from tests.conftest import TRAIN
+from tests.helpers import exits_with
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """train.loop.main and sharnn-eval build an Accelerator in-process; forget it after each test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def tree_digest(root: Path) -> str:
+    """One hash of every path under `root` and every file's bytes."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def train_main(argv: list[str]) -> int:
+    """train.loop.main with the tiny run's flags (tests/conftest.py TRAIN) before `argv`."""
+    from train.loop import main
+
+    return main([*TRAIN, *argv])
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    """A copy of the tiny trained run (10 steps, checkpoint step-00000010), free to damage."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def step10(run: Path) -> Path:
+    return rundir.checkpoint_dir(run, 10)
+
+
+def same_sizes_other_corpus(corpus: Path, out: Path) -> Path:
+    """A corpus with the same split sizes as `corpus` but one byte of its training split changed."""
+    from sharnn.data import open_split
+    from sharnn.prepare import prepare_files
+
+    splits = {name: bytearray(open_split(corpus, name).read(0, len(open_split(corpus, name))).tobytes())
+              for name in ("train", "valid", "test")}
+    splits["train"][1000] ^= 1
+    src = out.parent / "other.txt"
+    src.write_bytes(b"".join(splits[name] for name in ("train", "valid", "test")))
+    prepare_files([src], out, valid_bytes=len(splits["valid"]), test_bytes=len(splits["test"]))
+    return out
+
+
+# ------------------------------------------------------------------------------- damaged checkpoints
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class Hostile:
+    """Unpickling this runs `touch MARKER`: what a crafted random_states_0.pkl could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+DAMAGED = {
+    "model.safetensors truncated": (lambda ck: truncate(ck / "model.safetensors"),
+                                    ["model.safetensors is unreadable", "--init_from"]),
+    "train_state.json garbage": (lambda ck: (ck / "train_state.json").write_text("{garbage"),
+                                 ["train_state.json", "damaged"]),
+    "optimizer.bin garbage": (lambda ck: (ck / "optimizer.bin").write_bytes(os.urandom(4096)),
+                              ["optimizer.bin is not a file torch.save wrote"]),
+    "carry_rank0 missing": (lambda ck: (ck / "carry_rank0.safetensors").unlink(),
+                            ["carry_rank0.safetensors is missing"]),
+    "random states garbage": (lambda ck: (ck / "random_states_0.pkl").write_bytes(b"garbage"),
+                              ["random_states_0.pkl (rank 0's random number generator states) is unreadable",
+                               "would not draw the random numbers"]),
+    "random states hostile": (lambda ck: (ck / "random_states_0.pkl").write_bytes(
+                                  pickle.dumps(Hostile(ck.parent.parent.parent / "pwned"))),
+                              ["random_states_0.pkl", "is unreadable"]),
+    "meta.json garbage": (lambda ck: (ck / "meta.json").write_text("[]"), ["meta.json is unreadable"]),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_checkpoint_is_refused_by_name_and_the_run_is_left_as_it_was(case, run_copy, text_corpus):
+    damage, fragments = DAMAGED[case]
+    damage(step10(run_copy))
+    before = tree_digest(run_copy)
+    exits_with(train_main, ["--data", str(text_corpus), "--out", str(run_copy), "--resume", "auto",
+                            "--max_steps", "12"], *fragments)
+    assert tree_digest(run_copy) == before  # not even config.yaml or metrics.jsonl rewritten
+    assert not (run_copy.parent / "pwned").exists()  # the hostile pickle ran nothing
+
+
+def test_resume_with_another_layout_is_refused_before_anything_is_written(run_copy, text_corpus, tmp_path):
+    before = tree_digest(run_copy)
+    common = ["--data", str(text_corpus), "--out", str(run_copy), "--resume", "auto", "--max_steps", "12"]
+    exits_with(train_main, [*common, "--batch_size", "4"], "the checkpoint holds 8 streams", "--batch_size")
+    exits_with(train_main, [*common, "--bptt", "32"], "bptt saved 64, now 32")
+    from train.loop import main
+
+    exits_with(main, ["--preset", "small", "--warmup_steps", "3", *common], "holds 8 streams")
+    assert tree_digest(run_copy) == before
+
+
+def test_resume_on_another_corpus_is_refused_naming_the_split_that_differs(run_copy, text_corpus, tmp_path):
+    other = same_sizes_other_corpus(text_corpus, tmp_path / "other")
+    before = tree_digest(run_copy)
+    message = exits_with(train_main, ["--data", str(other), "--out", str(run_copy), "--resume", "auto",
+                                      "--max_steps", "12"], "is not the corpus", "train: checkpoint",
+                         f"data: {text_corpus}", "--init_from")
+    assert "valid:" not in message  # only the training split differs
+    assert tree_digest(run_copy) == before
+
+
+def test_a_checkpoint_without_corpus_hashes_resumes_with_a_warning_and_records_them(run_copy, text_corpus,
+                                                                                    capsys):
+    state_file = step10(run_copy) / "train_state.json"
+    state = json.loads(state_file.read_text())
+    recorded = state.pop("corpus")
+    assert set(recorded) == {"train", "valid", "test"} and len(recorded["train"]["sha256"]) == 64
+    state_file.write_text(json.dumps(state))  # as an older sharnn wrote it
+    assert train_main(["--data", str(text_corpus), "--out", str(run_copy), "--resume", "auto", "--max_steps",
+                       "11", "--eval_max_segments", "2", "--no_test_at_end"]) == 0
+    assert "records no corpus hashes" in capsys.readouterr().out
+    assert json.loads((step10(run_copy).parent / "step-00000011" / "train_state.json").read_text())[
+        "corpus"] == recorded
+
+
+# ------------------------------------------------------------------------------------------- the data
+def overwrite_in_arrow(corpus: Path, split: str, n: int = 200) -> None:
+    """Overwrite `n` bytes of a split's Arrow file in place (same size): damage only a hash finds."""
+    arrow = sorted((corpus / split).glob("*.arrow"))[0]
+    data = bytearray(arrow.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + n] = bytes(255 - b for b in data[middle:middle + n])
+    arrow.write_bytes(bytes(data))
+
+
+def test_a_changed_split_is_refused_by_training_and_evaluation(text_corpus, trained, tmp_path):
+    corpus = Path(shutil.copytree(text_corpus, tmp_path / "corpus"))
+    overwrite_in_arrow(corpus, "train")
+    exits_with(train_main, ["--data", str(corpus), "--out", str(tmp_path / "new")],
+               "split 'train'", "has changed since sharnn-prepare wrote it", "--skip_data_check")
+    assert not (tmp_path / "new").exists()
+    overwrite_in_arrow(corpus, "test")
+    from train.evaluate import main as evaluate
+
+    exits_with(evaluate, [str(trained), "--data", str(corpus)], "split 'test'", "has changed")
+
+
+def test_a_manifest_entry_without_n_bytes_is_named(text_corpus, tmp_path):
+    corpus = Path(shutil.copytree(text_corpus, tmp_path / "corpus"))
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    del manifest["splits"]["valid"]["n_bytes"]
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    exits_with(train_main, ["--data", str(corpus), "--out", str(tmp_path / "new")],
+               "manifest.json: the entry of split 'valid' has no valid n_bytes", "sharnn-prepare")
+
+
+# ------------------------------------------------------------------------------- the run directory
+def test_a_fresh_start_never_replaces_an_earlier_runs_records(run_copy, text_corpus):
+    shutil.rmtree(run_copy / "checkpoints")
+    before = tree_digest(run_copy)
+    for resume in ([], ["--resume", "auto"]):  # summary.json: the run finished, its checkpoints were removed
+        exits_with(train_main, ["--data", str(text_corpus), "--out", str(run_copy), *resume],
+                   "holds the records of an earlier run (metrics.jsonl, summary.json)", "new --out")
+    assert tree_digest(run_copy) == before
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_an_out_that_cannot_be_written_is_refused_at_once(where, text_corpus, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    out = {"a file": target, "under a file": target / "run", "read-only": tmp_path / "ro" / "run"}[where]
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories: the check (os.access) stops root only on a "
+                        "read-only filesystem; the cases above run the same check")
+        (tmp_path / "ro").mkdir(mode=0o555)
+    exits_with(train_main, ["--data", str(text_corpus), "--out", str(out)], f"--out {out}",
+               "cannot write the run there")
+
+
+def test_init_from_a_file_that_is_not_safetensors(text_corpus, tmp_path):
+    bogus = tmp_path / "random.safetensors"
+    bogus.write_bytes(os.urandom(2048))
+    exits_with(train_main, ["--data", str(text_corpus), "--out", str(tmp_path / "new"), "--init_from",
+                            str(bogus)], f"cannot read the weights {bogus}", "not a safetensors file")
+    assert not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------- eval, export, generate
+def test_an_unreadable_best_json_is_said_not_replaced_by_the_latest(run_copy, text_corpus):
+    (run_copy / "checkpoints" / "best.json").write_text("{not json")
+    from train.evaluate import main as evaluate
+
+    exits_with(evaluate, [str(run_copy), "--data", str(text_corpus)], "best.json is unreadable",
+               "delete best.json to use the latest checkpoint")
+
+
+def test_eval_json_that_cannot_be_written_is_refused_before_evaluating(trained, text_corpus, tmp_path):
+    (tmp_path / "file").write_text("x")
+    from train.evaluate import main as evaluate
+
+    json_path = tmp_path / "file" / "r.json"
+    exits_with(evaluate, [str(trained), "--data", str(text_corpus), "--json", str(json_path)], "--json",
+               "cannot write there", "is a file, not a directory")
+
+
+def test_an_exported_config_with_a_fractional_mem_len_is_named(exported, tmp_path):
+    model = Path(shutil.copytree(exported, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"mem_len": 512.9}))
+    from sharnn.generate import main as generate
+
+    exits_with(generate, [str(model), "--length", "1"], "config.json",
+               "mem_len must be an integer, got 512.9")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "nan", "must be a finite number >= 0, got nan"),
+    ("--temperature", "inf", "must be a finite number >= 0, got inf"),
+    ("--seed", str(2**70), "must be in [0, 2**64)"),
+    ("--seed", "-1", "must be in [0, 2**64)"),
+])
+def test_generate_refuses_values_torch_cannot_use(random_model, flag, value, message, capsys):
+    from sharnn.generate import main as generate
+
+    with pytest.raises(SystemExit) as info:
+        generate([str(random_model), flag, value, "--length", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and flag in err and message in err, err
