@@ -450,8 +450,38 @@ def prepare_demo(out: str | Path, overwrite: bool = False, max_bytes: int = DEMO
     return _prepare_from_files(files, Path(out), source, overwrite, None, None, max_bytes)
 
 
-def download(url: str, dest: Path, timeout: float) -> None:
+@dataclass(frozen=True)
+class ArchiveCorpus:
+    """A standard corpus published as one file inside a zip archive (enwik8, text8), split 90% / 5% / 5%."""
+
+    name: str
+    url: str
+    """The official download address (``--url`` or ``url_env`` override it: a mirror, a local server)."""
+    url_env: str
+    member: str
+    """The archive member holding the corpus, also the name of the extracted file."""
+    n_bytes: int
+    sha256: str | None
+    """Of the extracted bytes, when pinned."""
+    zip_bytes: int | None = None
+    zip_sha256: str | None = None
+    allowed_bytes: bytes | None = None
+    """When set, the only byte values the corpus may hold (text8: a-z and space)."""
+
+
+ENWIK8 = ArchiveCorpus("enwik8", ENWIK8_URL, ENWIK8_URL_ENV, ENWIK8_MEMBER, ENWIK8_BYTES, ENWIK8_SHA256,
+                       ENWIK8_ZIP_BYTES, ENWIK8_ZIP_SHA256)
+TEXT8 = ArchiveCorpus("text8", "http://mattmahoney.net/dc/text8.zip", "SHARNN_TEXT8_URL", "text8",
+                      100_000_000, None, allowed_bytes=b" abcdefghijklmnopqrstuvwxyz")
+"""text8: the first 10^8 bytes of enwik9 reduced to lowercase letters and single spaces (Mahoney). Its digest
+is not pinned here (no source this code could check it against offline); its size and alphabet are checked."""
+
+
+def download(url: str, dest: Path, timeout: float, corpus: ArchiveCorpus | str = ENWIK8,
+             official_url: str | None = None) -> None:
     """Fetch ``url`` into ``dest``; network failures become a ``PrepareError`` that says to use ``--zip``."""
+    name = corpus.name if isinstance(corpus, ArchiveCorpus) else corpus
+    official_url = official_url or (corpus.url if isinstance(corpus, ArchiveCorpus) else url)
     log.info("downloading %s", url)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f:
@@ -463,8 +493,8 @@ def download(url: str, dest: Path, timeout: float) -> None:
                     bar.update(len(block))
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
-        raise PrepareError(f"could not download enwik8 from {url} ({reason}). This machine may be offline or "
-                           f"the site unreachable: download {ENWIK8_URL} elsewhere, copy it here and pass "
+        raise PrepareError(f"could not download {name} from {url} ({reason}). This machine may be offline or "
+                           f"the site unreachable: download {official_url} elsewhere, copy it here and pass "
                            f"--zip PATH.")
 
 
@@ -473,21 +503,22 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _enwik8_from_zip(zip_path: Path, dest: Path, expected_bytes: int) -> None:
-    """Extract member ``enwik8`` of ``zip_path`` into ``dest`` (zipfile checks its CRC-32 while reading)."""
+def _extract_member(zip_path: Path, member_name: str, dest: Path, expected_bytes: int | None,
+                    corpus_name: str, official_url: str) -> None:
+    """Extract ``member_name`` of ``zip_path`` into ``dest`` (zipfile checks its CRC-32 while reading)."""
     try:
         with zipfile.ZipFile(zip_path) as archive:
             try:
-                member = archive.getinfo(ENWIK8_MEMBER)
+                member = archive.getinfo(member_name)
             except KeyError:
                 names = archive.namelist()
-                raise PrepareError(f"{zip_path} has no member {ENWIK8_MEMBER!r} (it has: "
+                raise PrepareError(f"{zip_path} has no member {member_name!r} (it has: "
                                    f"{', '.join(names[:5]) or 'nothing'}{' ...' if len(names) > 5 else ''}); "
-                                   f"pass the enwik8.zip from {ENWIK8_URL}")
-            if member.file_size != expected_bytes:
-                raise PrepareError(f"member {ENWIK8_MEMBER!r} of {zip_path} has {member.file_size:,} bytes, "
-                                   f"expected {expected_bytes:,}; this is not enwik8: pass the enwik8.zip "
-                                   f"from {ENWIK8_URL}")
+                                   f"pass the {Path(official_url).name} from {official_url}")
+            if expected_bytes is not None and member.file_size != expected_bytes:
+                raise PrepareError(f"member {member_name!r} of {zip_path} has {member.file_size:,} bytes, "
+                                   f"expected {expected_bytes:,}; this is not {corpus_name}: pass the "
+                                   f"{Path(official_url).name} from {official_url}")
             with archive.open(member) as src, open(dest, "wb") as f, \
                     tqdm(total=member.file_size, unit="B", unit_scale=True, desc="unzip", disable=None,
                          leave=False) as bar:
@@ -495,67 +526,200 @@ def _enwik8_from_zip(zip_path: Path, dest: Path, expected_bytes: int) -> None:
                     f.write(block)
                     bar.update(len(block))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as e:
-        raise PrepareError(f"{zip_path} is a corrupt or truncated zip archive ({e}); download {ENWIK8_URL} "
+        raise PrepareError(f"{zip_path} is a corrupt or truncated zip archive ({e}); download {official_url} "
                            f"again and pass it with --zip")
 
 
-def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | None = None,
-                   overwrite: bool = False, timeout: float = 60.0, expected_bytes: int = ENWIK8_BYTES,
-                   expected_sha256: str | None = ENWIK8_SHA256) -> PrepareResult:
-    """Prepare enwik8 with its standard split (``enwik8_split_sizes``).
+def _check_alphabet(data: np.ndarray, corpus: ArchiveCorpus, path: Path) -> None:
+    counts = np.zeros(256, dtype=np.int64)
+    for pos in range(0, len(data), _COPY_BLOCK):
+        counts += np.bincount(data[pos:pos + _COPY_BLOCK], minlength=256)
+    allowed = np.zeros(256, dtype=bool)
+    allowed[list(corpus.allowed_bytes)] = True
+    other = np.flatnonzero(counts * ~allowed)
+    if len(other):
+        shown = ", ".join(repr(bytes([b]))[1:] for b in other[:8])
+        raise PrepareError(f"the {corpus.name} bytes from {path} hold {int(counts[other].sum()):,} bytes "
+                           f"outside its alphabet {corpus.allowed_bytes.decode()!r} ({shown}"
+                           f"{' ...' if len(other) > 8 else ''}); this is not {corpus.name}: pass the "
+                           f"{Path(corpus.url).name} from {corpus.url}")
 
-    ``path`` is ``enwik8.zip`` or the raw extracted ``enwik8``; without it the archive is downloaded from
-    ``url`` (default ``$SHARNN_ENWIK8_URL`` or ``ENWIK8_URL``) and its size and sha256 are checked. Always
-    checked: the extracted bytes number ``expected_bytes`` and, unless ``expected_sha256`` is None, hash to
-    it.
+
+def prepare_archive_corpus(corpus: ArchiveCorpus, out: str | Path, path: str | Path | None = None,
+                           url: str | None = None, overwrite: bool = False, timeout: float = 60.0,
+                           expected_bytes: int | None = None,
+                           expected_sha256: str | None = "pinned") -> PrepareResult:
+    """Prepare ``corpus`` (enwik8, text8) with the standard split (``enwik8_split_sizes``: 90% / 5% / 5%).
+
+    ``path`` is the zip archive or the raw extracted file; without it the archive is downloaded from ``url``
+    (default ``$corpus.url_env`` or ``corpus.url``) and, where pinned, its size and sha256 are checked. Always
+    checked: the extracted bytes number ``expected_bytes`` (default ``corpus.n_bytes``), hash to
+    ``expected_sha256`` (default the pinned digest; None: not checked) and keep to the corpus's alphabet.
     ``expected_bytes``/``expected_sha256`` exist for stand-ins and tests.
     """
     out = Path(out)
-    source: dict = {"kind": "enwik8"}
+    expected_bytes = corpus.n_bytes if expected_bytes is None else expected_bytes
+    expected_sha256 = corpus.sha256 if expected_sha256 == "pinned" else expected_sha256
+    archive_name = Path(corpus.url).name
+    source: dict = {"kind": corpus.name}
     if path is not None:
         path = Path(path)
         if not path.exists():
-            raise PrepareError(f"no such file: {path}; download {ENWIK8_URL} and pass its path with --zip")
+            raise PrepareError(f"no such file: {path}; download {corpus.url} and pass its path with --zip")
         if not path.is_file():
-            raise PrepareError(f"{path} is not a file; pass enwik8.zip or the extracted enwik8 file with "
-                               f"--zip")
+            raise PrepareError(f"{path} is not a file; pass {archive_name} or the extracted {corpus.member} "
+                               f"file with --zip")
         source["path"] = str(path.absolute())
     existing = _check_out(out)
     with atomic.staging_dir(out) as tmp:
         if path is None:
-            url = url or os.environ.get(ENWIK8_URL_ENV) or ENWIK8_URL
-            path = tmp / "enwik8.zip"
-            download(url, path, timeout)
+            url = url or os.environ.get(corpus.url_env) or corpus.url
+            path = tmp / archive_name
+            download(url, path, timeout, corpus)
             size = path.stat().st_size
-            if size != ENWIK8_ZIP_BYTES:
+            if corpus.zip_bytes is not None and size != corpus.zip_bytes:
                 raise PrepareError(f"the archive downloaded from {url} has {size:,} bytes, expected "
-                                   f"{ENWIK8_ZIP_BYTES:,}; download {ENWIK8_URL} elsewhere and pass "
+                                   f"{corpus.zip_bytes:,}; download {corpus.url} elsewhere and pass "
                                    f"--zip PATH")
             digest = _file_sha256(path)
-            if digest != ENWIK8_ZIP_SHA256:
+            if corpus.zip_sha256 is not None and digest != corpus.zip_sha256:
                 raise PrepareError(f"the archive downloaded from {url} has sha256 {digest}, expected "
-                                   f"{ENWIK8_ZIP_SHA256}; download {ENWIK8_URL} elsewhere and pass "
+                                   f"{corpus.zip_sha256}; download {corpus.url} elsewhere and pass "
                                    f"--zip PATH")
             source["url"] = url
         if zipfile.is_zipfile(path):
             raw = tmp / _SOURCE_FILE
-            _enwik8_from_zip(path, raw, expected_bytes)
+            _extract_member(path, corpus.member, raw, expected_bytes, corpus.name, corpus.url)
             source["archive_sha256"] = _file_sha256(path)
         else:
             raw = path
             size = raw.stat().st_size
             if size != expected_bytes:
                 raise PrepareError(f"{raw} is neither a readable zip archive (corrupt or truncated?) nor a "
-                                   f"raw enwik8 file of {expected_bytes:,} bytes (it has {size:,}); pass the "
-                                   f"enwik8.zip from {ENWIK8_URL}")
+                                   f"raw {corpus.name} file of {expected_bytes:,} bytes (it has {size:,}); "
+                                   f"pass the {archive_name} from {corpus.url}")
         data = _map(raw)
-        digest = _sha256(data, "sha256 enwik8")
+        digest = _sha256(data, f"sha256 {corpus.name}")
         if expected_sha256 is not None and digest != expected_sha256:
-            raise PrepareError(f"the enwik8 bytes from {path} have sha256 {digest}, expected "
-                               f"{expected_sha256}; this is not the standard enwik8: pass the enwik8.zip "
-                               f"from {ENWIK8_URL} (or --no_checksum for a deliberate stand-in)")
+            raise PrepareError(f"the {corpus.name} bytes from {path} have sha256 {digest}, expected "
+                               f"{expected_sha256}; this is not the standard {corpus.name}: pass the "
+                               f"{archive_name} from {corpus.url} (or --no_checksum for a deliberate "
+                               f"stand-in)")
+        if corpus.allowed_bytes is not None:
+            _check_alphabet(data, corpus, path)
         source.update(sha256=digest, n_bytes=len(data))
         return write_corpus(tmp, out, data, enwik8_split_sizes(len(data)), source, existing, overwrite)
+
+
+def prepare_enwik8(out: str | Path, path: str | Path | None = None, url: str | None = None,
+                   overwrite: bool = False, timeout: float = 60.0, expected_bytes: int = ENWIK8_BYTES,
+                   expected_sha256: str | None = ENWIK8_SHA256) -> PrepareResult:
+    """Prepare enwik8 with its standard split: 90,000,000 / 5,000,000 / 5,000,000 bytes.
+
+    ``path`` is ``enwik8.zip`` or the raw extracted ``enwik8``; without it the archive is downloaded (see
+    ``prepare_archive_corpus``: the archive's and the extracted bytes' size and sha256 are checked).
+    """
+    return prepare_archive_corpus(ENWIK8, out, path, url, overwrite, timeout, expected_bytes, expected_sha256)
+
+
+def prepare_text8(out: str | Path, path: str | Path | None = None, url: str | None = None,
+                  overwrite: bool = False, timeout: float = 60.0,
+                  expected_bytes: int = TEXT8.n_bytes) -> PrepareResult:
+    """Prepare text8 with its standard split: 90,000,000 / 5,000,000 / 5,000,000 bytes (as enwik8).
+
+    ``path`` is ``text8.zip`` or the raw extracted ``text8``; without it ``TEXT8.url`` is downloaded. Checked:
+    the size (``expected_bytes``, 10^8) and that every byte is a lowercase letter or a space.
+    """
+    return prepare_archive_corpus(TEXT8, out, path, url, overwrite, timeout, expected_bytes, None)
+
+
+# wikitext-103 (raw, characters as published, no <unk>): Merity et al. 2016.
+WIKITEXT103_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
+WIKITEXT103_URL_ENV = "SHARNN_WIKITEXT103_URL"
+WIKITEXT103_HUB_NAME = "Salesforce/wikitext"
+WIKITEXT103_HUB_CONFIG = "wikitext-103-raw-v1"
+WIKITEXT_FILES = {"train": "wiki.train.raw", "valid": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+
+def _find_wikitext_files(names: Sequence[str], where: str) -> dict[str, str]:
+    """The one name ending in each of ``WIKITEXT_FILES``, at any depth (``wikitext-103-raw/wiki.*.raw``)."""
+    found = {}
+    for split, file_name in WIKITEXT_FILES.items():
+        matches = [n for n in names if n == file_name or n.endswith("/" + file_name)]
+        if len(matches) != 1:
+            raise PrepareError(f"{where} has {'no' if not matches else len(matches)} {file_name} "
+                               f"({', '.join(matches[:3])}); pass the directory or zip holding "
+                               f"wikitext-103's {', '.join(WIKITEXT_FILES.values())} (the "
+                               f"wikitext-103-raw-v1.zip from {WIKITEXT103_URL})")
+        found[split] = matches[0]
+    return found
+
+
+def prepare_wikitext103(out: str | Path, path: str | Path | None = None, url: str | None = None,
+                        overwrite: bool = False, timeout: float = 60.0) -> PrepareResult:
+    """Prepare wikitext-103 (raw) with its standard splits: the bytes of ``wiki.train.raw``,
+    ``wiki.valid.raw`` and ``wiki.test.raw``, each whole.
+
+    ``path`` is a directory or a zip holding the three files (at any depth, as ``wikitext-103-raw-v1.zip``
+    holds them under ``wikitext-103-raw/``); without it the zip is downloaded from ``url`` (default
+    ``$SHARNN_WIKITEXT103_URL`` or ``WIKITEXT103_URL``). No digests are pinned: the manifest records them.
+    For the Hub's copy of the dataset see ``prepare_wikitext103_hub``.
+    """
+    out = Path(out)
+    source: dict = {"kind": "wikitext-103"}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise PrepareError(f"no such file or directory: {path}; download {WIKITEXT103_URL} and pass it "
+                               f"(or the directory it unzips to) with --zip")
+        source["path"] = str(path.absolute())
+    existing = _check_out(out)
+    with atomic.staging_dir(out) as tmp:
+        if path is None:
+            url = url or os.environ.get(WIKITEXT103_URL_ENV) or WIKITEXT103_URL
+            path = tmp / Path(WIKITEXT103_URL).name
+            download(url, path, timeout, "wikitext-103", WIKITEXT103_URL)
+            source["url"] = url
+        scratch = []
+        if path.is_dir():
+            names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+            files = {split: path / name for split, name in _find_wikitext_files(names, str(path)).items()}
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = _find_wikitext_files(archive.namelist(), str(path))
+            files = {}
+            for split, member in members.items():
+                files[split] = tmp / f"_{split}.raw"
+                scratch.append(files[split].name)
+                _extract_member(path, member, files[split], None, "wikitext-103", WIKITEXT103_URL)
+            source["archive_sha256"] = _file_sha256(path)
+        else:
+            raise PrepareError(f"{path} is neither a directory nor a readable zip archive (corrupt or "
+                               f"truncated?); pass the wikitext-103-raw-v1.zip from {WIKITEXT103_URL} or the "
+                               f"directory it unzips to")
+        for split, file in files.items():
+            if file.stat().st_size == 0:
+                raise PrepareError(f"{file} is empty; pass wikitext-103's "
+                                   f"{', '.join(WIKITEXT_FILES.values())}")
+        parts = {split: _map(file) for split, file in files.items()}
+        source["files"] = {split: WIKITEXT_FILES[split] for split in files}
+        return write_corpus_parts(tmp, out, parts, source, existing, overwrite, scratch=scratch)
+
+
+def prepare_wikitext103_hub(out: str | Path, overwrite: bool = False,
+                            name: str = WIKITEXT103_HUB_NAME) -> PrepareResult:
+    """wikitext-103 (raw) from the Hub's ``Salesforce/wikitext``, config ``wikitext-103-raw-v1``: its
+    train/validation/test splits, records (the raw files' lines, each with its newline) joined with nothing.
+
+    Whether these join back to the raw files byte for byte depends on how the Hub's copy stores blank lines,
+    which was not checked here (no network): prefer the raw zip (``prepare_wikitext103``) for numbers
+    comparable with papers.
+    ``name`` may name a mirror on the Hub (same config) or a local copy (a directory: its default config).
+    """
+    from sharnn.hf_corpus import HFSource, prepare_hf  # imported here: it imports this module
+
+    config = None if Path(name).is_dir() else WIKITEXT103_HUB_CONFIG
+    return prepare_hf(HFSource(name=name, config=config, separator=""), out, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -610,6 +774,17 @@ def _add_held_out_sizes(parser: argparse.ArgumentParser, of_what: str) -> None:
                         help="test split size in bytes, as --valid_bytes")
 
 
+def _add_download_args(parser: argparse.ArgumentParser, what: str, url_env: str, url: str) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--zip", dest="path", type=Path, metavar="PATH",
+                       help=f"local {what} (default: download it)")
+    where.add_argument("--file", dest="path", type=Path, metavar="PATH", help="same as --zip")
+    parser.add_argument("--url", default=None, help=f"download address when no --zip is given (default: "
+                                                    f"${url_env} or {url})")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="download timeout in seconds (default 60)")
+
+
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="sharnn-prepare", description="Prepare a byte corpus (train/valid/test) for sharnn training.",
@@ -628,17 +803,31 @@ def build_parser() -> cli.ArgumentParser:
                                         f"file's size ({ENWIK8_BYTES:,} bytes) and sha256; a download is "
                                         f"also checked for the archive's size ({ENWIK8_ZIP_BYTES:,} bytes) "
                                         "and sha256.")
-    where = enwik8.add_mutually_exclusive_group()
-    where.add_argument("--zip", dest="path", type=Path, metavar="PATH",
-                       help="local enwik8.zip or extracted enwik8 file (default: download it)")
-    where.add_argument("--file", dest="path", type=Path, metavar="PATH", help="same as --zip")
-    enwik8.add_argument("--url", default=None, help=f"download address when no --zip is given (default: "
-                                                    f"${ENWIK8_URL_ENV} or {ENWIK8_URL})")
-    enwik8.add_argument("--timeout", type=float, default=60.0,
-                        help="download timeout in seconds (default 60)")
+    _add_download_args(enwik8, "enwik8.zip or extracted enwik8 file", ENWIK8_URL_ENV, ENWIK8_URL)
     enwik8.add_argument(*cli.spellings("--no_checksum"), action="store_true",
                         help="do not check the extracted file's sha256 (its size is still checked); for "
                              "stand-ins")
+
+    text8 = sub.add_parser("text8", parents=[common], help="text8 with the standard 90M/5M/5M split",
+                           description="text8 (enwik9's first 10^8 bytes as lowercase letters and spaces) "
+                                       "with the standard split, as enwik8: first 90,000,000 bytes train, "
+                                       "next 5,000,000 valid, last 5,000,000 test. Checks the extracted "
+                                       f"file's size ({TEXT8.n_bytes:,} bytes) and alphabet (a-z and space).")
+    _add_download_args(text8, "text8.zip or extracted text8 file", TEXT8.url_env, TEXT8.url)
+
+    wikitext = sub.add_parser("wikitext-103", parents=[common],
+                              help="wikitext-103 (raw) with its standard train/valid/test files",
+                              description="wikitext-103 (raw): wiki.train.raw, wiki.valid.raw and "
+                                          "wiki.test.raw become train, valid and test, byte for byte. From "
+                                          "the wikitext-103-raw-v1.zip, the directory it unzips to, a "
+                                          f"download, or with --hub the Hub's {WIKITEXT103_HUB_NAME} "
+                                          f"({WIKITEXT103_HUB_CONFIG}; its lines joined with nothing, which "
+                                          "may not reproduce the raw files' blank lines exactly).")
+    _add_download_args(wikitext, "wikitext-103-raw-v1.zip or the directory it unzips to",
+                       WIKITEXT103_URL_ENV, WIKITEXT103_URL)
+    wikitext.add_argument("--hub", nargs="?", const=WIKITEXT103_HUB_NAME, default=None, metavar="NAME",
+                          help=f"read the `datasets` copy instead (default {WIKITEXT103_HUB_NAME}, config "
+                               f"{WIKITEXT103_HUB_CONFIG}; needs the network or the datasets cache)")
 
     files = sub.add_parser("files", parents=[common], help="any local files or directories, concatenated",
                            description="Concatenate files (directories recursively, sorted by path) in the "
@@ -688,6 +877,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = prepare_enwik8(args.out, args.path, url=args.url, overwrite=args.overwrite,
                                     timeout=args.timeout,
                                     expected_sha256=None if args.no_checksum else ENWIK8_SHA256)
+        elif args.command == "text8":
+            result = prepare_text8(args.out, args.path, url=args.url, overwrite=args.overwrite,
+                                   timeout=args.timeout)
+        elif args.command == "wikitext-103" and args.hub is not None:
+            if args.path is not None or args.url is not None:
+                raise PrepareError("--hub reads the datasets copy: it takes no --zip/--file/--url; drop them")
+            result = prepare_wikitext103_hub(args.out, overwrite=args.overwrite, name=args.hub)
+        elif args.command == "wikitext-103":
+            result = prepare_wikitext103(args.out, args.path, url=args.url, overwrite=args.overwrite,
+                                         timeout=args.timeout)
         elif args.command == "hf":
             from sharnn.hf_corpus import HFSource, prepare_hf  # imported here: it imports this module
             source = HFSource(name=args.name, config=args.config, split=args.split,
