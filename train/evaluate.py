@@ -3,6 +3,7 @@
     sharnn-eval runs/paper --data data/enwik8                            # test split, 8 streams (the paper)
     sharnn-eval runs/paper --data data/enwik8 --mem_len 1000 5000 10000  # bpc as the attention memory grows
     accelerate launch --config_file launch/cpu_ddp.yaml -m train.evaluate runs/paper --data data/enwik8
+    sharnn-eval runs/paper --attention_report report/ --text notes.txt  # what the attention head reads
 
 The evaluation is train.step.evaluate, the one the training loop runs: the streams are the same for any world
 size and each rank scores its share, so 1 process and N processes give the same number. The model is
@@ -16,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from accelerate.utils import DistributedType
 
-from sharnn import atomic, cli
+from sharnn import atomic, attention, cli
 from sharnn.cli import positive_int
 from sharnn.data import SPLITS, CorpusError, EvalStreams, open_split
 from sharnn.pretrained import (
@@ -46,7 +48,8 @@ def build_parser() -> cli.ArgumentParser:
                     "`accelerate launch` (the streams are divided among the ranks; the result is the same).")
     parser.add_argument("model",
                         help="run directory (its best checkpoint), checkpoint, or exported model directory")
-    parser.add_argument("--data", required=True, help="prepared corpus directory (made by sharnn-prepare)")
+    parser.add_argument("--data", help="prepared corpus directory (made by sharnn-prepare); required but "
+                                       "with --attention_report --text")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to score (default: test)")
     parser.add_argument("--streams", type=positive_int,
                         help="number of contiguous streams the split is cut into (default: the paper's, 16 "
@@ -63,6 +66,11 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 autocast (default fp32)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file (atomically)")
+    parser.add_argument(*cli.spellings("--attention_report"), type=Path, metavar="DIR",
+                        help="instead of bpc: write what the attention head reads in one window of --text or "
+                             "of the split (attention.png, distance.png, report.json, report.md) to DIR")
+    parser.add_argument("--text", type=Path, metavar="FILE",
+                        help="with --attention_report: the text to read (any file), instead of --data")
     parser.add_argument(*cli.spellings("--skip_data_check"), action="store_true",
                         help="do not hash the split against the corpus manifest first (about a second per "
                              "GB)")
@@ -97,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     if source.config.vocab_size != 256:
         raise SystemExit(f"error: the model's vocabulary has {source.config.vocab_size} symbols; sharnn "
                          "corpora are bytes (vocabulary 256)")
+    if args.attention_report is not None:
+        return write_attention_report(args, source, state_dict)
+    if args.data is None:
+        raise SystemExit("error: --data is required: the prepared corpus to score (or --attention_report DIR "
+                         "--text FILE for what the attention head reads)")
     try:
         split = open_split(args.data, args.split, verify=not args.skip_data_check)
     except CorpusError as e:
@@ -157,6 +170,49 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --json {args.json}: {e}") from None
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return 0
+
+
+def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
+    """`--attention_report DIR`: sharnn.attention's report on one window of --text (or of the --split of
+    --data), read in segments of --bptt after warming the memory, written atomically to DIR. One process; a
+    GPU when there is one."""
+    if (args.text is None) == (args.data is None):
+        raise SystemExit("error: --attention_report reads --text FILE or --data CORPUS (its --split); give "
+                         "one of them")
+    if args.mem_len is not None and len(args.mem_len) > 1:
+        raise SystemExit("error: --attention_report takes one --mem_len")
+    if problem := atomic.cannot_write_into(args.attention_report.parent):
+        raise SystemExit(f"error: --attention_report {args.attention_report}: cannot write there "
+                         f"({problem}); choose another directory")
+    config = source.config
+    if args.mem_len is not None:
+        config = dataclasses.replace(config, mem_len=args.mem_len[0])
+    bptt = args.bptt or _default_bptt(source)
+    if args.text is not None:
+        try:
+            data = args.text.read_bytes()[:config.mem_len + bptt]  # the window lies within these
+        except OSError as e:
+            raise SystemExit(f"error: --text {args.text}: cannot read it ({e.strerror})") from None
+    else:
+        try:
+            split = open_split(args.data, args.split)
+        except CorpusError as e:
+            raise SystemExit(f"error: --data: {e}") from None
+        data = bytes(split.read(0, min(len(split), config.mem_len + bptt)))
+    if not data:
+        raise SystemExit(f"error: --text {args.text} is empty; give a file with text to read")
+    model = build_model(config, state_dict, "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        window = attention.read_window(model, data, bptt)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    report = attention.summarize(window)
+    attention.write_report_dir(window, report, args.attention_report)
+    layers = ", ".join(f"block {i}: {layer['entropy_bits']:.2f} bits, mean distance "
+                       f"{layer['mean_distance']:.0f} bytes" for i, layer in report.layers.items())
+    print(f"attention report: {args.attention_report} (bytes {window.start - window.n_memory}.."
+          f"{window.start + window.segment_len - 1}; {layers})")
     return 0
 
 
