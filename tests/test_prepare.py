@@ -32,6 +32,7 @@ from sharnn.prepare import (
     parse_byte_count,
     prepare_enwik8,
     prepare_files,
+    prepare_text8,
 )
 from tests.helpers import REPO, free_port, random_bytes
 
@@ -239,6 +240,110 @@ def test_enwik8_download_checks_the_archive_size(tmp_path, capsys):
         server.shutdown()
         server.server_close()
     assert_failed_cleanly(code, err, tmp_path, [], f"has {len(payload):,} bytes", "expected 36,445,475")
+
+
+# --- text8 and wikitext-103 -------------------------------------------------------------------------------
+
+def text8_like(n: int, seed: int = 0) -> bytes:
+    import numpy as np
+
+    letters = np.frombuffer(b" abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+    return letters[np.random.default_rng(seed).integers(0, len(letters), n)].tobytes()
+
+
+def test_text8_standard_split_from_a_zip_and_a_raw_file(tmp_path, capsys):
+    data = text8_like(40_000)
+    archive = make_zip(tmp_path / "text8.zip", {"text8": data})
+    result = prepare_text8(tmp_path / "c", archive, expected_bytes=len(data))
+    assert [split_bytes_via_datasets(tmp_path / "c", name) for name in SPLITS] == \
+        [data[:36_000], data[36_000:38_000], data[38_000:]]
+    source = result.manifest["source"]
+    assert source["kind"] == "text8" and source["sha256"] == hashlib.sha256(data).hexdigest()
+    (tmp_path / "text8").write_bytes(data)
+    assert prepare_text8(tmp_path / "c", tmp_path / "text8", expected_bytes=len(data)).unchanged
+    code, err = run_main(capsys, "text8", "--zip", archive, "--out", tmp_path / "c2")  # not 10^8 bytes
+    assert_failed_cleanly(code, err, tmp_path, ["c", "text8", "text8.zip"], "40,000 bytes",
+                          "expected 100,000,000", "this is not text8", prepare.TEXT8.url)
+
+
+def test_text8_checks_its_alphabet(tmp_path):
+    data = bytearray(text8_like(40_000))
+    data[1234], data[30_000] = ord("A"), ord("\n")
+    (tmp_path / "text8").write_bytes(bytes(data))
+    with pytest.raises(prepare.PrepareError) as error:
+        prepare_text8(tmp_path / "c", tmp_path / "text8", expected_bytes=len(data))
+    assert "hold 2 bytes outside its alphabet ' abcdefghijklmnopqrstuvwxyz' ('\\n', 'A')" in str(error.value)
+    assert "this is not text8" in str(error.value)
+    assert listing(tmp_path) == ["text8"]
+
+
+def test_text8_download_offline_is_a_clear_error(tmp_path, capsys):
+    url = closed_port_url()
+    code, err = run_main(capsys, "text8", "--url", url, "--timeout", "5", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, [], f"could not download text8 from {url}", prepare.TEXT8.url)
+
+
+WIKITEXT = {"train": " = Valkyria = \n \n Senjō no Valkyria 3 \n" * 300, "valid": " = Homarus = \n \n" * 100,
+            "test": " = Robert Boulter = \n \n" * 80}
+
+
+def wikitext_files() -> dict[str, bytes]:
+    return {f"wikitext-103-raw/wiki.{split}.raw": text.encode() for split, text in WIKITEXT.items()}
+
+
+@pytest.mark.parametrize("layout", ["zip", "directory"])
+def test_wikitext103_splits_are_the_raw_files(tmp_path, capsys, layout):
+    if layout == "zip":
+        where = make_zip(tmp_path / "wikitext-103-raw-v1.zip", wikitext_files())
+    else:
+        where = tmp_path / "unzipped"
+        for name, data in wikitext_files().items():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            (where / name).write_bytes(data)
+    code, err = run_main(capsys, "wikitext-103", "--zip", where, "--out", tmp_path / "c")
+    assert code == 0, err
+    assert {name: split_bytes_via_datasets(tmp_path / "c", name) for name in SPLITS} == \
+        {name: text.encode() for name, text in WIKITEXT.items()}
+    source = read_manifest(tmp_path / "c")["source"]
+    assert source["kind"] == "wikitext-103" and source["files"]["valid"] == "wiki.valid.raw"
+    assert listing(tmp_path) == sorted(["c", where.name])  # no extracted copies left
+
+
+def test_wikitext103_bad_inputs(tmp_path, capsys):
+    files = wikitext_files()
+    del files["wikitext-103-raw/wiki.test.raw"]
+    archive = make_zip(tmp_path / "partial.zip", files)
+    code, err = run_main(capsys, "wikitext-103", "--zip", archive, "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["partial.zip"], "has no wiki.test.raw",
+                          "wikitext-103-raw-v1.zip")
+    (tmp_path / "junk.bin").write_bytes(b"not a zip")
+    code, err = run_main(capsys, "wikitext-103", "--zip", tmp_path / "junk.bin", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["junk.bin", "partial.zip"],
+                          "neither a directory nor a readable zip")
+    url = closed_port_url()
+    code, err = run_main(capsys, "wikitext-103", "--url", url, "--timeout", "5", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["junk.bin", "partial.zip"],
+                          f"could not download wikitext-103 from {url}", prepare.WIKITEXT103_URL)
+
+
+def test_wikitext103_from_a_datasets_copy(tmp_path, capsys):
+    """--hub NAME reads a `datasets` copy laid out as the Hub's (train/validation/test, lines with their
+    newline); a local stand-in here, as there is no network."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "wikitext").mkdir()
+    for split, hub_split in (("train", "train"), ("valid", "validation"), ("test", "test")):
+        lines = WIKITEXT[split].splitlines(keepends=True)
+        shard = tmp_path / "wikitext" / f"{hub_split}-00000-of-00001.parquet"
+        pq.write_table(pa.table({"text": lines}), shard)
+    code, err = run_main(capsys, "wikitext-103", "--hub", tmp_path / "wikitext", "--out", tmp_path / "c")
+    assert code == 0, err
+    assert {name: split_bytes_via_datasets(tmp_path / "c", name) for name in SPLITS} == \
+        {name: text.encode() for name, text in WIKITEXT.items()}
+    source = read_manifest(tmp_path / "c")["source"]
+    assert source["kind"] == "hf" and source["separator"] == ""
+    assert source["splits_used"] == {"train": "train", "valid": "validation", "test": "test"}
 
 
 # --- files and demo -----------------------------------------------------------------------------------------
