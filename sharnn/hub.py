@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
+import httpx2  # huggingface_hub 2.x's HTTP client: its connection errors pass through upload calls
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, constants, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -73,6 +73,12 @@ def parse_repo_id(text: str | Path) -> tuple[str, str | None] | None:
     return match["repo"], match["revision"]
 
 
+def is_repo_name(text: str) -> bool:
+    """Whether `text` is a repo id to create or upload to: owner/name, no revision."""
+    match = _REPO_ID.fullmatch(text)
+    return match is not None and match["revision"] is None and ".." not in text
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def _reason(e: BaseException, repo_id: str, revision: str | None) -> str:
     """What went wrong talking to the Hub, and what to do about it, in one clause."""
@@ -90,12 +96,14 @@ def _reason(e: BaseException, repo_id: str, revision: str | None) -> str:
         return ("the Hub cannot be reached and its cache (HF_HUB_CACHE) holds no copy of it: check the "
                 "network (or HF_ENDPOINT), or download it once where the Hub is reachable")
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        return f"the Hub at {constants.ENDPOINT} cannot be reached ({first}): check the network, HF_ENDPOINT"
     if isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 403):
         return f"the Hub refused the request ({first}): {login} with a token that may write to it"
     return f"{type(e).__name__}: {first}"
 
 
-HUB_ERRORS = (HfHubHTTPError, EntryNotFoundError, HFValidationError, OfflineModeIsEnabled, httpx.HTTPError,
+HUB_ERRORS = (HfHubHTTPError, EntryNotFoundError, HFValidationError, OfflineModeIsEnabled, httpx2.HTTPError,
               ConnectionError, TimeoutError)
 """What huggingface_hub raises when the Hub is unreachable, refuses, or lacks a repo, revision or file."""
 
@@ -139,7 +147,7 @@ def upload(folder: str | Path, repo_id: str, private: bool | None = None,
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type="model",
                                    commit_message=commit_message)
-    except HUB_ERRORS as e:
+    except (*HUB_ERRORS, ValueError) as e:  # ValueError: the Hub rejected the card's metadata, or its reply
         raise ModelError(f"cannot upload to the Hugging Face Hub repo {repo_id}: "
                          f"{_reason(e, repo_id, None)}") from None
     return str(commit.commit_url if hasattr(commit, "commit_url") else commit)

@@ -11,9 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sharnn import SHARNN, ModelConfig
+from sharnn import SHARNN, ModelConfig, hub
 from sharnn.data import ByteSplit
 from sharnn.optim import LAMB
+from sharnn.rundir import WEIGHTS_NAME, ModelError
 from train import checkpoint
 from train.config import TrainConfig
 
@@ -33,7 +34,7 @@ def build_model(cfg: TrainConfig, train_split: ByteSplit, fresh: bool) -> tuple[
     if not fresh:
         return model, "weights: from the checkpoint"
     if cfg.init_from:  # weights only: a new optimizer, schedule and data position (the paper's second stage)
-        weights = checkpoint.weights_file(cfg.init_from)
+        weights = init_weights_file(cfg.init_from)
         try:
             model.load_state_dict(load_file(weights))
         except RuntimeError as e:
@@ -45,6 +46,18 @@ def build_model(cfg: TrainConfig, train_split: ByteSplit, fresh: bool) -> tuple[
             model.out_bias.copy_(unigram_log_probs(train_split.byte_counts()))
         return model, "weights: random, output bias from the training split's byte frequencies"
     return model, "weights: random (the reference's initialisation)"
+
+
+def init_weights_file(init_from: str) -> Path:
+    """The weights --init_from names: a run's best checkpoint, a checkpoint, an exported model, a .safetensors
+    file, or a Hub repo id (owner/name[@revision], downloaded into the Hub's cache; see sharnn.hub)."""
+    repo = hub.parse_repo_id(init_from)
+    if repo is None:
+        return checkpoint.weights_file(init_from)
+    try:
+        return hub.download(*repo) / WEIGHTS_NAME
+    except ModelError as e:
+        raise SystemExit(f"error: --init_from: {e}") from None
 
 
 def unigram_log_probs(counts: np.ndarray) -> torch.Tensor:
