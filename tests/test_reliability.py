@@ -259,3 +259,12 @@ def test_generate_refuses_values_torch_cannot_use(random_model, flag, value, mes
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "error: argument" in err and flag in err and message in err, err
+
+
+def test_export_into_a_place_that_cannot_be_written_is_refused(trained, tmp_path):
+    (tmp_path / "file").write_text("x")
+    from train.export import main as export
+
+    out = tmp_path / "file" / "model"
+    exits_with(export, [str(trained), "--out", str(out)], f"--out {out}: cannot write there",
+               "is a file, not a directory")
