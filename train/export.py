@@ -2,6 +2,12 @@
 
     sharnn-export runs/paper --out models/paper            # the run's best checkpoint
     python -c 'from sharnn.pretrained import load_model; m = load_model("models/paper")'
+    sharnn-export runs/paper --out models/paper --push_to_hub owner/sharnn-paper   # and upload it
+
+The export holds a model card, README.md (sharnn.hub.model_card): architecture, parameter count, the corpus
+(from its manifest), steps and the run's test bpc. `--push_to_hub REPO` uploads the finished export to the
+Hugging Face Hub in one commit (the repo is created if needed, `--private` for a private one; the token is
+the Hub's: HF_TOKEN or `hf auth login`); without --out it is exported to a temporary directory only.
 
 The result loads with `sharnn.pretrained.load_model` alone (no accelerate, no DeepSpeed). Checkpoints already
 hold plain weights (model.safetensors, written at every save, under DeepSpeed too); a DeepSpeed checkpoint
@@ -16,12 +22,13 @@ import contextlib
 import copy
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from sharnn import atomic, cli
+from sharnn import atomic, cli, hub
 from sharnn.pretrained import (
     WEIGHTS_NAME,
     ModelError,
@@ -178,8 +185,8 @@ def build_parser() -> cli.ArgumentParser:
         description="Write a trained model as OUT/model.safetensors + OUT/config.json (the ModelConfig), "
                     "loadable with sharnn.pretrained.load_model alone.")
     parser.add_argument("source", help="run directory (its best checkpoint), checkpoint, or exported model")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="directory to write (must not exist or be empty)")
+    parser.add_argument("--out", type=Path,
+                        help="directory to write (must not exist or be empty); required unless --push_to_hub")
     parser.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
     parser.add_argument(*cli.spellings("--from_zero"), action="store_true",
                         help="take the weights from a DeepSpeed checkpoint's ZeRO shards (fp32 master "
@@ -194,6 +201,15 @@ def build_parser() -> cli.ArgumentParser:
                              "if installed)")
     parser.add_argument(*cli.spellings("--onnx_batch"), type=int, default=1,
                         help="streams (batch size) of the ONNX step; fixed in the graph (default 1)")
+    parser.add_argument(*cli.spellings("--push_to_hub"), metavar="REPO",
+                        help="upload the export to this Hugging Face Hub model repo (owner/name), created if "
+                             "needed; the token from HF_TOKEN or `hf auth login`")
+    parser.add_argument("--private", action="store_true",
+                        help="with --push_to_hub: create the repo private (an existing repo keeps its "
+                             "visibility)")
+    parser.add_argument("--license",
+                        help="license of the weights for the model card's metadata (a Hub license id such "
+                             "as mit or cc-by-sa-4.0); left out if not given")
     return parser
 
 
@@ -204,10 +220,26 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --mem_len must be >= 1, got {args.mem_len}")
     if args.onnx_batch < 1:
         raise SystemExit(f"error: --onnx_batch must be >= 1, got {args.onnx_batch}")
+    if args.out is None and args.push_to_hub is None:
+        raise SystemExit("error: give --out DIR (where to write the model), --push_to_hub REPO, or both")
+    if args.private and args.push_to_hub is None:
+        raise SystemExit("error: --private applies to the repo that --push_to_hub creates; add --push_to_hub")
+    if args.push_to_hub is not None and not hub.is_repo_name(args.push_to_hub):
+        raise SystemExit(f"error: --push_to_hub {args.push_to_hub!r} is not a Hub repo id: give owner/name "
+                         "(letters, digits, '-', '_', '.')")
+    if args.out is None:  # --push_to_hub only: export to a temporary directory, upload it, remove it
+        with tempfile.TemporaryDirectory(prefix="sharnn-export-") as tmp:
+            return export(args, Path(tmp) / "model", keep=False)
+    return export(args, args.out, keep=True)
+
+
+def export(args, out: Path, keep: bool) -> int:
+    """Export to `out` (and upload) as the parsed arguments say; returns the exit code. `keep`: `out` is the
+    user's (a failed upload leaves a complete export there), not a temporary directory."""
     try:
-        check_output_dir(args.out, args.overwrite)
-        if problem := atomic.cannot_write_into(Path(args.out).parent):
-            raise ModelError(f"--out {args.out}: cannot write there ({problem}); choose another directory")
+        check_output_dir(out, args.overwrite)
+        if problem := atomic.cannot_write_into(Path(out).parent):
+            raise ModelError(f"--out {out}: cannot write there ({problem}); choose another directory")
         source = find_model(args.source)
         state_dict, origin = source_weights(source, args.from_zero)
         config = source.config
@@ -222,18 +254,30 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(config, state_dict)
             notes.append(export_onnx(model, tmp / "model.onnx", args.onnx_batch))
 
-        metadata = {"source": str(source.path), "weights_from": origin}
-        if source.step is not None:
-            metadata["step"] = str(source.step)
-        save_state_dict(state_dict, config, args.out, overwrite=args.overwrite, metadata=metadata,
-                        extra=write_onnx if args.onnx else None)
+        metadata = {"source": source.repo_id or str(source.path), "weights_from": origin}
+        provenance = hub.run_provenance(source)
+        if provenance.steps is not None:
+            metadata["step"] = str(provenance.steps)
+        n_params = sum(v.numel() for v in state_dict.values())
+        card = hub.model_card(config, n_params, provenance, repo_id=args.push_to_hub or str(out),
+                              license=args.license)
+        save_state_dict(state_dict, config, out, overwrite=args.overwrite, metadata=metadata,
+                        extra=write_onnx if args.onnx else None, card=card)
     except ModelError as e:
         raise SystemExit(f"error: {e}") from None
-    n_params = sum(v.numel() for v in state_dict.values())
     print(f"exported {source.describe()}: {n_params:,} parameters ({args.dtype}), weights from {origin}, "
-          f"to {args.out}", file=sys.stderr)
+          f"to {out}", file=sys.stderr)
     for note in notes:
         print(note, file=sys.stderr)
+    if args.push_to_hub is not None:
+        try:
+            url = hub.upload(out, args.push_to_hub, private=args.private or None,
+                             commit_message=f"sharnn-export of {source.describe()}")
+        except ModelError as e:
+            retry = f"`hf upload {args.push_to_hub} {out} .`"
+            kept = f"; the export in {out} is complete: upload it with {retry}" if keep else ""
+            raise SystemExit(f"error: {e}{kept}") from None
+        print(f"uploaded {out} to {args.push_to_hub}: {url}", file=sys.stderr)
     return 0
 
 
