@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -53,7 +54,6 @@ from sharnn.prepare import (
     _check_out,
     _check_split_sizes,
     _map,
-    log,
     write_corpus_parts,
 )
 
@@ -63,6 +63,7 @@ VALID_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 TEST_SPLIT_NAMES = ("test",)
 DEFAULT_COLUMN = "text"
 _STRING_TYPES = ("string", "large_string")
+log = logging.getLogger(__name__)
 _HINT = ("NAME is a Hub dataset (needs the network, or the datasets cache when offline), a local directory "
          "(save_to_disk, or a folder of parquet/JSON lines/CSV/text files) or a builder with --data_files "
          "(`hf json --data_files a.jsonl`)")
@@ -313,8 +314,6 @@ def prepare_hf(source: HFSource, out: str | Path, valid_bytes: int | None = None
                test_bytes: int | None = None, overwrite: bool = False) -> PrepareResult:
     """Prepare a corpus from a ``datasets`` dataset (see the module docstring for what is read and how)."""
     out = Path(out)
-    if source.separator is None:
-        raise ValueError("separator must be a string (use '' for none)")
     existing = _check_out(out)
     with _quiet_datasets():
         return _prepare_hf(source, out, valid_bytes, test_bytes, overwrite, existing)
