@@ -60,14 +60,17 @@ def step10(run: Path) -> Path:
     return rundir.checkpoint_dir(run, 10)
 
 
-def same_sizes_other_corpus(corpus: Path, out: Path) -> Path:
-    """A corpus with the same split sizes as `corpus` but one byte of its training split changed."""
+def other_corpus(corpus: Path, out: Path, same_sizes: bool) -> Path:
+    """A corpus with one byte of `corpus`'s training split changed, and with the same split sizes or with
+    1,000 training bytes fewer."""
     from sharnn.data import open_split
     from sharnn.prepare import prepare_files
 
     splits = {name: bytearray(open_split(corpus, name).read(0, len(open_split(corpus, name))).tobytes())
               for name in ("train", "valid", "test")}
     splits["train"][1000] ^= 1
+    if not same_sizes:
+        del splits["train"][-1000:]
     src = out.parent / "other.txt"
     src.write_bytes(b"".join(splits[name] for name in ("train", "valid", "test")))
     prepare_files([src], out, valid_bytes=len(splits["valid"]), test_bytes=len(splits["test"]))
@@ -89,6 +92,14 @@ class Hostile:
         return os.system, (f"touch {self.marker}",)
 
 
+def as_written_by_two_ranks(ckpt: Path) -> None:
+    """Make the checkpoint look written by two ranks: meta.json says so, rank 1's files copy rank 0's."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps(meta | {"world_size": 2}))
+    for name in ("carry_rank{}.safetensors", "random_states_{}.pkl"):
+        shutil.copy(ckpt / name.format(0), ckpt / name.format(1))
+
+
 DAMAGED = {
     "model.safetensors truncated": (lambda ck: truncate(ck / "model.safetensors"),
                                     ["model.safetensors is unreadable", "--init_from"]),
@@ -104,6 +115,9 @@ DAMAGED = {
     "random states hostile": (lambda ck: (ck / "random_states_0.pkl").write_bytes(
                                   pickle.dumps(Hostile(ck.parent.parent.parent / "pwned"))),
                               ["random_states_0.pkl", "is unreadable"]),
+    "rank 1's random states garbage (a 2-rank checkpoint)": (
+        lambda ck: (as_written_by_two_ranks(ck), (ck / "random_states_1.pkl").write_bytes(b"garbage")),
+        ["random_states_1.pkl (rank 1's random number generator states) is unreadable"]),
     "meta.json garbage": (lambda ck: (ck / "meta.json").write_text("[]"), ["meta.json is unreadable"]),
 }
 
@@ -130,11 +144,15 @@ def test_resume_with_another_layout_is_refused_before_anything_is_written(run_co
     assert tree_digest(run_copy) == before
 
 
-def test_resume_on_another_corpus_is_refused_naming_the_split_that_differs(run_copy, text_corpus, tmp_path):
-    other = same_sizes_other_corpus(text_corpus, tmp_path / "other")
+@pytest.mark.parametrize("same_sizes", [True, False], ids=["same sizes", "other size"])
+def test_resume_on_another_corpus_is_refused_naming_the_split_that_differs(same_sizes, run_copy, text_corpus,
+                                                                            tmp_path):
+    other = other_corpus(text_corpus, tmp_path / "other", same_sizes)
     before = tree_digest(run_copy)
+    saved = json.loads((step10(run_copy) / "train_state.json").read_text())["corpus"]["train"]
     message = exits_with(train_main, ["--data", str(other), "--out", str(run_copy), "--resume", "auto",
-                                      "--max_steps", "12"], "is not the corpus", "train: checkpoint",
+                                      "--max_steps", "12"], "is not the corpus",
+                         f"train: checkpoint {saved['n_bytes']:,} bytes sha256 {saved['sha256']}, --data ",
                          f"data: {text_corpus}", "--init_from")
     assert "valid:" not in message  # only the training split differs
     assert tree_digest(run_copy) == before

@@ -20,6 +20,7 @@ import math
 import random
 import shutil
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -185,10 +186,11 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def inspect(ckpt: Path, rank: int = 0) -> Resumable:
+def inspect(ckpt: Path, rng_ranks: Sequence[int] | None = None) -> Resumable:
     """Check, before anything is started or written, that the files a resume reads are there and readable:
-    meta.json, train_state.json, config.yaml, model.safetensors, every rank's carried state, this rank's
-    random number generator states and the optimizer state. SystemExit naming the file otherwise."""
+    meta.json, train_state.json, config.yaml, model.safetensors, every rank's carried state, the random
+    number generator states of `rng_ranks` (None: of every rank the checkpoint had) and the optimizer state.
+    SystemExit naming the file otherwise. Every rank checks every file, so all ranks stop alike."""
     try:
         meta = read_meta(ckpt)
         world = meta.get("world_size") if isinstance(meta, dict) else None
@@ -215,8 +217,9 @@ def inspect(ckpt: Path, rank: int = 0) -> Resumable:
             raise _damaged(ckpt, name, "is missing") from None
         except (SafetensorError, OSError) as e:
             raise _damaged(ckpt, name, f"is unreadable ({e})") from None
-    if rank < meta["world_size"]:  # a rank the checkpoint had: its random states must come back exactly
-        _check_rng_states(ckpt, rank)
+    for rank in range(meta["world_size"]) if rng_ranks is None else rng_ranks:
+        if rank < meta["world_size"]:  # a rank the checkpoint had: its random states must come back exactly
+            _check_rng_states(ckpt, rank)
     if "DEEPSPEED" not in str(meta.get("distributed_type", "")):
         optimizer = ckpt / "optimizer.bin"
         if not optimizer.is_file():
@@ -276,7 +279,7 @@ def load(accelerator, ckpt: Path, n_layer: int, batch_size: int,
     The checkpoint may come from another number of ranks (train.elastic): with the same number of streams
     (ranks x batch_size) each rank takes its streams' carried state from the saved files; with another, only
     if `restart_streams` (fresh streams, empty state)."""
-    resumable = inspect(ckpt, accelerator.process_index)
+    resumable = inspect(ckpt, rng_ranks=[accelerator.process_index])
     meta, state = resumable.meta, resumable.state
     if not isinstance(state.loader.get("batch_size"), int):
         raise _damaged(ckpt, rundir.TRAIN_STATE_NAME, "has no loader batch_size")
