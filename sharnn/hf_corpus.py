@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 from datasets.data_files import EmptyDatasetError
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 from tqdm import tqdm
 
 from sharnn import atomic
@@ -211,7 +212,7 @@ def _open_streaming(source: HFSource) -> _Opened:
                            f"machine may be offline: {_HINT}")
     except (ValueError, OSError, ImportError, NotImplementedError) as e:
         raise PrepareError(f"cannot load dataset {source.name!r} ({_first_line(e)}). {_HINT}")
-    is_local = os.path.isdir(source.name) or bool(source.data_files)
+    is_local = os.path.isdir(source.name) or source.name in _PACKAGED_DATASETS_MODULES
     identity = {"loader": "load_dataset(streaming=True)", "builder": builder.name,
                 "config": builder.config.name,
                 # For a Hub dataset, `datasets` passes the commit it resolved the revision to as the hash.

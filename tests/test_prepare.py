@@ -416,6 +416,7 @@ def test_files_skips_older_corpora_inside_the_inputs_and_says_so(tmp_path, capsy
     assert read_manifest(d / "c3")["source"]["skipped"] == [s[len("skipped "):] for s in skipped[1:]]
 
 
+@pytest.mark.slow  # a subprocess: the in-process test above checks the message, this its way to stderr
 def test_files_skip_message_reaches_stderr_of_the_command(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_bytes(random_bytes(30_000))
