@@ -355,22 +355,7 @@ def _prepare_hf(source: HFSource, out: Path, valid_bytes: int | None, test_bytes
                                    f"--column")
             counts[split] = {"n_records": n_records, "n_bytes": n_bytes}
             text[role] = _map(tmp / _scratch_name(role))
-        # The held-out splits the dataset lacks come from the end of the training text, as `files` cuts them.
-        n_train = len(text["train"])
-        default_cut = int(n_train * DEFAULT_HELD_OUT_FRACTION)
-        cut_valid = 0 if "valid" in text else default_cut if valid_bytes is None else valid_bytes
-        cut_test = 0 if "test" in text else default_cut if test_bytes is None else test_bytes
-        n_kept = n_train - cut_valid - cut_test
-        _check_split_sizes(n_train + sum(len(t) for role, t in text.items() if role != "train"),
-                           (n_kept, len(text["valid"]) if "valid" in text else cut_valid,
-                            len(text["test"]) if "test" in text else cut_test))
-        parts = {"train": text["train"][:n_kept],
-                 "valid": text.get("valid", text["train"][n_kept:n_kept + cut_valid]),
-                 "test": text.get("test", text["train"][n_train - cut_test:])}
-        kept = source.split if n_kept == n_train else f"{source.split} (its first {n_kept:,} bytes)"
-        used = {"train": kept,
-                "valid": held_out["valid"] or f"{source.split} (the {cut_valid:,} bytes before test)",
-                "test": held_out["test"] or f"{source.split} (its last {cut_test:,} bytes)"}
+        parts, used = _cut_held_out(text, source.split, held_out, valid_bytes, test_bytes)
         record = {"kind": "hf", "name": source.name, **opened.identity, "splits_used": used,
                   "columns": list(columns), "separator": source.separator, "records": counts,
                   "fingerprint": {split: opened.fingerprints.get(split) for split in counts},
@@ -380,6 +365,29 @@ def _prepare_hf(source: HFSource, out: Path, valid_bytes: int | None, test_bytes
             record["data_files_given"] = list(source.data_files)
         return write_corpus_parts(tmp, out, parts, record, existing, overwrite,
                                   scratch=[_scratch_name(role) for role in text])
+
+
+def _cut_held_out(text: dict[str, np.ndarray], split: str, held_out: dict[str, str | None],
+                  valid_bytes: int | None, test_bytes: int | None) -> tuple[dict[str, np.ndarray], dict]:
+    """The corpus splits from the text read (``text``: train, and the dataset's own valid/test where it has
+    them): a held-out split the dataset lacks is cut from the end of the training text, as ``files`` cuts
+    them (the last test bytes, the valid bytes before them; default 5% each). Returns the splits and a
+    description of where each came from, for the manifest."""
+    n_train = len(text["train"])
+    default_cut = int(n_train * DEFAULT_HELD_OUT_FRACTION)
+    cut_valid = 0 if "valid" in text else default_cut if valid_bytes is None else valid_bytes
+    cut_test = 0 if "test" in text else default_cut if test_bytes is None else test_bytes
+    n_kept = n_train - cut_valid - cut_test
+    _check_split_sizes(sum(len(t) for t in text.values()),
+                       (n_kept, len(text["valid"]) if "valid" in text else cut_valid,
+                        len(text["test"]) if "test" in text else cut_test))
+    parts = {"train": text["train"][:n_kept],
+             "valid": text["valid"] if "valid" in text else text["train"][n_kept:n_kept + cut_valid],
+             "test": text["test"] if "test" in text else text["train"][n_train - cut_test:]}
+    used = {"train": split if n_kept == n_train else f"{split} (its first {n_kept:,} bytes)",
+            "valid": held_out["valid"] or f"{split} (the {cut_valid:,} bytes before test)",
+            "test": held_out["test"] or f"{split} (its last {cut_test:,} bytes)"}
+    return parts, used
 
 
 def _scratch_name(role: str) -> str:

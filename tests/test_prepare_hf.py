@@ -154,6 +154,12 @@ def test_bad_column_or_split(tmp_path, capsys, jsonl_folder, args, needles):
     assert_failed_cleanly(code, err, tmp_path, ["jl"], *needles)
 
 
+def test_held_out_cuts_larger_than_the_text(tmp_path, capsys, jsonl_folder):
+    code, err = run_main(capsys, "hf", jsonl_folder, "--valid_bytes", "1M", "--out", tmp_path / "c")
+    assert_failed_cleanly(code, err, tmp_path, ["jl"], "valid 1,000,000", "every split needs at least 1,024",
+                          "--valid_bytes")
+
+
 def test_no_text_column_to_guess(tmp_path, capsys):
     dataset = datasets.Dataset.from_dict({"a": ["x"] * 10, "b": ["y"] * 10})
     save_to_disk(dataset, tmp_path / "saved")
