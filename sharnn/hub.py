@@ -295,7 +295,12 @@ class HubMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS),
         path = pretrained_model_name_or_path
         parsed = parse_repo_id(path)
         if parsed is None:  # a local path: found (or refused) as load_model does
-            path = rundir.locate(path).path
+            found = rundir.locate(path)
+            if found.kind != "exported":  # a checkpoint has no config.json for the mixin to read
+                from sharnn.pretrained import load_model
+
+                return load_model(found.path, device=kwargs.get("map_location", "cpu"))
+            path = found.path
         else:
             path, revision = parsed
             kwargs["revision"] = kwargs.get("revision") or revision

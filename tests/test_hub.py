@@ -147,16 +147,17 @@ def test_eval_and_generate_take_a_repo_id(offline_cache, small_corpus, tmp_path,
 
 
 def test_init_from_takes_a_repo_id(offline_cache, tiny_model):
-    from safetensors.torch import load_file
+    import dataclasses
 
-    from train.build import init_weights_file
+    from train.build import build_model
+    from train.config import preset
 
-    weights = init_weights_file("alice/tiny")
-    assert weights.name == "model.safetensors" and weights.is_relative_to(offline_cache)
-    want = load_file(tiny_model / "model.safetensors")
-    assert all(torch.equal(t, want[k]) for k, t in load_file(weights).items())
+    cfg = dataclasses.replace(preset("tiny"), model=TINY, init_from="alice/tiny")
+    model, said = build_model(cfg, train_split=None, fresh=True)
+    assert said.startswith(f"initialised weights from {offline_cache}")
+    assert torch.equal(logits(model.eval()), logits(load_model(tiny_model)))
     with pytest.raises(SystemExit, match="error: --init_from: bob/missing is neither a local path"):
-        init_weights_file("bob/missing")
+        build_model(dataclasses.replace(cfg, init_from="bob/missing"), train_split=None, fresh=True)
 
 
 # ---------------------------------------------------------------------------------------- model card
@@ -198,6 +199,7 @@ def test_export_writes_a_model_card(tiny_model, tmp_path):
                  'SHARNN.from_pretrained("' + str(tmp_path / "out") + '")'):
         assert line in card.text, line
     assert torch.equal(logits(SHARNN.from_pretrained(str(tmp_path / "out"))), logits(load_model(tiny_model)))
+    assert torch.equal(logits(SHARNN.from_pretrained(str(run_dir))), logits(load_model(tiny_model)))  # a run
 
     # no test bpc in the run, and a re-export of the export: the card says what is not known
     (run_dir / "summary.json").write_text(json.dumps({"step": 7, "test_bpc": None}))
