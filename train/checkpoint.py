@@ -44,6 +44,7 @@ from sharnn.rundir import (
 )
 from sharnn.state import CarryState
 from train import elastic
+from train.distributed import fp32_state_dict
 
 __all__ = ["TrainState", "Resumable", "inspect", "check_same_corpus", "save", "load", "resolve_resume",
            "complete_checkpoints", "best_checkpoint",
@@ -140,7 +141,7 @@ def save(accelerator, model, run_dir: Path, state: TrainState, carry: CarryState
     accelerator.save_state(str(tmp))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed stores weights in its own (pickled) format; every checkpoint also carries plain weights.
-        weights = accelerator.get_state_dict(model)
+        weights = fp32_state_dict(accelerator, model)  # fp16/bf16: the fp32 masters, gathered
         if accelerator.is_main_process:
             save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_NAME)
     carry_file = tmp / rundir.carry_name(accelerator.process_index)

@@ -113,6 +113,66 @@ def fill_deepspeed_config(ds: dict, *, batch_size: int, grad_accum: int, world_s
             "ZeRO stage.")
 
 
+def prepare(accelerator: Accelerator, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """`accelerator.prepare(model, optimizer)`, undoing what building a DeepSpeed engine in fp16/bf16 does to
+    a fresh model. Its FP16_UnfusedOptimizer (no ZeRO) copies the fp32 master weights from the module after
+    casting it to 16 bits, so they start rounded, then calls the optimizer's step() once with zero gradients
+    (deepspeed/runtime/fp16/unfused_optimizer.py, initialize_optimizer_states), which with weight decay
+    moves LAMB's weights by up to the first learning rate (a relative 1 - lr) and leaves optimizer state;
+    ZeRO's masters start rounded too. Measured on the tiny preset with the trainer's LAMB at its first
+    learning rate (1.5e-4): the masters were up to 1.3e-4 off the
+    model's weights (2.6e-4 of a tensor's norm) and LAMB held state for 39 tensors. Afterwards the masters
+    hold the model's fp32 weights again (difference 0), the module their 16-bit copy, and the optimizer no
+    state: the run starts where a DDP run starts."""
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if is_deepspeed(accelerator) and (model.fp16_enabled() or model.bfloat16_enabled()):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        masters = _unfused_masters(model)
+        with torch.no_grad():
+            for name, p in model.module.named_parameters():
+                if masters is not None:
+                    masters[id(p)].copy_(weights[name])
+                else:  # ZeRO 1-2: each rank sets its partition
+                    safe_set_full_fp32_param(p, weights[name].to(p.device))
+                p.copy_(weights[name])
+        if masters is not None:
+            unwrap_optimizer(optimizer).state.clear()
+    return model, optimizer
+
+
+def _unfused_masters(engine) -> dict[int, torch.Tensor] | None:
+    """id(module parameter) -> its fp32 master weight under DeepSpeed's FP16_UnfusedOptimizer, else None."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    wrapper = engine.optimizer
+    if not isinstance(wrapper, FP16_UnfusedOptimizer):
+        return None
+    return {id(p16): p32 for group16, group32 in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+            for p16, p32 in zip(group16, group32)}
+
+
+def fp32_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to write as model.safetensors: accelerate's state dict, except under DeepSpeed fp16/bf16,
+    whose module holds 16-bit copies: there the fp32 master weights, which are what trains (and what
+    --init_from and sharnn-export then read). Every rank calls this: under ZeRO the masters are gathered."""
+    weights = accelerator.get_state_dict(model)
+    if not is_deepspeed(accelerator) or not (model.fp16_enabled() or model.bfloat16_enabled()):
+        return weights
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = _unfused_masters(model)
+    for name, p in model.module.named_parameters():
+        master = masters[id(p)] if masters is not None else safe_get_full_fp32_param(p)
+        if master is None:
+            raise SystemExit(f"error: DeepSpeed keeps no fp32 master weight for {name} here "
+                             f"({type(model.optimizer).__name__}); use --precision fp32 or ZeRO stage 0-2")
+        weights[name] = master.detach().to("cpu", torch.float32, copy=True)
+    return weights
+
+
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The client optimizer inside accelerate's wrapper and, under DeepSpeed fp16, DeepSpeed's
     FP16_UnfusedOptimizer (two levels)."""
@@ -184,8 +244,14 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signum
 
-    def agreed(self, accelerator: Accelerator) -> str | None:
-        """The name of the signal any rank received, else None (one tiny all-reduce)."""
+    def agreed(self, accelerator: Accelerator, step: int = 0, every: int = 1) -> str | None:
+        """The name of the signal any rank received, else None. One process reads its own flag. Several
+        ranks agree through an all-reduce and a host sync, so they do it only at steps that are multiples of
+        `every` (the same steps on every rank; the loop passes its log interval) and return None between."""
+        if accelerator.num_processes == 1:
+            return signal.Signals(self.received).name if self.received else None
+        if step % every:
+            return None
         flag = torch.tensor(float(self.received or 0), device=accelerator.device)
         received = int(accelerator.reduce(flag, "max").item())
         return signal.Signals(received).name if received else None

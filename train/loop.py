@@ -31,11 +31,12 @@ from train.distributed import (
     check_precision,
     fill_deepspeed_config,
     is_deepspeed,
+    prepare,
     unwrap_optimizer,
 )
 from train.evaluation import evaluate, log_attention_report, sample_text
 from train.log import NullLogger, RunLogger, TrainMeter, finite_or_none, git_sha
-from train.step import train_step
+from train.step import NonFiniteGuard, train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     model, origin = build_model(cfg, train_split, fresh=ckpt is None)
     say(origin)
     optimizer = build_optimizer(model, cfg, lr=lr_at(0, peak_lr, cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)  # DeepSpeed: undoes its initial step
     raw_model, device = accelerator.unwrap_model(model), accelerator.device
     if cfg.optimizer == "lamb":
         check_optimizer_sees_tensors(optimizer, raw_model)
@@ -122,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         return bpc
 
     def save() -> None:  # every rank: each writes its own carried state
+        guard.check()  # never save the weights of a non-finite step
         ts.loader = loader.state_dict()
         checkpoint.save(accelerator, model, run_dir, ts, carry, dump_yaml(cfg), cfg.keep_last)
 
     stop, meter = StopSignal(), TrainMeter(world, cfg.grad_accum, device)
+    guard = NonFiniteGuard(device)  # --on_nonfinite stop, checked at log intervals and saves
     bar = tqdm(total=cfg.max_steps, initial=ts.step, disable=not accelerator.is_main_process, unit="step",
                dynamic_ncols=True)
     val_bpc, exit_reason, last_val_step, saved_step = math.nan, "finished", None, None
@@ -134,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(ts.step, peak_lr, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        out, carry = train_step(accelerator, model, optimizer, loader, carry, cfg, ts.step + 1)
+        out, carry = train_step(accelerator, model, optimizer, loader, carry, cfg, ts.step + 1, guard)
         ts.step, ts.epoch, ts.bytes_seen = ts.step + 1, out.epoch, ts.bytes_seen + out.bytes * world
         meter.add(out)
         bar.update(1)
         if ts.step % cfg.log_every == 0:
+            guard.check()  # host syncs: here, once per log interval
             logger.scalars(meter.metrics(accelerator, ts.step, lr, ts.epoch), ts.step)
             if cfg.optimizer == "lamb":
                 logger.histogram("train/lamb_trust_ratio", unwrap_optimizer(optimizer).last_trust_ratios(),
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         # every eval_every steps, or when an epoch ended
         if (cfg.eval_every and ts.step % cfg.eval_every == 0) or loader.epoch > out.epoch:
             val_bpc, last_val_step = validate(), ts.step
-        if stopped := stop.agreed(accelerator):
+        if stopped := stop.agreed(accelerator, ts.step, cfg.log_every):
             exit_reason = f"stopped by {stopped}"
             break
         if ts.best_step != best_before or (cfg.save_every and ts.step % cfg.save_every == 0):
