@@ -48,6 +48,10 @@ class CorpusError(ValueError):
     """A directory is not a usable prepared corpus; the message says what to run to fix it."""
 
 
+class CorpusChanged(CorpusError):
+    """A split's bytes no longer hash to the sha256 its manifest records (``open_split(verify=True)``)."""
+
+
 def _prepare_hint(corpus_dir: Path) -> str:
     return (f"prepare one with `sharnn-prepare demo --out {corpus_dir}` (or `sharnn-prepare enwik8 ...` / "
             f"`sharnn-prepare files PATH... ...`)")
@@ -234,7 +238,7 @@ def open_split(corpus_dir: str | Path, split: str, verify: bool = False) -> Byte
     if verify:
         digest = byte_split.sha256()
         if digest != info["sha256"]:
-            raise CorpusError(f"split {split!r} of {corpus_dir} has changed since sharnn-prepare wrote "
+            raise CorpusChanged(f"split {split!r} of {corpus_dir} has changed since sharnn-prepare wrote "
                               f"it: its {len(byte_split):,} bytes hash to sha256 {digest}, its manifest says "
                               f"{info['sha256']}. Re-create the corpus with sharnn-prepare ... --overwrite")
     return byte_split

@@ -199,8 +199,9 @@ def test_a_manifest_entry_without_n_bytes_is_named(text_corpus, tmp_path):
     manifest = json.loads((corpus / "manifest.json").read_text())
     del manifest["splits"]["valid"]["n_bytes"]
     (corpus / "manifest.json").write_text(json.dumps(manifest))
-    exits_with(train_main, ["--data", str(corpus), "--out", str(tmp_path / "new")],
-               "manifest.json: the entry of split 'valid' has no valid n_bytes", "sharnn-prepare")
+    message = exits_with(train_main, ["--data", str(corpus), "--out", str(tmp_path / "new")],
+                         "manifest.json: the entry of split 'valid' has no valid n_bytes", "sharnn-prepare")
+    assert "--skip_data_check" not in message  # offered only for splits whose bytes changed
 
 
 # ------------------------------------------------------------------------------- the run directory

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType
 
 from sharnn import atomic, attention, cli
 from sharnn.cli import positive_int
-from sharnn.data import SPLITS, CorpusError, EvalStreams, open_split
+from sharnn.data import SPLITS, CorpusChanged, CorpusError, EvalStreams, open_split
 from sharnn.pretrained import (
     ModelError,
     ModelSource,
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split = open_split(args.data, args.split, verify=not args.skip_data_check)
     except CorpusError as e:
-        raise SystemExit(f"error: --data: {e} (or pass --skip_data_check to score it as it is)") from None
+        hint = " (or pass --skip_data_check to score it as it is)" if isinstance(e, CorpusChanged) else ""
+        raise SystemExit(f"error: --data: {e}{hint}") from None
     n_streams = args.streams or PAPER_STREAMS[args.split]
     bptt = args.bptt or _default_bptt(source)
     mem_lens = args.mem_len or [source.config.mem_len]

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import sharnn
 from sharnn import CarryState, atomic, kernels
-from sharnn.data import CorpusError, StreamLoader, corpus_record, open_split
+from sharnn.data import CorpusChanged, CorpusError, StreamLoader, corpus_record, open_split
 from sharnn.rundir import ModelError
 from train import checkpoint
 from train.build import build_model, build_optimizer, model_config_for_resume
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         test_split = open_split(cfg.data, "test", verify=not cfg.skip_data_check) if cfg.test_at_end else None
         corpus = corpus_record(cfg.data)
     except CorpusError as e:
-        raise SystemExit(f"error: --data: {e} (or pass --skip_data_check to use it as it is)") from None
+        hint = " (or pass --skip_data_check to use it as it is)" if isinstance(e, CorpusChanged) else ""
+        raise SystemExit(f"error: --data: {e}{hint}") from None
     if cfg.skip_data_check:
         say(f"WARNING: --skip_data_check: the splits of {cfg.data} were not checked against its manifest; "
             "a corpus changed since sharnn-prepare wrote it trains without a word")
