@@ -386,12 +386,13 @@ def test_files_reads_directories_recursively_in_sorted_order(tmp_path):
     assert read_manifest(tmp_path / "c")["source"]["n_files"] == 6
 
 
-def test_files_never_reads_the_output_corpus_back_in(tmp_path, capsys):
+def test_files_never_reads_the_output_corpus_back_in(tmp_path, capsys, caplog):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_bytes(random_bytes(50_000))
     assert run_main(capsys, "files", tmp_path / "d", "--out", tmp_path / "d" / "corpus")[0] == 0
     code, err = run_main(capsys, "files", tmp_path / "d", "--out", tmp_path / "d" / "corpus")
     assert code == 0 and "already holds this corpus" in err
+    assert f"skipped {tmp_path / 'd' / 'corpus'}: the output directory" in caplog.messages
 
 
 def test_files_skips_older_corpora_inside_the_inputs_and_says_so(tmp_path, capsys, caplog):
