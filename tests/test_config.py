@@ -134,3 +134,35 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(native, monkeypatch):
     assert line.startswith("precision bf16: LSTM forward/backward checked")
     assert ("warning: this CPU has no bf16 matrix instructions" in line) is (not native)
     assert "Use --precision fp32" in line or native
+
+
+def test_yaml_values_are_typed_as_the_same_flags_would_be(tmp_path):
+    yml = tmp_path / "run.yaml"
+    yml.write_text("lr: 1e-3\nvary_bptt: false\nmax_steps: null\ncpu_kernels: fast\ndata: -corpus\n"
+                   "epochs: 2\nmodel:\n  dropout: 0\n")
+    cfg, _ = parse_args(["--config", str(yml)])
+    flagged, _ = parse_args(["--lr", "1e-3", "--no_vary_bptt", "--max_steps", "None", "--cpu_kernels", "fast",
+                             "--data=-corpus", "--epochs", "2", "--model.dropout", "0"])
+    assert cfg == flagged
+    assert (cfg.lr, cfg.vary_bptt, cfg.max_steps, cfg.data) == (0.001, False, None, "-corpus")
+    assert type(cfg.epochs) is float and type(cfg.model.dropout) is float
+
+
+def test_checks_see_the_yaml_and_the_flags_together(tmp_path):
+    yml = tmp_path / "run.yaml"
+    yml.write_text("warmup_steps: 2000\nlr: -1\n")
+    # alone, the file's warmup_steps exceeds the preset's max_steps (900) and its lr is negative: the flags
+    # fix both, and the checks run once, on the resolved config
+    cfg, _ = parse_args(["--config", str(yml), "--max_steps", "3000", "--lr", "0.1"])
+    assert (cfg.warmup_steps, cfg.max_steps, cfg.lr) == (2000, 3000, 0.1)
+    with pytest.raises(SystemExit, match=f"^error: {yml}: lr must be a finite number > 0, got -1.0$"):
+        parse_args(["--config", str(yml), "--max_steps", "3000"])
+    with pytest.raises(SystemExit, match="^error: lr must be a finite number > 0, got -2.0$"):  # the flag's
+        parse_args(["--config", str(yml), "--max_steps", "3000", "--lr", "-2"])
+
+
+def test_value_checks_are_one_error_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--batch_size", "0"])
+    assert e.value.code == "error: batch_size must be >= 1, got 0"
+    assert capsys.readouterr().err == ""  # not tyro's box

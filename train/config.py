@@ -8,16 +8,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import tyro
 import yaml
+from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
 from sharnn.config import ModelConfig, model_preset
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+VOCAB_SIZE = 256
+"""A byte-level model: one input and output per byte value."""
+
+
+class ConfigError(Exception):
+    """A field value that cannot work; the message starts with the field's name and says the limit.
+
+    Not a ValueError: tyro prints a ValueError raised while building the config in a box with the help text,
+    the trainer prints this as one `error:` line."""
 
 
 @dataclass
@@ -120,6 +132,14 @@ class TrainConfig:
     own meeting is governed by `--rdzv_conf timeout=N` of accelerate launch."""
 
     def __post_init__(self) -> None:
+        try:
+            self._check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _check(self) -> None:
+        """Every value that cannot work, whatever the corpus (train/preflight.py checks the corpus's sizes).
+        Raises ValueError naming the field and its limit."""
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         positive = ("batch_size", "grad_accum", "bptt", "eval_streams", "test_streams", "log_every",
@@ -134,12 +154,30 @@ class TrainConfig:
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps}): "
                              "the run would end before reaching the peak learning rate")
+        for name in ("warmup_steps", "cooldown_steps", "eval_every", "save_every", "sample_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cooldown_steps and self.max_steps is None:
             raise ValueError("cooldown_steps needs max_steps: the decay is placed at the end of the run")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0 or self.clip < 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0, clip and weight_decay >= 0")
+        if self.max_steps is not None and self.cooldown_steps > self.max_steps:
+            raise ValueError(f"cooldown_steps must be <= max_steps ({self.max_steps}), got "
+                             f"{self.cooldown_steps}")
+        for name, meaning in (("eval_bptt", "bptt"), ("eval_max_segments", "the whole split")):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None (None: {meaning}), got {getattr(self, name)}")
+        if not self.epochs > 0 or (math.isinf(self.epochs) and self.max_steps is None):
+            raise ValueError(f"epochs must be > 0 (and finite unless max_steps is set), got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("min_trust", "clip", "weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be in [0, 2**31), got {self.seed}: numpy's global seed takes 32 "
+                             "bits and each rank adds its index")
+        if self.model.vocab_size != VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size must be {VOCAB_SIZE} (sharnn trains on bytes), got "
+                             f"{self.model.vocab_size}")
         if not 0.0 <= self.state_reset_prob < 1.0:
             raise ValueError(f"state_reset_prob must be in [0, 1), got {self.state_reset_prob}")
 
@@ -215,22 +253,84 @@ def preset(name: str) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------ command line
-def _merge(base: TrainConfig, overrides: dict, source: str) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(overrides) - known
+def _yaml_text(value) -> str:
+    """`value` as the YAML file spells it (true, 'no', 2.7), for messages."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def _flag_spec(hint) -> PrimitiveConstructorSpec | None:
+    """The converter tyro's flag parser uses for a field of type `hint` (None for a type it cannot parse)."""
+    spec = ConstructorRegistry.get_primitive_spec(PrimitiveTypeInfo.make(hint, set()))
+    return spec if isinstance(spec, PrimitiveConstructorSpec) else None
+
+
+def yaml_to_args(values: dict, source: str, cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """The flags that set what the YAML mapping `values` sets, so that a YAML value is typed exactly as the
+    same value given as a flag: each goes through the converter of that flag. A value the flag would refuse
+    (`batch_size: true`, `batch_size: 2.7`, `vary_bptt: "no"`, `model: 5`) is an error naming the field and
+    `source`; `lr: 1e-3`, a string to PyYAML, is the number the flag makes of it."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise SystemExit(f"error: {source}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
-    if "model" in overrides:
-        model = dataclasses.asdict(base.model) | dict(overrides["model"] or {})
-        overrides = overrides | {"model": model}
-    try:
-        return TrainConfig(**(base.to_dict() | overrides))
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: {source}: {e}") from None
+        raise SystemExit(f"error: {source}: unknown fields {[prefix + name for name in unknown]}; known: "
+                         f"{sorted(known)}")
+    args = []
+    for name, value in values.items():
+        field_name, hint = prefix + name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            if value is None:  # `model:` with nothing under it
+                continue
+            if not isinstance(value, dict):
+                raise SystemExit(f"error: {source}: {field_name} must be a mapping of its fields "
+                                 f"({', '.join(f.name for f in dataclasses.fields(hint))}), got "
+                                 f"{_yaml_text(value)}")
+            args += yaml_to_args(value, source, hint, field_name + ".")
+            continue
+        spec = _flag_spec(hint)
+        many = isinstance(value, list)
+        texts = [_flag_text(v) for v in (value if many else [value])]
+        if spec is None:  # tyro refuses the type itself when it builds the parser
+            args += [f"--{field_name}", *texts]
+            continue
+        kind = "true or false" if hint is bool else spec.metavar
+        refused = (f"error: {source}: {field_name}: {_yaml_text(value)} is not a value --{field_name} takes "
+                   f"({kind})")
+        if many != (spec.nargs != 1) or None in texts:
+            raise SystemExit(refused)
+        if spec.choices is not None and any(text not in spec.choices for text in texts):
+            raise SystemExit(refused)
+        try:
+            parsed = spec.instance_from_str(texts)
+        except (ValueError, TypeError):
+            raise SystemExit(refused) from None
+        if hint is bool:  # tyro makes a bool field a switch: --name / --no_name
+            args.append(f"--{prefix}{'' if parsed else 'no_'}{name}")
+        elif many:
+            args += [f"--{field_name}", *texts]
+        else:
+            args.append(f"--{field_name}={texts[0]}")  # '=': a value that starts with '-' is not a flag
+    return args
+
+
+def _flag_text(value) -> str | None:
+    """A YAML scalar as the text typed after its flag (None for a mapping or list: not one value)."""
+    if isinstance(value, (dict, list)):
+        return None
+    return "None" if value is None else str(value)  # str(True) == "True", str(0.1) == "0.1"
+
+
+def _field_of(flag: str) -> str:
+    """The field a flag sets: `--model.mem_len=5` -> model.mem_len, `--no-vary-bptt` -> vary_bptt."""
+    *outer, last = flag[2:].split("=", 1)[0].replace("-", "_").split(".")
+    return ".".join([*outer, last.removeprefix("no_")])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Returns the resolved config and the flags that are not config fields (preset, config, dry_run)."""
+    """Returns the resolved config and the flags that are not config fields (preset, config, dry_run).
+
+    The YAML file's values become flags placed before the command line's, so a flag given on the command line
+    wins and both are parsed by the same parser; the config is built and checked once, from all of them."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny", help=f"named config: {', '.join(PRESETS)}")
     pre.add_argument("--config", type=Path, help="YAML file of field values applied on top of the preset")
@@ -238,6 +338,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                      help="print the resolved config, world size, global batch and parameter count; exit")
     flags, rest = pre.parse_known_args(argv)
     base = preset(flags.preset)
+    from_yaml = []
     if flags.config is not None:
         if not flags.config.is_file():
             raise SystemExit(f"error: --config {flags.config}: no such file")
@@ -247,13 +348,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             raise SystemExit(f"error: --config {flags.config}: not valid YAML: {e}") from None
         if not isinstance(overrides, dict):
             raise SystemExit(f"error: --config {flags.config}: expected a mapping of field: value")
-        base = _merge(base, overrides, str(flags.config))
+        from_yaml = yaml_to_args(overrides, str(flags.config))
     try:
-        cfg = tyro.cli(TrainConfig, default=base, args=rest, use_underscores=True,
+        cfg = tyro.cli(TrainConfig, default=base, args=from_yaml + rest, use_underscores=True,
                        prog="accelerate launch -m train",
                        description="Train SHA-RNN. Flags override --preset, then --config (YAML).")
-    except ValueError as e:  # raised by __post_init__ checks
-        raise SystemExit(f"error: {e}") from None
+    except ConfigError as e:
+        set_by_yaml = {_field_of(arg) for arg in from_yaml if arg.startswith("--")}
+        set_by_flag = {_field_of(arg) for arg in rest if arg.startswith("--")}
+        named = str(e).split(" ", 1)[0]  # a ConfigError starts with the field's name
+        where = f"{flags.config}: " if named in set_by_yaml - set_by_flag else ""
+        raise SystemExit(f"error: {where}{e}") from None
     return cfg, flags
 
 

@@ -36,6 +36,7 @@ from train.distributed import (
 )
 from train.evaluation import evaluate, log_attention_report, sample_text
 from train.log import NullLogger, RunLogger, TrainMeter, finite_or_none, git_sha
+from train.preflight import check_against_corpus
 from train.step import NonFiniteGuard, train_step
 
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except CorpusError as e:
         hint = " (or pass --skip_data_check to use it as it is)" if isinstance(e, CorpusChanged) else ""
         raise SystemExit(f"error: --data: {e}{hint}") from None
+    check_against_corpus(cfg, world, train_split, valid_split, test_split)  # the splits' sizes, now
     if cfg.skip_data_check:
         say(f"WARNING: --skip_data_check: the splits of {cfg.data} were not checked against its manifest; "
             "a corpus changed since sharnn-prepare wrote it trains without a word")
