@@ -11,9 +11,12 @@
 # ds-fp16 (launch/deepspeed.yaml, ZeRO-0, LAMB, DeepSpeed's fp16 with loss scaling); ds-bf16 (the same with
 # --optimizer adamw: the trainer refuses LAMB under DeepSpeed bf16, whose optimizer wrapper hands LAMB flat
 # partitions instead of the model's tensors). bf16 cases are skipped on GPUs without bf16.
+# Then the tests marked `gpu` (`pytest -m gpu tests/`: tests/test_gpu_paths.py and any other test that needs a
+# real device; they skip themselves without one), one more line in the summary.
 # Environment: DATA, STEPS [30], WORK [runs/gpu_smoke: one run directory per case, replaced], PYTHON [python],
-# ACCELERATE [accelerate], PORT [29650]. Select the GPU with CUDA_VISIBLE_DEVICES. Exit status 0 when
-# every case that ran trained and wrote its metrics.
+# ACCELERATE [accelerate], PORT [29650], GPU_TESTS [1; 0 leaves the pytest run out]. Select the GPU with
+# CUDA_VISIBLE_DEVICES. Exit status 0 when every case that ran trained and wrote its metrics, and the gpu
+# tests passed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -24,6 +27,8 @@ WORK=${WORK:-runs/gpu_smoke}
 DATA=${DATA:-$WORK/data}
 PORT=${PORT:-29650}
 DRY_RUN=${DRY_RUN:-0}
+GPU_TESTS=${GPU_TESTS:-1}
+gpu_tests=("$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/)
 
 cases=(
     "ddp-bf16 launch/ddp.yaml --precision bf16"
@@ -48,6 +53,9 @@ if [[ $DRY_RUN == 1 ]]; then
         printf '%q ' "${cmd[@]}" | sed 's/ $//'
         echo
     done
+    if [[ $GPU_TESTS == 1 ]]; then  # on stderr: stdout holds one training command per line
+        echo "then: $(printf '%q ' "${gpu_tests[@]}" | sed 's/ $//')" >&2
+    fi
     exit 0
 fi
 
@@ -103,6 +111,16 @@ for spec in "${cases[@]}"; do
         tail -n 25 "$WORK/$name.log" >&2
     fi
 done
+if [[ $GPU_TESTS == 1 ]]; then
+    echo "gpu_smoke.sh: the tests marked gpu: ${gpu_tests[*]}"
+    if "${gpu_tests[@]}" >"$WORK/gpu_tests.log" 2>&1; then
+        summary+=("$(printf '%-9s %s' pytest "$(tail -n 1 "$WORK/gpu_tests.log")")")
+    else
+        failed=1
+        summary+=("$(printf '%-9s FAILED: see %s' pytest "$WORK/gpu_tests.log")")
+        tail -n 40 "$WORK/gpu_tests.log" >&2
+    fi
+fi
 echo
 echo "case      bytes per second   peak memory"
 printf '%s\n' "${summary[@]}"

@@ -315,7 +315,8 @@ def count_host_syncs(monkeypatch) -> list[str]:
     return calls
 
 
-def test_a_training_step_reads_nothing_on_the_host(monkeypatch, fresh_accelerate_state):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_a_training_step_reads_nothing_on_the_host(device, monkeypatch, fresh_accelerate_state):
     """Before: `norm.item()` at every optimizer step (and the stop flag's all-reduce, below). Now a step with
     a NonFiniteGuard (what the loop passes) reads nothing; the guard's check, once per log interval, reads
     one value; without a guard the step still checks at once (the legacy path). The CPU kernels are
@@ -331,7 +332,8 @@ def test_a_training_step_reads_nothing_on_the_host(monkeypatch, fresh_accelerate
     monkeypatch.setattr(kernels, "_cpu_kernels", "torch")
     cfg = TrainConfig(model=ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=16), batch_size=2, bptt=8,
                       vary_bptt=False, warmup_steps=0, grad_accum=2, state_reset_prob=0.5, clip=0.25)
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = Accelerator(cpu=device == "cpu", gradient_accumulation_steps=cfg.grad_accum)
+    assert accelerator.device.type == device
     model = SHARNN(cfg.model)
     model, optimizer = accelerator.prepare(model, LAMB(model.parameters(), lr=1e-3, weight_decay=1e-2))
     loader = StreamLoader(ByteSplit.from_bytes(bytes(range(256)) * 4), 2, 8, 0, 1, 1, vary_bptt=False)
