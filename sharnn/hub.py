@@ -22,7 +22,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,17 +171,27 @@ class Provenance:
     best_val_bpc: float | None = None
     """The run's best validation bpc."""
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+PROVENANCE_KEY = "provenance"
+"""The safetensors metadata key under which sharnn-export records the Provenance (JSON), so that exporting an
+exported model again (another dtype, memory length) keeps its card's training facts."""
+
 
 def run_provenance(source: ModelSource) -> Provenance:
     """Steps, corpus and test bpc of a checkpoint (from its config.yaml, the corpus manifest, the run's
-    summary.json); an exported model records only the step (in its safetensors metadata)."""
+    summary.json), or of an exported model (what sharnn-export recorded in its safetensors metadata)."""
     if source.kind != "checkpoint":
         from safetensors import safe_open
 
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError), \
                 safe_open(source.weights_path, "pt") as f:
-            step = (f.metadata() or {}).get("step")
-            return Provenance(steps=int(step) if step else None)
+            metadata = f.metadata() or {}
+            if PROVENANCE_KEY in metadata:
+                return Provenance(**json.loads(metadata[PROVENANCE_KEY]))
+            return Provenance(steps=int(metadata["step"]) if metadata.get("step") else None)
         return Provenance()
     prov = Provenance(steps=source.step)
     data = (source.train_config or {}).get("data")

@@ -258,6 +258,7 @@ def export(args, out: Path, keep: bool) -> int:
         provenance = hub.run_provenance(source)
         if provenance.steps is not None:
             metadata["step"] = str(provenance.steps)
+        metadata[hub.PROVENANCE_KEY] = provenance.to_json()
         n_params = sum(v.numel() for v in state_dict.values())
         card = hub.model_card(config, n_params, provenance, repo_id=args.push_to_hub or str(out),
                               license=args.license)
