@@ -112,6 +112,17 @@ class TrainConfig:
 
     log_every: int = 10
     """Log train metrics every N optimizer steps."""
+    report_to: str = "tensorboard"
+    """Trackers, comma-separated accelerate names (tensorboard, wandb, mlflow, ...). TensorBoard is always
+    written; W&B runs offline without network or API key (unless WANDB_MODE says otherwise)."""
+    peak_flops: float | None = None
+    """One device's peak FLOP/s for MFU (None: a table of known GPUs, else measured at start-up)."""
+    progress_interval_s: float = 60
+    """When stdout is not a terminal: seconds between plain progress lines (0: none)."""
+    profile_steps: str | None = None
+    """'A:B': a torch.profiler trace of optimizer steps A to B in RUN_DIR/profile/ (TensorBoard, Perfetto)."""
+    compile: bool = False
+    """torch.compile the model (faster on GPUs; slower on CPUs: see the README)."""
     save_every: int = 1000
     """Write a checkpoint every N optimizer steps (0: only at the end / on signals)."""
     keep_last: int = 3
@@ -180,6 +191,12 @@ class TrainConfig:
                              f"{self.model.vocab_size}")
         if not 0.0 <= self.state_reset_prob < 1.0:
             raise ValueError(f"state_reset_prob must be in [0, 1), got {self.state_reset_prob}")
+        if not self.progress_interval_s >= 0:
+            raise ValueError(f"progress_interval_s must be >= 0, got {self.progress_interval_s}")
+        if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
+            raise ValueError(f"peak_flops must be > 0 (FLOP/s, e.g. 312e12), got {self.peak_flops}")
+        if self.profile_steps is not None:
+            profile_range(self.profile_steps)
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * world_size * self.grad_accum
@@ -200,6 +217,17 @@ def lr_at(step: int, peak_lr: float, cfg: TrainConfig) -> float:
         left = cfg.max_steps - step
         lr *= min(1.0, left / cfg.cooldown_steps)
     return lr
+
+
+def profile_range(spec: str) -> tuple[int, int]:
+    """--profile_steps 'A:B' -> (A, B): optimizer steps A to B inclusive, 1 <= A <= B."""
+    try:
+        first, last = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"profile_steps must be A:B (optimizer steps, e.g. 20:25), got {spec!r}") from None
+    if not 1 <= first <= last:
+        raise ValueError(f"profile_steps {spec!r}: need 1 <= A <= B")
+    return first, last
 
 
 # ----------------------------------------------------------------------------------------------- presets

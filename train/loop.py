@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
 import sharnn
 from sharnn import CarryState, atomic, kernels
@@ -35,7 +34,17 @@ from train.distributed import (
     unwrap_optimizer,
 )
 from train.evaluation import evaluate, log_attention_report, sample_text
-from train.log import NullLogger, RunLogger, TrainMeter, finite_or_none, git_sha
+from train.flops import device_peak_flops
+from train.log import (
+    NullLogger,
+    RunLogger,
+    StepProfiler,
+    TrainMeter,
+    build_trackers,
+    finite_or_none,
+    git_sha,
+)
+from train.progress import Progress
 from train.preflight import check_against_corpus
 from train.step import NonFiniteGuard, train_step
 
@@ -54,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model = model_config_for_resume(cfg, ckpt)
     if ckpt is None and not flags.dry_run:
         refuse_earlier_run(run_dir, cfg.resume)
-    accelerator = build_accelerator(cfg.precision, cfg.timeout_s, cfg.grad_accum, cfg.out, "tensorboard")
+    accelerator = build_accelerator(cfg.precision, cfg.timeout_s, cfg.grad_accum, cfg.out,
+                                    build_trackers(cfg.report_to, run_dir, resuming=ckpt is not None))
     world, rank, say = accelerator.num_processes, accelerator.process_index, accelerator.print
     if is_deepspeed(accelerator):
         fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, batch_size=cfg.batch_size,
@@ -86,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                           vary_bptt=cfg.vary_bptt)
     model, origin = build_model(cfg, train_split, fresh=ckpt is None)
     say(origin)
+    if cfg.compile:
+        model.compile()  # in place: forward compiled, state_dict keys unchanged (no _orig_mod. prefix)
     optimizer = build_optimizer(model, cfg, lr=lr_at(0, peak_lr, cfg))
     model, optimizer = prepare(accelerator, model, optimizer)  # DeepSpeed: undoes its initial step
     raw_model, device = accelerator.unwrap_model(model), accelerator.device
@@ -110,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"sharnn {sharnn.__version__} ({git_sha()}), torch {torch.__version__}, world size {world} "
         f"({accelerator.distributed_type}), global batch {cfg.global_batch(world)}, lr {peak_lr:g}, "
         f"parameters: {raw_model.num_params()}")
+    peak_flops, peak_source = device_peak_flops(device, cfg.precision, cfg.peak_flops)
+    say(f"MFU against {peak_flops / 1e9:,.1f} GFLOP/s per device ({peak_source})")
 
     def validate() -> float:  # every rank: it all-reduces
         bpc = evaluate(accelerator, raw_model, valid_split, cfg.eval_streams, cfg.eval_bptt or cfg.bptt,
@@ -130,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         ts.loader = loader.state_dict()
         checkpoint.save(accelerator, model, run_dir, ts, carry, dump_yaml(cfg), cfg.keep_last)
 
-    stop, meter = StopSignal(), TrainMeter(world, cfg.grad_accum, device)
+    stop = StopSignal()
+    meter = TrainMeter(world, cfg.grad_accum, device, cfg.model, cfg.batch_size, peak_flops)
     guard = NonFiniteGuard(device)  # --on_nonfinite stop, checked at log intervals and saves
-    bar = tqdm(total=cfg.max_steps, initial=ts.step, disable=not accelerator.is_main_process, unit="step",
-               dynamic_ncols=True)
+    progress = Progress(loader, cfg.epochs, cfg.max_steps, cfg.grad_accum, ts.step,
+                        enabled=accelerator.is_main_process, interval_s=cfg.progress_interval_s)
+    profiler = StepProfiler(cfg.profile_steps, ts.step, run_dir, rank)
     val_bpc, exit_reason, last_val_step, saved_step = math.nan, "finished", None, None
     model.train()
     while not finished(cfg, ts, loader):
@@ -143,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         out, carry = train_step(accelerator, model, optimizer, loader, carry, cfg, ts.step + 1, guard)
         ts.step, ts.epoch, ts.bytes_seen = ts.step + 1, out.epoch, ts.bytes_seen + out.bytes * world
         meter.add(out)
-        bar.update(1)
+        metrics = None
         if ts.step % cfg.log_every == 0:
             guard.check()  # host syncs: here, once per log interval
-            logger.scalars(meter.metrics(accelerator, ts.step, lr, ts.epoch), ts.step)
+            metrics = meter.metrics(accelerator, ts.step, lr, ts.epoch)
+            logger.scalars(metrics, ts.step)
             if cfg.optimizer == "lamb":
                 logger.histogram("train/lamb_trust_ratio", unwrap_optimizer(optimizer).last_trust_ratios(),
                                  ts.step)
+        progress.update(ts.step, out.bytes // cfg.batch_size, metrics)
         best_before = ts.best_step
         # every eval_every steps, or when an epoch ended
         if (cfg.eval_every and ts.step % cfg.eval_every == 0) or loader.epoch > out.epoch:
@@ -160,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if ts.best_step != best_before or (cfg.save_every and ts.step % cfg.save_every == 0):
             save()
             saved_step = ts.step
-    bar.close()
+        profiler.step()
+    progress.close(finished=exit_reason == "finished")
+    profiler.close()
 
     if exit_reason == "finished" and last_val_step != ts.step:
         val_bpc, saved_step = validate(), None
