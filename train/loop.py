@@ -44,8 +44,8 @@ from train.log import (
     finite_or_none,
     git_sha,
 )
-from train.progress import Progress
 from train.preflight import check_against_corpus
+from train.progress import Progress
 from train.step import NonFiniteGuard, train_step
 
 
