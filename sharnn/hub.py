@@ -142,6 +142,8 @@ def upload(folder: str | Path, repo_id: str, private: bool | None = None,
     returns the commit's URL. The token is the Hub's (HF_TOKEN or `hf auth login`)."""
     from huggingface_hub import HfApi
 
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"cannot upload to the Hugging Face Hub repo {repo_id}: {OFFLINE_UPLOAD}")
     api = HfApi()
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -150,7 +152,10 @@ def upload(folder: str | Path, repo_id: str, private: bool | None = None,
     except (*HUB_ERRORS, ValueError) as e:  # ValueError: the Hub rejected the card's metadata, or its reply
         raise ModelError(f"cannot upload to the Hugging Face Hub repo {repo_id}: "
                          f"{_reason(e, repo_id, None)}") from None
-    return str(commit.commit_url if hasattr(commit, "commit_url") else commit)
+    return str(commit.commit_url)
+
+
+OFFLINE_UPLOAD = "HF_HUB_OFFLINE is set, so nothing can be sent to the Hub; unset it to upload"
 
 
 # ------------------------------------------------------------------------------------------- model card

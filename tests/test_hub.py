@@ -368,6 +368,10 @@ def test_push_failures_are_clear_errors(tiny_model, tmp_path, monkeypatch):
     exits_with(export, [str(tiny_model), "--push_to_hub", "not a repo"], "--push_to_hub 'not a repo' is not")
     exits_with(export, [str(tiny_model), "--out", str(tmp_path / "x"), "--private"], "add --push_to_hub")
     exits_with(export, [str(tiny_model)], "give --out DIR")
+    with monkeypatch.context() as offline:
+        offline.setattr(constants, "HF_HUB_OFFLINE", True)
+        exits_with(export, [str(tiny_model), "--out", str(tmp_path / "x"), "--push_to_hub", "alice/a"],
+                   "--push_to_hub: HF_HUB_OFFLINE is set")
     out = tmp_path / "out"
     exits_with(export, [str(tiny_model), "--out", str(out), "--push_to_hub", "alice/unreachable"],
                "cannot upload to the Hugging Face Hub repo alice/unreachable: the Hub at http://127.0.0.1:9 "

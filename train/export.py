@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: give --out DIR (where to write the model), --push_to_hub REPO, or both")
     if args.private and args.push_to_hub is None:
         raise SystemExit("error: --private applies to the repo that --push_to_hub creates; add --push_to_hub")
+    if args.push_to_hub is not None and hub.constants.HF_HUB_OFFLINE:
+        raise SystemExit(f"error: --push_to_hub: {hub.OFFLINE_UPLOAD}")
     if args.push_to_hub is not None and not hub.is_repo_name(args.push_to_hub):
         raise SystemExit(f"error: --push_to_hub {args.push_to_hub!r} is not a Hub repo id: give owner/name "
                          "(letters, digits, '-', '_', '.')")
