@@ -26,7 +26,8 @@ class StepOutput:
     loss: torch.Tensor
     """Sum of the micro-batches' mean losses (nats), on the device: no host sync."""
     grad_norm: torch.Tensor | None
-    """Global gradient norm before clipping (None if the engine reported none)."""
+    """Global gradient norm before clipping, on the device (None if the engine reported none, or DeepSpeed's
+    fp16 loss scaler skipped the step)."""
     bytes: int
     """Bytes predicted on this rank."""
     epoch: int
