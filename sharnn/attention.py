@@ -175,6 +175,7 @@ def _layer_report(window: AttentionWindow, block: int) -> dict:
     d = distances(T, window.n_memory)
     visible = d >= 0
     upper_edges, mass, stats = distance_histogram(window, block)
+    uniform_mass = distance_histogram(window, None)[1]
     entropy = entropy_bits(weights)
     shown = np.unique(np.linspace(0, T - 1, min(N_QUERIES_SHOWN, T)).round().astype(int))
     queries = []
@@ -190,8 +191,8 @@ def _layer_report(window: AttentionWindow, block: int) -> dict:
         "uniform_entropy_bits": float(np.log2(visible.sum(axis=-1)).mean()),
         "mean_distance": stats["sum"],
         "memory_mass": float(weights[:, :window.n_memory].sum() / T),
-        "distance_bins": [{"from": int(lo), "to": int(hi), "mass": float(m)}
-                          for lo, hi, m in zip(distance_edges(K)[:-1], upper_edges, mass)],
+        "distance_bins": [{"from": int(lo), "to": int(hi), "mass": float(m), "uniform_mass": float(u)}
+                          for lo, hi, m, u in zip(distance_edges(K)[:-1], upper_edges, mass, uniform_mass)],
         "queries": queries,
         "most_attended_keys": [{"key": int(j), "byte": window.key_bytes[j],
                                 "weight_sum": float(received[j])} for j in most_read],
@@ -219,7 +220,8 @@ class AttentionReport:
 def summarize(window: AttentionWindow) -> AttentionReport:
     """Per attention block: mean entropy (bits; and that of a uniform distribution over the visible keys),
     mean distance, the mass on the memory, the mass in each log-spaced distance bin (the mean query's,
-    summing to 1), the top keys of a few query positions and the keys that receive the most attention."""
+    summing to 1; `uniform_mass`: that of a head attending evenly to every visible key), the top keys of a few
+    query positions and the keys that receive the most attention."""
     layers = {i: _layer_report(window, i) for i in sorted(window.weights)}
     entropy = float(np.mean([layer["entropy_bits"] for layer in layers.values()]))
     return AttentionReport(entropy_bits=entropy, layers=layers, n_memory=window.n_memory,
@@ -250,11 +252,16 @@ def marked_text(window: AttentionWindow, report: AttentionReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def distance_histogram(window: AttentionWindow, block: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def distance_histogram(window: AttentionWindow, block: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Block `block`'s attention mass by distance as a binned histogram (TensorBoard's raw histogram): the
     bins' inclusive upper edges, the mean query's mass in each (summing to 1), and min, max, num, sum,
-    sum_squares of the distance under that mass."""
-    weights = window.weights[block].astype(np.float64)
+    sum_squares of the distance under that mass. Block None: a head spreading its attention evenly over
+    the keys each query may see (the reference a bin's mass is read against)."""
+    if block is None:
+        visible = distances(window.segment_len, window.n_memory) >= 0
+        weights = visible / visible.sum(axis=-1, keepdims=True)
+    else:
+        weights = window.weights[block].astype(np.float64)
     T, K = weights.shape
     d = np.maximum(distances(T, window.n_memory), 0)  # masked keys have weight 0
     edges = distance_edges(K)
@@ -318,11 +325,14 @@ def distance_figure(report: AttentionReport):
         x = np.arange(len(bins)) + (k - (n - 1) / 2) * 0.8 / n
         ax.bar(x, [b["mass"] for b in bins], width=0.8 / n,
                label=f"block {i} (entropy {layer['entropy_bits']:.2f} bits)")
-    labels = [str(b["from"]) if b["from"] == b["to"] else f"{b['from']}-{b['to']}"
-              for b in next(iter(report.layers.values()))["distance_bins"]]
+    reference = next(iter(report.layers.values()))["distance_bins"]
+    ax.scatter(np.arange(len(reference)), [b["uniform_mass"] for b in reference], marker="_", s=300,
+               color="black", label="attending evenly to every visible key", zorder=3)
+    labels = [str(b["from"]) if b["from"] == b["to"] else f"{b['from']}-{b['to']}" for b in reference]
     ax.set_xticks(np.arange(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("distance back (bytes; 0 = the query's own position)")
-    ax.set_ylabel("attention mass (mean query)")
+    ax.set_yscale("log")  # the nearest bins are a few bytes wide: on a linear scale they would not show
+    ax.set_ylabel("attention mass (mean query, log scale)")
     ax.set_title("how far back the head reads")
     ax.legend(fontsize=8)
     return fig

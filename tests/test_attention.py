@@ -125,6 +125,8 @@ def test_numbers_of_known_distributions():
     assert math.isclose(layer["entropy_bits"], want, rel_tol=1e-5)
     assert math.isclose(layer["uniform_entropy_bits"], want, rel_tol=1e-9)
     assert math.isclose(sum(b["mass"] for b in layer["distance_bins"]), 1.0, rel_tol=1e-6)
+    for b in layer["distance_bins"]:  # the reference: a head that attends evenly
+        assert b["mass"] == pytest.approx(b["uniform_mass"], rel=1e-5)
     # Everything on the byte 5 back: entropy 0, all mass in the 4-7 bin, mean distance 5, top key 5 back
     five_back = (d == 5).astype(float)
     report = attention.summarize(window_of(five_back, M))
