@@ -3,7 +3,7 @@
 The corpus is hashed against its manifest at the start and recorded in every checkpoint, and a resume on
 other data is refused; a damaged checkpoint (weights, train state, optimizer, carried state, random states)
 is refused before anything is written, leaving the run directory byte for byte as it was. One tiny trained
-run (tests/conftest.py `trained`) serves every case: each works on a copy of it.
+run (tests/conftest.py `trained`) serves every case that needs one (marked slow): each works on a copy of it.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ DAMAGED = {
 }
 
 
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 @pytest.mark.parametrize("case", DAMAGED)
 def test_a_damaged_checkpoint_is_refused_by_name_and_the_run_is_left_as_it_was(case, run_copy, text_corpus):
     damage, fragments = DAMAGED[case]
@@ -133,6 +134,7 @@ def test_a_damaged_checkpoint_is_refused_by_name_and_the_run_is_left_as_it_was(c
     assert not (run_copy.parent / "pwned").exists()  # the hostile pickle ran nothing
 
 
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_resume_with_another_layout_is_refused_before_anything_is_written(run_copy, text_corpus, tmp_path):
     before = tree_digest(run_copy)
     common = ["--data", str(text_corpus), "--out", str(run_copy), "--resume", "auto", "--max_steps", "12"]
@@ -144,6 +146,7 @@ def test_resume_with_another_layout_is_refused_before_anything_is_written(run_co
     assert tree_digest(run_copy) == before
 
 
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 @pytest.mark.parametrize("same_sizes", [True, False], ids=["same sizes", "other size"])
 def test_resume_on_another_corpus_is_refused_naming_the_split_that_differs(same_sizes, run_copy, text_corpus,
                                                                             tmp_path):
@@ -158,6 +161,7 @@ def test_resume_on_another_corpus_is_refused_naming_the_split_that_differs(same_
     assert tree_digest(run_copy) == before
 
 
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_a_checkpoint_without_corpus_hashes_resumes_with_a_warning_and_records_them(run_copy, text_corpus,
                                                                                     capsys):
     state_file = step10(run_copy) / "train_state.json"
@@ -182,6 +186,7 @@ def overwrite_in_arrow(corpus: Path, split: str, n: int = 200) -> None:
     arrow.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_a_changed_split_is_refused_by_training_and_evaluation(text_corpus, trained, tmp_path):
     corpus = Path(shutil.copytree(text_corpus, tmp_path / "corpus"))
     overwrite_in_arrow(corpus, "train")
@@ -205,6 +210,7 @@ def test_a_manifest_entry_without_n_bytes_is_named(text_corpus, tmp_path):
 
 
 # ------------------------------------------------------------------------------- the run directory
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_a_fresh_start_never_replaces_an_earlier_runs_records(run_copy, text_corpus):
     shutil.rmtree(run_copy / "checkpoints")
     before = tree_digest(run_copy)
@@ -237,6 +243,7 @@ def test_init_from_a_file_that_is_not_safetensors(text_corpus, tmp_path):
 
 
 # --------------------------------------------------------------------------- eval, export, generate
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_an_unreadable_best_json_is_said_not_replaced_by_the_latest(run_copy, text_corpus):
     (run_copy / "checkpoints" / "best.json").write_text("{not json")
     from train.evaluate import main as evaluate
@@ -245,6 +252,7 @@ def test_an_unreadable_best_json_is_said_not_replaced_by_the_latest(run_copy, te
                "delete best.json to use the latest checkpoint")
 
 
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_eval_json_that_cannot_be_written_is_refused_before_evaluating(trained, text_corpus, tmp_path):
     (tmp_path / "file").write_text("x")
     from train.evaluate import main as evaluate
@@ -254,6 +262,7 @@ def test_eval_json_that_cannot_be_written_is_refused_before_evaluating(trained, 
                "cannot write there", "is a file, not a directory")
 
 
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_an_exported_config_with_a_fractional_mem_len_is_named(exported, tmp_path):
     model = Path(shutil.copytree(exported, tmp_path / "model"))
     config = json.loads((model / "config.json").read_text())
@@ -280,6 +289,7 @@ def test_generate_refuses_values_torch_cannot_use(random_model, flag, value, mes
     assert "error: argument" in err and flag in err and message in err, err
 
 
+@pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_export_into_a_place_that_cannot_be_written_is_refused(trained, tmp_path):
     (tmp_path / "file").write_text("x")
     from train.export import main as export
