@@ -101,6 +101,21 @@ def test_progress_lines_without_a_terminal(small_corpus, capsys):
     assert duration(3 * 3600 + 12 * 60 + 7) == "3h12m" and duration(65) == "1m05s"
 
 
+def test_progress_bar_on_a_terminal_starts_where_the_run_is(small_corpus, capsys):
+    split = open_split(small_corpus, "train")
+    loader = StreamLoader(split, 8, 64, 0, 1, seed=3, vary_bptt=False)
+    for _ in range(5):  # a resumed run: 5 steps done
+        next(loader)
+    progress = Progress(loader, 1, None, 1, start_step=5, enabled=True, interval_s=60, is_terminal=True)
+    total = progress.total
+    next(loader)
+    progress.update(6, 64, {"train/loss": 1.0, "train/bpc": 1.44})
+    progress.close(finished=False)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no plain lines on a terminal: tqdm's bar, on stderr
+    assert f"6/{total}" in captured.err and "loss 1.000 bpc 1.440" in captured.err
+
+
 # ------------------------------------------------------------------------------------------- peak FLOP/s
 @pytest.mark.parametrize("name, precision, want", [
     ("NVIDIA A100-SXM4-80GB", "bf16", 312 * T),

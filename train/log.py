@@ -218,12 +218,14 @@ class WandBRun(WandBTracker):
         if kept.get("id"):  # continue it; a fresh start gets a new id from W&B
             self.init_kwargs.update(id=kept["id"], resume="allow")
         self.init_kwargs.update(dir=str(self.run_dir), name=self.run_dir.name)
-        mode, self.mode_reason = wandb_mode()
+        mode, why = wandb_mode()
         if mode is not None:
             self.init_kwargs["mode"] = mode
         super().start()
-        write_trackers(self.run_dir, "wandb", {"id": self.run.id, "project": self.run_name,
-                                               "mode": mode or os.environ.get("WANDB_MODE", "online")})
+        mode = mode or os.environ.get("WANDB_MODE", "online")
+        write_trackers(self.run_dir, "wandb", {"id": self.run.id, "project": self.run_name, "mode": mode})
+        status = "continued" if kept.get("id") else "new"
+        print(f"W&B run {self.run.id} ({status}): {mode}, {why}", flush=True)
 
 
 def read_trackers(run_dir: Path) -> dict:
