@@ -58,7 +58,8 @@ def attention_weights(attn: SingleHeadAttention, h: Tensor, keys: Tensor) -> Ten
 def _record(captured: dict[int, Tensor], block_index: int, row: int, attn: SingleHeadAttention,
             inputs: tuple, output: Tensor) -> None:
     h, keys, _ = inputs  # SingleHeadAttention.forward(h, keys, segment_keys)
-    with torch.no_grad():
+    # float32 also inside an autocast region: the report's weights sum to 1 within float32's rounding
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
         captured[block_index] = attention_weights(attn, h[:, row:row + 1], keys[:, row:row + 1])[0].cpu()
 
 

@@ -82,6 +82,16 @@ def test_capture_changes_nothing_and_leaves_no_hook():
     assert all(not m._forward_hooks for m in attn_modules)
 
 
+def test_capture_under_autocast_stays_float32():
+    model = small_model().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with attention.capture_attention(model) as captured:
+            model(torch.randint(0, 256, (8, 1)))
+    for weights in captured.values():
+        assert weights.dtype == torch.float32
+        torch.testing.assert_close(weights.sum(-1), torch.ones(8), rtol=0, atol=1e-6)
+
+
 def test_window_follows_a_warmed_memory():
     model = small_model(mem_len=40).train()
     window = attention.read_window(model, TEXT, bptt=16)
