@@ -182,8 +182,9 @@ def test_bf16_autocast_and_pure_bf16_forward_track_fp32():
         _, _, s16 = m16(x)
         out, _, _ = m16(x, s16.to(torch.float32))
     assert out.dtype == torch.bfloat16
-    # Within a few bf16 roundings (2^-8 relative) of the logits' scale: observed 1.4-2.4; a forward that
-    # drops the carried state misses by about 300.
+    # Within a few bf16 roundings (2^-8 relative) of the logits' scale: observed 1.4-2.4 on a Xeon with
+    # avx512_bf16/AMX, 4.2 on an AMD EPYC without avx512 (another bf16 kernel path); a forward that drops
+    # the carried state misses by about 300.
     bf16_eps = 2.0 ** -8
     for got, want in ((logits, ref), (logits2, ref2), (out, ref2)):
-        assert (got.float() - want).abs().max() / want.abs().max() < 4 * bf16_eps
+        assert (got.float() - want).abs().max() / want.abs().max() < 10 * bf16_eps
