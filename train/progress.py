@@ -82,7 +82,8 @@ class Progress:
         self.enabled, self.interval_s = enabled, interval_s
         self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (enabled and self.is_terminal))
-        self.t_start = self.t_line = time.perf_counter()
+        self.t_line = time.perf_counter()
+        self.t_first: float | None = None  # the end of this process's first step: rates start there
         self.latest: dict[str, float] = {}
         self.printed_step: int | None = None
 
@@ -108,16 +109,18 @@ class Progress:
             self.bar.set_postfix_str(self.summary(), refresh=False)
         self.bar.update(1)
         now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first, self.first_step = now, step
         if self.enabled and not self.is_terminal and self.interval_s and now - self.t_line >= self.interval_s:
             self.t_line, self.printed_step = now, step
             print(self.line(), flush=True)
 
     def eta_s(self) -> float | None:
-        """Seconds left at this process's mean rate so far (None before its first step)."""
-        done = self.step - self.start_step
-        if done <= 0:
+        """Seconds left at this process's mean rate since its first step, which pays one-off costs (None
+        until a second step has ended)."""
+        if self.t_first is None or self.step == self.first_step:
             return None
-        return (self.total - self.step) * (time.perf_counter() - self.t_start) / done
+        return (self.total - self.step) * (time.perf_counter() - self.t_first) / (self.step - self.first_step)
 
     def summary(self) -> str:
         """The latest logged numbers: loss, bpc, throughput, FLOP/s and MFU."""
