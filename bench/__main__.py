@@ -88,13 +88,13 @@ def _model_config(sc: Scenario):
 
 
 def matmul_ceiling(device, dtype) -> float:
-    """The device's practical matmul ceiling for dtype: the best 2048 x 2048 product over half a second
+    """The device's practical matmul ceiling for dtype: the best 2048 x 2048 product over 3 seconds
     (train.flops.measure_matmul_flops, which measures the trainer's CPU peak). Callers measure it before and
     after their timed work and keep the higher: on a shared VM a single measurement can catch a slow moment
     (seen here: 78 to 135 GFLOP/s for the same product)."""
     from train.flops import measure_matmul_flops
 
-    return measure_matmul_flops(device, dtype, min_n=2048)[0]
+    return measure_matmul_flops(device, dtype, budget_s=3.0, min_n=2048)[0]
 
 
 def _sync(device) -> None:
