@@ -170,6 +170,7 @@ def test_weights_image_is_log_scaled_and_small():
 
 
 # ------------------------------------------------------------------------------------ the trainer's records
+@pytest.mark.slow  # the shared trained run, as its other users
 def test_trainer_logs_the_attention_report(trained):
     """The shared tiny run (10 steps, validation at step 10, attention in block 0 of 2, memory 512, bptt 64)
     wrote the report's image, histogram, entropy and text: read back with TensorBoard's own reader."""
@@ -204,6 +205,7 @@ def test_trainer_logs_the_attention_report(trained):
 
 
 # ----------------------------------------------------------------------------- sharnn-eval --attention_report
+@pytest.mark.slow  # the shared trained run, as its other users
 def test_eval_attention_report_writes_pictures_and_numbers(trained, tmp_path, capsys):
     from matplotlib.image import imread
 
@@ -237,18 +239,21 @@ def test_eval_attention_report_writes_pictures_and_numbers(trained, tmp_path, ca
     assert not (out / "stale.txt").exists()
 
 
-def test_eval_attention_report_bad_input(trained, tmp_path):
+def test_eval_attention_report_bad_input(random_model, tmp_path):
+    from sharnn.pretrained import save_model
     from train.evaluate import main
 
-    out = tmp_path / "report"
-    empty = tmp_path / "empty.txt"
+    model, out = str(random_model), tmp_path / "report"
+    empty, text = tmp_path / "empty.txt", tmp_path / "text.txt"
     empty.write_bytes(b"")
-    exits_with(main, [str(trained), "--attention_report", str(out)], "--text FILE or --data CORPUS")
-    exits_with(main, [str(trained), "--attention_report", str(out), "--text", str(tmp_path / "missing")],
-               "--text", "cannot read")
-    exits_with(main, [str(trained), "--attention_report", str(out), "--text", str(empty)], "is empty")
-    exits_with(main, [str(trained), "--attention_report", str(out), "--text", str(empty), "--mem_len", "8",
-                      "16"], "one --mem_len")
-    exits_with(main, [str(trained)], "--data is required")
+    text.write_bytes(TEXT)
+    report = ["--attention_report", str(out)]
+    exits_with(main, [model, *report], "--text FILE or --data CORPUS")
+    exits_with(main, [model, *report, "--text", str(tmp_path / "missing")], "--text", "cannot read")
+    exits_with(main, [model, *report, "--text", str(empty)], "is empty")
+    exits_with(main, [model, *report, "--text", str(text), "--mem_len", "8", "16"], "one --mem_len")
+    save_model(small_model(attn="none"), tmp_path / "lstm")
+    exits_with(main, [str(tmp_path / "lstm"), *report, "--text", str(text)], "no attention block")
+    exits_with(main, [model], "--data is required")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]  # nothing half-written
