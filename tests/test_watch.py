@@ -143,10 +143,14 @@ def test_gpu_peak_tf32_and_gaps():
     assert all(p.fp32 < p.fp16 for _, p in GPU_PEAKS)
 
 
-def test_cpu_peak_is_measured_quickly():
+def test_cpu_peak_is_measured_quickly_and_leaves_the_seeded_draws_alone():
+    torch.manual_seed(1)
+    want = torch.rand(4)
+    torch.manual_seed(1)
     start = time.perf_counter()
     peak, source = device_peak_flops(torch.device("cpu"), "fp32")
     assert time.perf_counter() - start < 3 and peak > 1e8 and source.startswith("measured")
+    assert torch.equal(torch.rand(4), want)  # resumed runs restore the RNG before it: bitwise resume holds
     assert device_peak_flops(torch.device("cpu"), "fp32", override=5e11) == (5e11, "--peak_flops")
 
 
