@@ -74,7 +74,7 @@ def test_best_checkpoint_then_latest(run):
      "complete checkpoint"),
 ])
 def test_an_unusable_best_json_is_an_error_not_the_latest_checkpoint(run, best_json, message):
-    """Taking the latest checkpoint instead would silently give sharnn-eval/-export/-generate another model."""
+    """Taking the latest checkpoint instead would silently give sharnn-eval/export/generate another model."""
     (rundir.checkpoints_root(run) / rundir.BEST_NAME).write_text(best_json)
     for resolve in (rundir.best_checkpoint, rundir.run_checkpoint, rundir.locate):
         with pytest.raises(ModelError, match=f"{message}.*give a checkpoint directory.*or delete best.json"):
