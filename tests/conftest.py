@@ -37,6 +37,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """For tests that make a real Accelerator in the test process: its singleton state (and a process group
+    it started) is reset afterwards, so the next test's Accelerator starts from scratch."""
+    yield
+    import torch
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 # ------------------------------------------------------------------- a trained run and models made from it
 # The tiny preset, with the sizes these tests rely on spelled out (d_model 128, memory 512, bptt 64).
 TRAIN = ["--preset", "tiny", "--max_steps", "10", "--warmup_steps", "3", "--eval_every", "10", "--save_every",

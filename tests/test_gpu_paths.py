@@ -17,16 +17,6 @@ from tests.helpers import REPO, free_port
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 # ------------------------------------------------------------------------------------ CPU launch configs
 def worker_env(config: str) -> dict[str, str]:
     """The environment accelerate's launcher gives the training processes of `accelerate launch

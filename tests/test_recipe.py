@@ -65,14 +65,6 @@ def epoch_lengths(corpus: Path, batch_size: int, bptt: int, seed: int, n_epochs:
 
 
 # --------------------------------------------------------------------------------------------- unit level
-@pytest.fixture
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_epoch_start_resets_the_carried_state(fresh_accelerate_state):
     """train_step hands the model an empty state at every epoch start and the carried one otherwise."""
     cfg = TrainConfig(model=ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=50), batch_size=2, bptt=8,

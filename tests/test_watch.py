@@ -326,3 +326,24 @@ def test_wandb_goes_offline_without_key_or_server(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     mode, why = wandb_mode()
     assert mode == "offline" and "unreachable" in why
+
+
+def test_metrics_jsonl_is_strict_json_when_a_value_is_not_finite(tmp_path, fresh_accelerate_state):
+    """A diverged validation bpc (inf) or an overflow-skipped step's gradient norm (nan) is logged as null in
+    metrics.jsonl: NaN and Infinity are not JSON, and strict readers (jq, JavaScript) refuse the line."""
+    from accelerate import Accelerator
+
+    from train.log import RunLogger
+
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+    logger = RunLogger(accelerator, tmp_path, {"lr": 1e-3}, start_step=0)
+    values = {"val/bpc": float("inf"), "train/grad_norm": float("nan"), "train/bpc": 2.5, "n": 3}
+    logger.scalars(values, step=7)
+    logger.close()
+
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(line, parse_constant=refuse)
+    assert record == {"step": 7, "val/bpc": None, "train/grad_norm": None, "train/bpc": 2.5, "n": 3}

@@ -66,8 +66,12 @@ class RunLogger:
         atomic.write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
+        """To the trackers as they are; to metrics.jsonl as strict JSON (a non-finite value, e.g. a diverged
+        validation bpc or an overflow-skipped step's gradient norm, becomes null: NaN is not JSON)."""
         self.accelerator.log(values, step=step)
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        row = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in values.items()}
+        row = {"step": step, **row}
+        self.metrics.write(json.dumps(row, allow_nan=False) + "\n")
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         """To TensorBoard and W&B (accelerate's other trackers take scalars only)."""
