@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 AttnPlacement = Literal["penultimate", "all", "none"]
+
+_checks_deferred = contextvars.ContextVar("model_config_checks_deferred", default=False)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """ModelConfigs made inside wait for an explicit `check()`. The trainer's flag parser (tyro) builds the
+    nested ModelConfig first and would box its ValueError; train.config checks it with the rest instead, as
+    one `error:` line naming `model.<field>`."""
+    token = _checks_deferred.set(True)
+    try:
+        yield
+    finally:
+        _checks_deferred.reset(token)
 
 
 @dataclass
@@ -34,6 +51,11 @@ class ModelConfig:
     """Dropout on the embedding output."""
 
     def __post_init__(self) -> None:
+        if not _checks_deferred.get():
+            self.check()
+
+    def check(self) -> None:
+        """Raises ValueError naming the field and what it must be; normalises integral and real values."""
         # Types first: a config.json or YAML file may hold `mem_len: 512.9` or `d_model: "128"`.
         for name in ("vocab_size", "d_model", "d_ff", "n_layer", "mem_len"):
             value = getattr(self, name)

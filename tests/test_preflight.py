@@ -20,6 +20,10 @@ CASES = [
     (["--eval_max_segments", "0"], ["eval_max_segments must be >= 1 or None", "got 0"]),
     (["--eval_bptt", "0"], ["eval_bptt must be >= 1 or None", "got 0"]),
     (["--model.vocab_size", "300"], ["model.vocab_size must be 256", "got 300"]),
+    # the model's own checks (sharnn.config.ModelConfig.check), as one line and not tyro's box
+    (["--model.mem_len", "0"], ["model.mem_len must be >= 1, got 0"]),
+    (["--model.dropout", "1.5"], ["model.dropout must be in [0, 1), got 1.5"]),
+    (["--model.d_model", "64", "--model.d_ff", "32"], ["model.d_ff (32) must be >= d_model (64)"]),
     (["--lr", "-0.001"], ["lr must be a finite number > 0", "got -0.001"]),
     (["--lr", "nan"], ["lr must be a finite number > 0", "got nan"]),
     (["--lr", "inf"], ["lr must be a finite number > 0", "got inf"]),
@@ -52,6 +56,7 @@ YAML_CASES = [  # typed exactly as flags are, the file and the field named
     ('vary_bptt: "no"\n', ["vary_bptt: 'no' is not a value --vary_bptt takes (true or false)"]),
     ("model: 5\n", ["model must be a mapping of its fields (vocab_size, d_model", "got 5"]),
     ("model:\n  mem_len: 512.9\n", ["model.mem_len: 512.9 is not a value --model.mem_len takes (INT)"]),
+    ("model:\n  n_layer: 0\n", ["model.n_layer must be >= 1, got 0"]),
     ("lr: -1e-3\n", ["lr must be a finite number > 0, got -0.001"]),  # a string to PyYAML: a number here
     ("eval_max_segments: 0\n", ["eval_max_segments must be >= 1"]),
     ("learning_rate: 0.1\n", ["unknown fields ['learning_rate']"]),

@@ -17,7 +17,7 @@ import tyro
 import yaml
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
-from sharnn.config import ModelConfig, model_preset
+from sharnn.config import ModelConfig, deferred_checks, model_preset
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -153,6 +153,10 @@ class TrainConfig:
         Raises ValueError naming the field and its limit."""
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
+        try:
+            self.model.check()
+        except ValueError as e:
+            raise ValueError(f"model.{e}") from None
         positive = ("batch_size", "grad_accum", "bptt", "eval_streams", "test_streams", "log_every",
                     "keep_last", "lr_reference_batch", "timeout_s")
         for name in positive:
@@ -378,9 +382,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             raise SystemExit(f"error: --config {flags.config}: expected a mapping of field: value")
         from_yaml = yaml_to_args(overrides, str(flags.config))
     try:
-        cfg = tyro.cli(TrainConfig, default=base, args=from_yaml + rest, use_underscores=True,
-                       prog="accelerate launch -m train",
-                       description="Train SHA-RNN. Flags override --preset, then --config (YAML).")
+        with deferred_checks():  # the model's values are checked with the rest, as one error: line
+            cfg = tyro.cli(TrainConfig, default=base, args=from_yaml + rest, use_underscores=True,
+                           prog="accelerate launch -m train",
+                           description="Train SHA-RNN. Flags override --preset, then --config (YAML).")
     except ConfigError as e:
         set_by_yaml = {_field_of(arg) for arg in from_yaml if arg.startswith("--")}
         set_by_flag = {_field_of(arg) for arg in rest if arg.startswith("--")}
