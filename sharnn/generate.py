@@ -1,23 +1,30 @@
 """Sampling bytes from a SHA-RNN with its state carried, so each new byte costs one step.
 
-`sharnn-generate MODEL --prompt TEXT` (`main` below) streams the sampled bytes to stdout as they are produced.
+`sharnn-generate MODEL --prompt TEXT` (`main` below) streams the sampled bytes to stdout as they are produced;
+`--num_samples N` samples N streams side by side (one batch) and writes each in turn.
+
+The prompt is read by the model's forward; each further byte is one `SHARNN.step`, which keeps the attention
+memory in a preallocated `MemoryWindow` (sharnn/state.py) instead of concatenating and cutting it every byte,
+with the same arithmetic: the bytes are those of calling forward once per byte (tests/test_generate.py keeps
+that straightforward path as the reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from sharnn import cli
-from sharnn.state import CarryState
+from sharnn.state import CarryState, DecodeState
 
 
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -45,20 +52,68 @@ def stream_bytes(model, prompt: bytes, n_bytes: int, temperature: float = 1.0, t
     """Yield n_bytes sampled bytes, one at a time, after reading `prompt` (at least one byte).
 
     The prompt is read in one forward call, or in pieces of at most `prompt_chunk` bytes with the state
-    carried (bounds the attention's T x T cost for long prompts, as the segments of training do).
+    carried (bounds the attention's T x T cost for long prompts, as the segments of training do). Each
+    further byte is one `model.step`. `stream_batch` with one prompt.
     """
-    if not prompt:
-        raise ValueError("the prompt must hold at least one byte")
+    for step in stream_batch(model, [prompt], n_bytes, temperature, top_k, top_p, [generator], state,
+                             prompt_chunk):
+        yield step[0]
+
+
+@torch.no_grad()
+def stream_batch(model, prompts: Sequence[bytes], n_bytes: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, generators: Sequence[torch.Generator | None] | None = None,
+                 state: CarryState | None = None, prompt_chunk: int | None = None) -> Iterator[list[int]]:
+    """Sample B = len(prompts) streams side by side: yield n_bytes times the next byte of every stream.
+
+    Stream b reads prompts[b] (after `state`, one stream's carried state, when given) and draws from
+    generators[b] (default: torch's global generator): its bytes are those that `stream_bytes` samples
+    from that prompt and generator alone, up to the rounding of batched matrix products (different
+    kernels may add in a different order). Each prompt is read by itself (identical prompts once); then
+    one `model.step` per byte advances all streams.
+    """
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt must hold at least one byte")
+    generators = list(generators) if generators is not None else [None] * len(prompts)
+    if len(generators) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
     device = next(model.parameters()).device
+    read = {p: read_prompt(model, p, state, prompt_chunk, device) for p in dict.fromkeys(prompts)}
+    logits = torch.stack([read[p][0] for p in prompts])  # (B, V)
+    decode = DecodeState.from_carry([read[p][1] for p in prompts], model.cfg.mem_len, model.cfg.attn_layers)
+    for i in range(n_bytes):
+        probs = filter_logits(logits.float(), temperature, top_k, top_p).softmax(-1)  # (B, V)
+        # one draw per stream from its own generator: what each stream alone would draw
+        nxt = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])  # (B,)
+        yield nxt.tolist()
+        if i + 1 < n_bytes:
+            logits = model.step(nxt, decode)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse in this process (no effect elsewhere; returns
+    whether it applied). Generation's per-byte cost is mostly allocation on CPU: oneDNN's LSTM copies and
+    reorders its weights into fresh buffers at every call (4 MB per `small` block), and glibc by default
+    returns such blocks to the system when freed and faults them back in at the next call: 2/3 of a
+    one-step LSTM's time. Process-wide, so `sharnn-generate` calls it and library code does not."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        # blocks below 32 MB (glibc's largest setting) from the heap; keep up to 256 MB freed at its top
+        applied = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+        return bool(applied)
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def read_prompt(model, prompt: bytes, state: CarryState | None, prompt_chunk: int | None,
+                device: torch.device) -> tuple[Tensor, CarryState]:
+    """forward over the prompt, in pieces of `prompt_chunk` bytes: (the last logits (V,), the state)."""
     x = torch.tensor(list(prompt), dtype=torch.long, device=device).view(-1, 1)  # (T, 1)
     chunk = prompt_chunk or x.shape[0]
-    for _ in range(n_bytes):
-        for start in range(0, x.shape[0], chunk):
-            logits, _, state = model(x[start:start + chunk], state)
-        probs = filter_logits(logits[-1, 0].float(), temperature, top_k, top_p).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
-        yield int(nxt)
-        x = nxt.view(1, 1)
+    for start in range(0, x.shape[0], chunk):
+        logits, _, state = model(x[start:start + chunk], state)
+    return logits[-1, 0], state
 
 
 def generate(model, prompt: bytes, n_bytes: int, **kwargs) -> bytes:
@@ -102,7 +157,10 @@ def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="sharnn-generate",
         description="Sample bytes from a trained SHA-RNN and stream them to stdout as they are produced. The "
-                    "LSTM state and attention memory are carried, so each byte costs one step.")
+                    "LSTM state and attention memory are carried, so each byte costs one step. With "
+                    "--num_samples N > 1, N samples of the same prompt are drawn side by side and written "
+                    "when all are done, each after a header line '==> sample K (seed S) <==' (K = 0 .. N-1, "
+                    "S its seed) and followed by a newline.")
     parser.add_argument("model",
                         help="exported model directory, checkpoint, or run directory (its best checkpoint)")
     prompt = parser.add_mutually_exclusive_group()
@@ -118,6 +176,9 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument(*cli.spellings("--top_p"), type=cli.probability, default=1.0,
                         help="nucleus sampling: the smallest set of bytes holding this much probability "
                              "(default 1.0 = all)")
+    parser.add_argument(*cli.spellings("--num_samples"), type=cli.positive_int, default=1,
+                        help="samples to draw side by side, one stream each (default 1). Sample K draws "
+                             "from seed + K: its bytes are those of a run of its own with --seed seed+K")
     parser.add_argument("--seed", type=parse_seed,
                         help="random seed in [0, 2**64) (default: a fresh one, printed to stderr)")
     parser.add_argument(*cli.spellings("--mem_len"), type=cli.positive_int,
@@ -159,17 +220,30 @@ def main(argv: list[str] | None = None) -> int:
     if seed is None:
         seed = secrets.randbits(63)
         print(f"seed {seed}", file=sys.stderr)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    n = args.num_samples
+    if seed + n - 1 >= SEED_LIMIT:
+        raise SystemExit(f"error: --seed {seed} with --num_samples {n}: sample K draws from seed + K, "
+                         f"which must stay below 2**64")
+    generators = [torch.Generator(device=device).manual_seed(seed + k) for k in range(n)]
     chunk = args.prompt_chunk or max(1, min(1024, model.cfg.mem_len // 2))
+    keep_freed_memory()
 
     out = sys.stdout.buffer  # raw bytes: the model's output need not be valid UTF-8
+    steps = stream_batch(model, [prompt] * n, args.length, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, generators=generators, prompt_chunk=chunk)
     try:
-        if args.echo:
-            out.write(prompt)
-            out.flush()
-        for byte in stream_bytes(model, prompt, args.length, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, generator=generator, prompt_chunk=chunk):
-            out.write(bytes((byte,)))
+        if n == 1:  # streamed, byte by byte
+            if args.echo:
+                out.write(prompt)
+                out.flush()
+            for step in steps:
+                out.write(bytes(step))
+                out.flush()
+        else:
+            samples = list(zip(*steps)) if args.length else [()] * n
+            for k, sample in enumerate(samples):
+                out.write(f"==> sample {k} (seed {seed + k}) <==\n".encode())
+                out.write((prompt if args.echo else b"") + bytes(sample) + b"\n")
             out.flush()
     except BrokenPipeError:  # e.g. `| head -c 100`: the reader has gone, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -11,6 +11,8 @@ and say so. Axis order is time-major everywhere, as in the reference: (T, B, C).
            h, x = ln_ff(h), ln_xff(h);  h = h + drop(Boom(x))
 
 Carried state (LSTM (h, c) and attention memory) is passed in and out explicitly (`CarryState`).
+Generation adds `SHARNN.step`: one byte per stream with the same arithmetic, the memory held in a
+preallocated window (`DecodeState`, `MemoryWindow`) rather than concatenated anew every byte.
 The model holds only parameters it uses: the reference's `lnout`, `qkvs`, `r_gate` (and `lnmem`,
 `lnmid` in blocks without attention) are never read, so they are left out (see `sharnn.convert`).
 """
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from sharnn.config import ModelConfig
 from sharnn.hub import HubMixin
 from sharnn.kernels import Dropout, attend_cpu, cpu_attention, dropout
-from sharnn.state import CarryState, LSTMState
+from sharnn.state import CarryState, DecodeState, LSTMState, MemoryWindow
 
 # Every LayerNorm in the reference uses eps=1e-12 (apex FusedLayerNorm); torch's 1e-5 moves logits ~2e-3.
 LN_EPS = 1e-12
@@ -164,6 +166,31 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, hidden: LSTMState | None, memory: Tensor | None
                 ) -> tuple[Tensor, LSTMState, Tensor | None]:
+        h, hidden = self.recur(h, hidden)
+        new_memory = None
+        if self.attn is not None:
+            mem_in = self.ln_mem(h)
+            h = self.ln_mid(h)
+            keys = mem_in if memory is None else torch.cat([memory.to(mem_in.dtype), mem_in], dim=0)
+            new_memory = keys[-self.mem_len:]  # (<= M, B, C)
+            h = h + self.drop(self.attn(h, keys, mem_in))
+        return self.feed_forward(h), hidden, new_memory
+
+    def step(self, h: Tensor, hidden: LSTMState | None, window: MemoryWindow | None
+             ) -> tuple[Tensor, LSTMState]:
+        """`forward` for one position (h: (1, B, C)) with the memory in a MemoryWindow, advanced in place."""
+        h, hidden = self.recur(h, hidden)
+        if self.attn is not None:
+            mem_in = self.ln_mem(h)
+            h = self.ln_mid(h)
+            # The same keys as forward's cat, as views of the window. Streams whose memories hold as many
+            # positions attend in one call: all of them, unless the prompts differed in length.
+            out = [self.attn(h[:, s], keys, mem_in[:, s]) for s, keys in window.push(mem_in)]
+            h = h + self.drop(out[0] if len(out) == 1 else torch.cat(out, dim=1))
+        return self.feed_forward(h), hidden
+
+    def recur(self, h: Tensor, hidden: LSTMState | None) -> tuple[Tensor, LSTMState]:
+        """ln_start, then the LSTM: (T, B, C) -> (T, B, C) and the next (h, c)."""
         h = self.ln_start(h)
         # Run the LSTM in one dtype for input, state and weights: CPU autocast does not cast nn.LSTM's
         # input (oneDNN then fails), and carried state may arrive in another precision than the weights.
@@ -173,19 +200,11 @@ class Block(nn.Module):
         x, hidden = self.lstm(h.to(dtype), hidden)
         # The paper draws a residual around the LSTM; the reference code runs residual=False: x replaces h
         # (cast back to the stream's dtype, as the reference's x.float()).
-        h = self.drop(x).to(h.dtype)
+        return self.drop(x).to(h.dtype), hidden
 
-        new_memory = None
-        if self.attn is not None:
-            mem_in = self.ln_mem(h)
-            h = self.ln_mid(h)
-            keys = mem_in if memory is None else torch.cat([memory.to(mem_in.dtype), mem_in], dim=0)
-            new_memory = keys[-self.mem_len:]  # (<= M, B, C)
-            h = h + self.drop(self.attn(h, keys, mem_in))
-
+    def feed_forward(self, h: Tensor) -> Tensor:
         h, x = self.ln_ff(h), self.ln_xff(h)
-        h = h + self.drop(self.boom(x))
-        return h, hidden, new_memory
+        return h + self.drop(self.boom(x))
 
 
 class SHARNN(nn.Module, HubMixin):  # HubMixin: from_pretrained, save_pretrained, push_to_hub
@@ -238,3 +257,18 @@ class SHARNN(nn.Module, HubMixin):  # HubMixin: from_pretrained, save_pretrained
         if targets is not None:
             loss = F.cross_entropy(logits.view(T * B, -1).float(), targets.reshape(T * B))
         return logits, loss, CarryState(hidden=new_hidden, memory=new_memory)
+
+    def step(self, x: Tensor, state: DecodeState) -> Tensor:
+        """One new byte for each of B streams, for generation: x (B,) -> logits (B, V); `state` advances
+        in place.
+
+        The arithmetic of `forward(x.view(1, B), carry)`, op for op on the same (1, B, C) shapes, except for
+        the memory: forward concatenates the memory with the new position and cuts the result to mem_len,
+        a (mem_len, B, C) copy per byte; a `MemoryWindow` writes the new position into a preallocated
+        buffer and hands the attention the same keys as a view. Build the state with
+        `DecodeState.from_carry` from what forward returned after the prompt."""
+        h = self.drop_in(self.embed(x.view(1, -1)))  # (1, B, C)
+        for i, block in enumerate(self.blocks):
+            h, state.hidden[i] = block.step(h, state.hidden[i], state.memory[i])
+        h = self.drop_out(h)
+        return F.linear(h, self.embed.weight, self.out_bias)[0]  # (B, V)

@@ -4,12 +4,16 @@ State lives outside the module: `SHARNN.forward` takes a `CarryState` and return
 DDP/DeepSpeed wrappers, `state_dict()` and checkpoints never see it. Shapes (time-major):
   hidden[i] = (h, c), each (1, B, C)      memory[i] = (M_t, B, C), M_t <= mem_len
 An entry is None when that block has no state yet (start of a stream) or no attention.
+
+Generation carries a `DecodeState` instead: the same LSTM state, and each attention memory in a
+`MemoryWindow`, a preallocated buffer that `SHARNN.step` writes each new position into.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 LSTMState = tuple[Tensor, Tensor]
@@ -87,4 +91,101 @@ def batch_size_of(state: CarryState) -> int | None:
     return None
 
 
-__all__ = ["CarryState", "LSTMState", "batch_size_of"]
+class MemoryWindow:
+    """One block's attention memory during generation: the last `mem_len` positions of B streams, taking one
+    new position per step without copying the ones it holds.
+
+    Every position is written twice into a (2 M, B, C) buffer (M = mem_len), at slot p % M and at
+    p % M + M. The last K <= M positions then always lie in order in buf[e - K : e] (e = p % M + 1 + M): the
+    keys that `SHARNN.forward` builds by concatenating memory and new position and cutting to M (same
+    values, order, shape and strides), as a view. Softmax and the weighted sum would not mind another key
+    order mathematically, but their floating-point sums would, and generation must reproduce the bytes of
+    the straightforward path exactly.
+
+    Streams may hold different numbers of positions (prompts of different lengths); their memories are
+    aligned on the newest position, so all streams write the same slot each step.
+    """
+
+    def __init__(self, mem_len: int, memories: list[Tensor | None]):
+        """memories[b]: stream b's memory so far, (L_b, 1, C) with its newest position last, or None."""
+        self.mem_len = mem_len
+        self.lengths = [0 if m is None else min(m.shape[0], mem_len) for m in memories]
+        self.buf: Tensor | None = None
+        self.end = max(self.lengths)  # the slot the next position goes to (< M once a position is pushed)
+        held = [m for m in memories if m is not None]
+        if held:
+            self._allocate(len(memories), held[0])
+            for b, (m, n) in enumerate(zip(memories, self.lengths)):
+                if n:
+                    for start in (self.end - n, self.end - n + mem_len):  # both copies
+                        self.buf[start:start + n, b] = m[-n:, 0]
+        self.end %= mem_len
+
+    def _allocate(self, B: int, like: Tensor) -> None:
+        self.buf = torch.zeros(2 * self.mem_len, B, like.shape[-1], dtype=like.dtype, device=like.device)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    def push(self, x: Tensor) -> list[tuple[slice, Tensor]]:
+        """Append the new position x (1, B, C); return the keys to attend over, memory then x, as
+        (streams, keys (K, streams, C)) for each run of streams that hold the same number K of positions."""
+        if self.buf is None:
+            self._allocate(x.shape[1], x)
+        s, M = self.end, self.mem_len
+        self.buf[s] = x[0]  # (B, C), cast to the buffer's dtype as forward casts the memory
+        self.buf[s + M] = x[0]
+        self.end = (s + 1) % M
+        self.lengths = [min(n + 1, M) for n in self.lengths]
+        stop = s + 1 + M
+        runs, first = [], 0
+        for b in range(1, len(self.lengths) + 1):
+            if b == len(self.lengths) or self.lengths[b] != self.lengths[first]:
+                n = self.lengths[first]
+                runs.append((slice(first, b), self.buf[stop - n:stop, first:b]))
+                first = b
+        return runs
+
+    def ordered(self) -> Tensor:
+        """The memory as forward carries it, (K, B, C), newest last (a view; every stream holding K)."""
+        if len(set(self.lengths)) != 1:
+            raise ValueError(f"the streams hold memories of different lengths {self.lengths}")
+        stop = (self.end - 1) % self.mem_len + 1 + self.mem_len
+        return self.buf[stop - self.lengths[0]:stop]
+
+
+@dataclass
+class DecodeState:
+    """What generation carries for B streams, advanced in place by `SHARNN.step`: per block the LSTM
+    (h, c), each (1, B, C), and the attention memory as a MemoryWindow (None in blocks without attention)."""
+
+    hidden: list[LSTMState | None]
+    memory: list[MemoryWindow | None]
+
+    @classmethod
+    def from_carry(cls, streams: list[CarryState], mem_len: int, attn_layers: tuple[int, ...]
+                   ) -> "DecodeState":
+        """Streams side by side: streams[b] is a one-stream CarryState, e.g. what forward returned after
+        reading stream b's prompt (the same object may stand for several streams)."""
+        n_layer = streams[0].n_layer
+        hidden: list[LSTMState | None] = []
+        for i in range(n_layer):
+            held = [s.hidden[i] for s in streams]
+            if any(hc is None for hc in held):
+                if not all(hc is None for hc in held):
+                    raise ValueError(f"block {i}: some streams carry an LSTM state and some do not")
+                hidden.append(None)
+            else:
+                hidden.append(tuple(torch.cat([hc[j] for hc in held], dim=1) for j in (0, 1)))
+        memory = [MemoryWindow(mem_len, [s.memory[i] for s in streams]) if i in attn_layers else None
+                  for i in range(n_layer)]
+        return cls(hidden=hidden, memory=memory)
+
+    def to_carry(self) -> CarryState:
+        """The CarryState that forward would have returned (memories as views of the windows)."""
+        return CarryState(hidden=list(self.hidden),
+                          memory=[None if w is None or w.buf is None else w.ordered() for w in self.memory])
+
+
+__all__ = ["CarryState", "DecodeState", "LSTMState", "MemoryWindow", "batch_size_of"]
