@@ -3,6 +3,7 @@
     python -m bench                              # every scenario for this device
     python -m bench --scenario small-fp32 --scenario small-bf16 --json bench/out/results.json
     python -m bench --list
+    python -m bench --scenario small-generate --scenario small-generate-4 --scenario small-generate-16
 
 Each scenario runs in a fresh process (clean peak memory, its own thread count). Training scenarios time the
 real step (forward, backward, clipping, LAMB step, state carry and detach) after warm-up with the attention
@@ -10,6 +11,8 @@ memory full, and report the median over repeats with the min-max spread. FLOPs p
 formula in train/flops.py (tested against FlopCounterMode); MFU divides the achieved FLOP/s by the device's
 matmul ceiling for that dtype, measured in the same process. World-size scenarios run the trainer itself
 under `accelerate launch` (gloo on CPU) and report per-process throughput, so the scaling efficiency shows.
+Generation scenarios sample 64 bytes from 1, 4 or 16 streams side by side (sharnn.generate.stream_batch) with
+the memory full and report the bytes of all streams per second, and per stream.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Scenario:
     bptt: int | None = None
     threads: int | None = None
     repeats: int = 5
+    streams: int = 1  # generate scenarios: streams sampled side by side (one batch)
 
 
 def scenarios(device: str) -> dict[str, Scenario]:
@@ -62,6 +66,8 @@ def scenarios(device: str) -> dict[str, Scenario]:
         Scenario("paper-bf16", preset="paper", precision="bf16", repeats=3, **paper_shape),
         Scenario("small-eval", kind="eval"),
         Scenario("small-generate", kind="generate", repeats=3),
+        Scenario("small-generate-4", kind="generate", streams=4, repeats=3),
+        Scenario("small-generate-16", kind="generate", streams=16, repeats=3),
     ]
     if on_gpu:
         out += [Scenario("paper-fp16", preset="paper", precision="fp16", repeats=3),
@@ -116,7 +122,7 @@ def run_in_process(sc: Scenario) -> dict:
     import torch
 
     from sharnn import SHARNN
-    from sharnn.generate import stream_bytes
+    from sharnn.generate import stream_batch
     from sharnn.optim import LAMB
     from train.flops import forward_flops_per_byte, steady_keys, train_flops_per_byte
 
@@ -132,7 +138,7 @@ def run_in_process(sc: Scenario) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=sc.precision == "fp16")
     optimizer = LAMB(model.parameters(), lr=1e-4, weight_decay=cfg.weight_decay, min_trust=cfg.min_trust)
     if sc.kind == "generate":
-        B = 1  # one stream, one byte per step
+        B = 1  # the memory filled for one stream, then sc.streams copies of it sampled side by side
     data = torch.randint(0, 256, (T + 1, B), device=device)
     x, y = data[:-1], data[1:]
     if model_cfg.attn_layers:  # start with a full memory: the steady state of a long run
@@ -166,15 +172,17 @@ def run_in_process(sc: Scenario) -> dict:
             with torch.no_grad(), autocast:
                 _, _, state = step_model(x, state, targets=y)
         n_bytes, flops_per_byte = T * B, forward_flops_per_byte(model_cfg, steady_keys(model_cfg, T))
-    else:  # generate: one byte at a time, state carried
+    else:  # generate: one byte per stream and step (SHARNN.step), state carried, the memory full
         model.eval()
         n_new = 64
 
         def work():
             with autocast:
-                for _ in stream_bytes(model, b"x", n_new, temperature=1.0, state=state):
+                for _ in stream_batch(model, [b"x"] * sc.streams, n_new, temperature=1.0, state=state):
                     pass
-        n_bytes, flops_per_byte = n_new, forward_flops_per_byte(model_cfg, steady_keys(model_cfg, 1))
+        n_bytes = n_new * sc.streams
+        flops_per_byte = forward_flops_per_byte(model_cfg, steady_keys(model_cfg, 1))
+        B = sc.streams
 
     for _ in range(2):  # warm-up (and compilation)
         work()
@@ -189,7 +197,10 @@ def run_in_process(sc: Scenario) -> dict:
     ceiling = max(ceiling, matmul_ceiling(device, dtype))
     rates = sorted(n_bytes / t for t in times)
     rate = statistics.median(rates)
-    return {"bytes_per_s": rate, "bytes_per_s_min": rates[0], "bytes_per_s_max": rates[-1],
+    per_stream = {}
+    if sc.kind == "generate":  # bytes_per_s counts every stream's bytes
+        per_stream = {"streams": sc.streams, "bytes_per_s_per_stream": rate / sc.streams}
+    return {**per_stream, "bytes_per_s": rate, "bytes_per_s_min": rates[0], "bytes_per_s_max": rates[-1],
             "step_time_s": statistics.median(times), "flops_per_byte": flops_per_byte,
             "achieved_flops": rate * flops_per_byte, "ceiling_flops": ceiling,
             "mfu": rate * flops_per_byte / ceiling, "peak_mem_bytes": _peak_memory(device),
@@ -348,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{record['achieved_flops'] / 1e9:8.1f} {record['ceiling_flops'] / 1e9:8.1f} "
               f"{record['mfu']:6.1%} {record['peak_mem_bytes'] / 2**20:9,.0f}"
               + (f"  loader {record['data_fraction']:.2%} of step time, logging {record['log_fraction']:.2%}"
-                 if "data_fraction" in record else ""), flush=True)
+                 if "data_fraction" in record else "")
+              + (f"  {record['streams']} streams: {record['bytes_per_s_per_stream']:,.0f} bytes/s each"
+                 if "streams" in record else ""), flush=True)
     if args.json:
         from sharnn import atomic
 

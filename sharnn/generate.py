@@ -12,7 +12,6 @@ that straightforward path as the reference).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import secrets
@@ -88,22 +87,6 @@ def stream_batch(model, prompts: Sequence[bytes], n_bytes: int, temperature: flo
         yield nxt.tolist()
         if i + 1 < n_bytes:
             logits = model.step(nxt, decode)
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse in this process (no effect elsewhere; returns
-    whether it applied). Generation's per-byte cost is mostly allocation on CPU: oneDNN's LSTM copies and
-    reorders its weights into fresh buffers at every call (4 MB per `small` block), and glibc by default
-    returns such blocks to the system when freed and faults them back in at the next call: 2/3 of a
-    one-step LSTM's time. Process-wide, so `sharnn-generate` calls it and library code does not."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        # blocks below 32 MB (glibc's largest setting) from the heap; keep up to 256 MB freed at its top
-        applied = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
-        return bool(applied)
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def read_prompt(model, prompt: bytes, state: CarryState | None, prompt_chunk: int | None,
@@ -226,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
                          f"which must stay below 2**64")
     generators = [torch.Generator(device=device).manual_seed(seed + k) for k in range(n)]
     chunk = args.prompt_chunk or max(1, min(1024, model.cfg.mem_len // 2))
-    keep_freed_memory()
 
     out = sys.stdout.buffer  # raw bytes: the model's output need not be valid UTF-8
     steps = stream_batch(model, [prompt] * n, args.length, temperature=args.temperature, top_k=args.top_k,

@@ -168,6 +168,8 @@ class DecodeState:
                    ) -> "DecodeState":
         """Streams side by side: streams[b] is a one-stream CarryState, e.g. what forward returned after
         reading stream b's prompt (the same object may stand for several streams)."""
+        if any(batch_size_of(s) not in (None, 1) for s in streams):
+            raise ValueError("DecodeState.from_carry takes one CarryState per stream (batch size 1)")
         n_layer = streams[0].n_layer
         hidden: list[LSTMState | None] = []
         for i in range(n_layer):
