@@ -140,10 +140,7 @@ def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="sharnn-generate",
         description="Sample bytes from a trained SHA-RNN and stream them to stdout as they are produced. The "
-                    "LSTM state and attention memory are carried, so each byte costs one step. With "
-                    "--num_samples N > 1, N samples of the same prompt are drawn side by side and written "
-                    "when all are done, each after a header line '==> sample K (seed S) <==' (K = 0 .. N-1, "
-                    "S its seed) and followed by a newline.")
+                    "LSTM state and attention memory are carried, so each byte costs one step.")
     parser.add_argument("model",
                         help="exported model directory, checkpoint, or run directory (its best checkpoint)")
     prompt = parser.add_mutually_exclusive_group()
@@ -160,8 +157,10 @@ def build_parser() -> cli.ArgumentParser:
                         help="nucleus sampling: the smallest set of bytes holding this much probability "
                              "(default 1.0 = all)")
     parser.add_argument(*cli.spellings("--num_samples"), type=cli.positive_int, default=1,
-                        help="samples to draw side by side, one stream each (default 1). Sample K draws "
-                             "from seed + K: its bytes are those of a run of its own with --seed seed+K")
+                        help="samples of the prompt to draw side by side, one stream each (default 1). With "
+                             "N > 1 they are written when all are done, each after a line "
+                             "'==> sample K (seed S) <==' (K = 0 .. N-1) and followed by a newline. Sample K "
+                             "draws from seed + K, as a run of its own with --seed seed+K would")
     parser.add_argument("--seed", type=parse_seed,
                         help="random seed in [0, 2**64) (default: a fresh one, printed to stderr)")
     parser.add_argument(*cli.spellings("--mem_len"), type=cli.positive_int,

@@ -15,7 +15,7 @@ import torch
 from sharnn import SHARNN, ModelConfig
 from sharnn.generate import filter_logits, stream_batch, stream_bytes
 from sharnn.pretrained import load_model, save_model
-from sharnn.state import DecodeState
+from sharnn.state import DecodeState, MemoryWindow
 from tests.helpers import REPO, cli, exits_with, sharnn_only, subprocess_env
 from tests.test_fidelity import FIXTURE
 
@@ -63,7 +63,7 @@ def seeded(seed: int) -> torch.Generator:
 
 
 @pytest.mark.parametrize("attn", ["penultimate", "all", "none"])
-def test_step_equals_forward_bit_for_bit(attn):
+def test_step_equals_forward_bit_for_bit(attn, nan_windows):
     model = wrapping_model(attn)
     x = torch.randint(0, 256, (60, 1), generator=seeded(1))
     with torch.no_grad():
@@ -93,8 +93,20 @@ def test_stream_bytes_reproduces_forward_per_byte(options):
         assert got != sample_by_hand(model, prompt, 300, generator=seeded(6), prompt_chunk=7, **options)
 
 
+@pytest.fixture
+def nan_windows(monkeypatch):
+    """MemoryWindow buffers start as NaN: a slot read before it was written would show in the output."""
+    allocate = MemoryWindow._allocate
+
+    def nan_filled(self, B, like):
+        allocate(self, B, like)
+        self.buf.fill_(float("nan"))
+
+    monkeypatch.setattr(MemoryWindow, "_allocate", nan_filled)
+
+
 @pytest.mark.parametrize("options", [{"temperature": 0}, {"temperature": 0.9, "top_k": 30, "top_p": 0.95}])
-def test_streams_side_by_side_equal_each_stream_alone(options):
+def test_streams_side_by_side_equal_each_stream_alone(options, nan_windows):
     """Prompts of different lengths (their memories fill at different steps), one repeated; stream k
     draws from its own generator."""
     model = wrapping_model("all")
