@@ -125,10 +125,6 @@ class MemoryWindow:
         # empty, not zeros: a slot is read only after it was written (160 MB to zero for 16 `small` streams)
         self.buf = torch.empty(2 * self.mem_len, B, like.shape[-1], dtype=like.dtype, device=like.device)
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.lengths)
-
     def push(self, x: Tensor) -> list[tuple[slice, Tensor]]:
         """Append the new position x (1, B, C); return the keys to attend over, memory then x, as
         (streams, keys (K, streams, C)) for each run of streams that hold the same number K of positions."""
