@@ -171,10 +171,20 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-@lru_cache(maxsize=32)
 def future_mask(T: int, device: torch.device) -> Tensor:
-    """(T, T) bool, True above the diagonal: the segment positions a query must not see."""
+    """(T, T) bool, True above the diagonal: the segment positions a query must not see. Cached, except
+    while torch.export / ONNX export traces: a mask made then is a fake tensor, which in the cache broke
+    the next export and any later forward of that length in the process."""
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return _future_mask(T, device)
+    return _cached_future_mask(T, device)
+
+
+def _future_mask(T: int, device: torch.device) -> Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+
+
+_cached_future_mask = lru_cache(maxsize=32)(_future_mask)
 
 
 @torch.compiler.disable  # under torch.compile too: the compiled graph breaks around it

@@ -88,6 +88,11 @@ def causal_mask(T: int, mem_len: int, device: torch.device) -> Tensor:
     [t, k] = k <= M_max + t per device holds every smaller one as the view [:T, M_max - mem_len : M_max + T],
     so random segment lengths and a memory growing during generation cost no more than the largest mask
     (a cache keyed on (T, mem_len) held up to 32 of them: ~160 MB on a GPU)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        # traced (torch.compile, torch.export / ONNX): built in the graph. A cached mask would become a
+        # graph constant, and a mask made while tracing is a fake tensor that must not reach the cache.
+        keys = torch.arange(mem_len + T, device=device)
+        return keys[None, :] <= torch.arange(T, device=device)[:, None] + mem_len
     big = _CAUSAL_MASKS.get(device)
     if big is None or big.shape[0] < T or big.shape[1] - big.shape[0] < mem_len:
         t_max = max(T, big.shape[0] if big is not None else 0)

@@ -121,6 +121,23 @@ def test_onnx_step_matches_pytorch(exported, tmp_path):
     assert OneStep(model)(x, h, c, memory)[0].shape == (1, 1, 256)
 
 
+@pytest.mark.slow  # two ONNX exports
+def test_onnx_export_leaves_no_traced_tensor_behind(tmp_path):
+    """torch.export traces with fake tensors: a mask made while tracing must not be cached (it was, in the
+    attention's future-mask cache: the next export in the process failed with "a fake tensor in the exported
+    program constant's list", and a real forward of that segment length would have read a fake tensor)."""
+    pytest.importorskip("onnxruntime")
+    from train.export import export_onnx
+
+    torch.manual_seed(0)
+    model = SHARNN(ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=8)).eval()
+    for name in ("a.onnx", "b.onnx"):
+        assert "onnxruntime matches PyTorch" in export_onnx(model, tmp_path / name)
+    with torch.no_grad():
+        logits, _, _ = model(torch.tensor([[3]]), None)  # T = 1, the length traced
+    assert not isinstance(logits, torch._subclasses.FakeTensor) and torch.isfinite(logits).all()
+
+
 def test_loading_errors_name_the_problem(tmp_path, random_model):
     exported = random_model
     shutil.copy(exported / "model.safetensors", tmp_path / "weights.safetensors")
