@@ -183,6 +183,29 @@ def test_the_precision_check_stops_when_the_lstm_cannot_run(monkeypatch):
     assert check_precision("fp32", torch.device("cpu")) == "precision fp32"  # fp32 is never probed
 
 
+@pytest.mark.parametrize("supported", [False, True])
+def test_deepspeed_fp16_on_a_cpu_without_fp16_kernels_is_refused_at_start(supported, monkeypatch):
+    """DeepSpeed's CPU accelerator accepts fp16 only where oneDNN has fp16 kernels; elsewhere its engine
+    raised a bare ValueError from inside accelerator.prepare. The trainer asks first
+    (both answers stood in)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from train.distributed import check_precision
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: supported)
+    if supported:
+        assert check_precision("fp16", torch.device("cpu"), deepspeed=True).startswith("precision fp16")
+    else:
+        with pytest.raises(SystemExit, match="DeepSpeed's CPU accelerator refuses fp16 on this CPU"):
+            check_precision("fp16", torch.device("cpu"), deepspeed=True)
+    assert check_precision("fp16", torch.device("cpu")).startswith("precision fp16")  # DDP: not asked
+
+
+def deepspeed_cpu_fp16() -> bool:
+    """What DeepSpeed's CPU accelerator says of fp16 on this machine."""
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
 # ------------------------------------------------------------------------------------------ real runs
 @pytest.mark.slow
 def test_epochs_end_with_validation_and_resume_across_the_boundary(small_corpus, tmp_path):
@@ -341,10 +364,18 @@ def test_best_checkpoint_survives_pruning_and_resume_path_and_sigint(text_corpus
 def test_mixed_precision_trains_end_to_end(precision, launch, small_corpus, tmp_path):
     out = tmp_path / precision
     how = {None: None, "ddp": DDP, "deepspeed": deepspeed(tmp_path, 0)}[launch]
-    proc = run(train_cmd("--preset", "tiny", "--data", str(small_corpus), "--out", str(out), "--precision",
-                         precision, "--max_steps", "30", "--warmup_steps", "5", "--log_every", "5",
-                         "--eval_every", "15", "--eval_max_segments", "4", "--sample_bytes", "0",
-                         "--batch_size", "4", "--bptt", "32", "--test_streams", "2", launch=how), threads=2)
+    cmd = train_cmd("--preset", "tiny", "--data", str(small_corpus), "--out", str(out), "--precision",
+                    precision, "--max_steps", "30", "--warmup_steps", "5", "--log_every", "5",
+                    "--eval_every", "15", "--eval_max_segments", "4", "--sample_bytes", "0",
+                    "--batch_size", "4", "--bptt", "32", "--test_streams", "2", launch=how)
+    if precision == "fp16" and launch == "deepspeed" and not deepspeed_cpu_fp16():
+        # this CPU has no fp16 kernels (e.g. AMD Zen 4: avx512_bf16 but no AVX512-FP16): a clear refusal
+        proc = run(cmd, threads=2, check=False)
+        assert proc.returncode != 0
+        assert "error: --precision fp16: DeepSpeed's CPU accelerator refuses fp16" in proc.stderr, proc.stderr
+        assert not (out / "checkpoints").exists()
+        return
+    proc = run(cmd, threads=2)
     assert f"precision {precision}: LSTM forward/backward checked" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit"] == "finished" and summary["step"] == 30 and math.isfinite(summary["test_bpc"])

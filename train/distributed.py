@@ -205,14 +205,23 @@ def native_cpu_matmul(precision: str) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in probes)
 
 
-def check_precision(precision: str, device: torch.device) -> str:
+def check_precision(precision: str, device: torch.device, deepspeed: bool = False) -> str:
     """Run a small LSTM forward and backward in the chosen precision; return a line saying what runs.
 
     bf16/fp16 support for nn.LSTM differs between devices and CUDA/oneDNN versions: fail at start-up with a
-    clear message rather than 20 minutes into a run.
+    clear message rather than 20 minutes into a run. Under DeepSpeed on a CPU, also ask DeepSpeed's CPU
+    accelerator, which refuses fp16 where oneDNN has no fp16 kernels (its engine would raise a bare
+    "Type fp16 is not supported on your device" from inside accelerator.prepare).
     """
     if precision == "fp32":
         return "precision fp32"
+    if deepspeed and device.type == "cpu" and precision == "fp16":
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise SystemExit("error: --precision fp16: DeepSpeed's CPU accelerator refuses fp16 on this CPU "
+                             "(oneDNN has no fp16 kernels here: they need AVX512-FP16 or AMX-FP16). Use "
+                             "--precision fp32, or bf16 with launch/cpu_ddp.yaml.")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     lstm = torch.nn.LSTM(64, 64).to(device)
     x = torch.randn(8, 2, 64, device=device)

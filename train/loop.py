@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if flags.dry_run:
         return dry_run(accelerator, cfg, peak_lr)
 
-    say(check_precision(cfg.precision, accelerator.device))
+    say(check_precision(cfg.precision, accelerator.device, deepspeed=is_deepspeed(accelerator)))
     try:  # every rank hashes the splits it reads (about a second per GB): all fail alike, none waits
         train_split, valid_split = (open_split(cfg.data, name, verify=not cfg.skip_data_check)
                                     for name in ("train", "valid"))
