@@ -40,14 +40,19 @@ def one_thread():
 @pytest.fixture
 def fresh_accelerate_state():
     """For tests that make a real Accelerator in the test process: its singleton state (and a process group
-    it started) is reset afterwards, so the next test's Accelerator starts from scratch."""
-    yield
+    it started) is reset before and after, so neither an earlier in-process entry point (sharnn-eval's main
+    makes an Accelerator) nor this test leaks its state into the next."""
     import torch
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    reset()
+    yield
+    reset()
 
 
 # ------------------------------------------------------------------- a trained run and models made from it

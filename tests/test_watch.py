@@ -195,7 +195,8 @@ def wandb_history(run_file: Path) -> tuple[str, dict[int, dict]]:
 
 
 # ------------------------------------------------------------------------------------------ a real run
-LINE = re.compile(r"step (\d+)/(\d+) \((\d+\.\d)%\) epoch (\d+\.\d\d)/([\d.]+) (.*)")
+# step 1's line may end after the epoch: nothing logged yet, and no ETA before a second step has ended
+LINE = re.compile(r"step (\d+)/(\d+) \((\d+\.\d)%\) epoch (\d+\.\d\d)/([\d.]+) ?(.*)")
 
 
 def progress_lines(stdout: str) -> list[tuple[int, int, str]]:
