@@ -4,6 +4,7 @@
     python -m bench.quality --preset tiny --steps 1000 --seeds 20 --json bench/out/quality.json \\
         -- --model.mem_len 1024 --model.dropouth 0.1 --model.dropouti 0.1 --model.dropout 0.1
     python -m bench.quality --impl fast --impl torch --impl fast-masks --impl fast-attention ...
+    python -m bench.quality --preset tiny --precision fp32 --precision bf16 ...   # does bf16 cost quality?
 
 Every run is the trainer itself (`python -m train`) in a fresh process, with SHARNN_CPU_KERNELS=<impl>
 (sharnn.kernels.set_cpu_kernels) and OMP_NUM_THREADS=--threads, for exactly --steps optimizer steps: no state
@@ -30,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from bench.seeds import describe, fmt, paired
 from sharnn import atomic
 
@@ -48,10 +51,18 @@ def train_command(preset: str, data: Path, out: Path, steps: int, seed: int, ext
             "--sample_bytes", "0", "--log_every", str(max(1, min(50, steps))), *warmup, *extra]
 
 
-def run_one(impl: str, seed: int, args, extra: list[str]) -> dict:
-    """One training run; its final validation bpc (summary.json) and the wall time."""
-    out = Path(tempfile.mkdtemp(prefix=f"sharnn-quality-{impl}-{seed}-"))
-    cmd = train_command(args.preset, args.data, out, args.steps, seed, extra)
+def variant_name(impl: str, precision: str, precisions: list[str]) -> str:
+    """'fast' when only fp32 is measured (the kernel comparisons), else 'fast/bf16'."""
+    return impl if precisions == ["fp32"] else f"{impl}/{precision}"
+
+
+def run_one(variant: str, seed: int, args, extra: list[str]) -> dict:
+    """One training run of `variant` (a kernel setting, or kernel/precision); its final validation bpc
+    (summary.json) and the wall time."""
+    impl, _, precision = variant.partition("/")
+    out = Path(tempfile.mkdtemp(prefix=f"sharnn-quality-{impl}-{precision or 'fp32'}-{seed}-"))
+    cmd = train_command(args.preset, args.data, out, args.steps, seed,
+                        [*extra, *(["--precision", precision] if precision else [])])
     env = dict(os.environ, SHARNN_CPU_KERNELS=impl, OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     env.pop("ACCELERATE_USE_CPU", None)
@@ -67,7 +78,8 @@ def run_one(impl: str, seed: int, args, extra: list[str]) -> dict:
             raise RuntimeError(f"run stopped at step {summary['step']}, not {args.steps}: {summary}")
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
         train_bpc = [m["train/bpc"] for m in metrics if "train/bpc" in m]
-        return {"impl": impl, "seed": seed, "val_bpc": summary["val_bpc"],
+        precision_run = yaml.safe_load((out / "config.yaml").read_text())["precision"]  # what the trainer ran
+        return {"impl": variant, "precision": precision_run, "seed": seed, "val_bpc": summary["val_bpc"],
                 "final_train_bpc": train_bpc[-1] if train_bpc else None, "wall_s": wall}
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -264,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", action="append", choices=None,
                         help="CPU kernel setting (repeatable; sharnn.kernels.CPU_KERNELS); "
                              "default: fast, torch")
+    parser.add_argument("--precision", action="append", choices=["fp32", "bf16", "fp16"],
+                        help="trainer --precision (repeatable: each kernel setting runs in each precision, "
+                             "paired against the first); default: fp32")
     parser.add_argument("--threads", type=int, default=1, help="threads per training process (default: 1)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "demo",
                         help="prepared corpus (default: data/demo, made by "
@@ -295,10 +310,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from sharnn.kernels import CPU_KERNELS
 
-    impls = args.impl or ["fast", "torch"]
-    bad = [i for i in impls if i not in CPU_KERNELS]
+    kernel_settings = args.impl or (["fast", "torch"] if not args.precision else ["fast"])
+    bad = [i for i in kernel_settings if i not in CPU_KERNELS]
     if bad:
         parser.error(f"unknown --impl {bad}; choose from {', '.join(CPU_KERNELS)}")
+    precisions = args.precision or ["fp32"]
+    impls = [variant_name(i, p, precisions) for i in kernel_settings for p in precisions]
     if not (args.data / "manifest.json").exists():
         parser.error(f"--data {args.data} is not a prepared corpus; make one with "
                      "`sharnn-prepare demo --out data/demo`")

@@ -87,6 +87,24 @@ def test_quality_trains_each_implementation_and_pairs_the_seeds(text_corpus, tmp
     assert "fast - torch" in table and "paired n=1" in table
 
 
+@pytest.mark.slow  # two trainer processes
+def test_quality_compares_precisions_paired_by_seed(text_corpus, tmp_path):
+    """--precision fp32 --precision bf16: the same kernels in each precision, the trainer really runs each
+    (its config.yaml), paired against the first."""
+    import bench.quality
+
+    out = tmp_path / "quality.json"
+    assert bench.quality.main(["--preset", "tiny", "--steps", "2", "--seeds", "1", "--data", str(text_corpus),
+                               "--precision", "fp32", "--precision", "bf16", "--json", str(out), "--",
+                               "--eval_max_segments", "2", "--batch_size", "2"]) == 0
+    record = json.loads(out.read_text())
+    assert record["impls"] == ["fast/fp32", "fast/bf16"]
+    ran = [(r["impl"], r["precision"]) for r in record["runs"]]
+    assert ran == [("fast/fp32", "fp32"), ("fast/bf16", "bf16")]
+    summary = record["summary"]
+    assert summary["reference"] == "fast/fp32" and summary["paired"]["fast/bf16"]["n"] == 1
+
+
 def test_seed_statistics():
     from bench.seeds import describe, fmt, paired
 
