@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak lr at global batch 16 (default: 2e-3)")
     parser.add_argument("--warmup", type=int, default=100, help="warmup steps at batch 16 (default: 100)")
     parser.add_argument("--threads", type=int, default=1, help="threads per training process (default: 1)")
-    parser.add_argument("--json", type=Path, help="write runs and analysis here (rewritten after every run)")
+    parser.add_argument("--json", type=Path, help="write runs and analysis here (rewritten after every run; "
+                                                  "with --report: the merged study)")
     parser.add_argument("--plots", type=Path, help="write the PNG plots into this directory")
     parser.add_argument("--report", type=Path, nargs="+",
                         help="only print the tables (and --plots) of these JSONs (runs of the same study, "
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         print_tables(record, analysis)
         for p in plot(record, analysis, args.plots) if args.plots else []:
             print(f"wrote {p}")
+        if args.json:  # the merged study, e.g. the one JSON the committed plots come from
+            atomic.write_json(args.json, record | {"analysis": analysis})
+            print(f"wrote {args.json}")
         return 0
 
     if args.data is None or not (args.data / "manifest.json").exists():

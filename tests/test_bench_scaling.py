@@ -93,5 +93,7 @@ def test_study_trains_writes_json_resumes_and_plots(tmp_path, capsys):
     capsys.readouterr()
     assert scaling.main(argv) == 0  # everything recorded: nothing trains again
     assert "resuming: 2 runs" in capsys.readouterr().out
-    assert scaling.main(["--report", str(out)]) == 0
+    assert scaling.main(["--report", str(out), "--json", str(tmp_path / "merged.json")]) == 0
     assert "b32-linear-wbytes" in capsys.readouterr().out
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert len(merged["runs"]) == 2 and "analysis" in merged and merged["parts"][0]["command"]
