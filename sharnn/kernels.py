@@ -201,11 +201,26 @@ def attend_cpu(q: Tensor, keys: Tensor, segment_keys: Tensor, p: float) -> Tenso
     return _attend(q, keys, p)[0]
 
 
+def keys_as_bck(keys: Tensor) -> Tensor:
+    """(K, B, C) keys as the (B, C, K) right operand of a batched GEMM, in the dtype the GEMM runs in (under
+    autocast: its dtype). fp32's GEMM reads the permuted view in place. oneDNN's bf16 GEMM on that view
+    (batch stride C, not K x C), which autocast's cast keeps, ran 7x slower than on the transpose of a
+    contiguous (B, K, C) copy (the `small` preset's scores on a Zen 4 CPU: 197 ms against 29 ms plus 20 ms
+    for the copy; bench/RESULTS.md 2026-12-05): other dtypes get one copy that casts and lays out at once."""
+    device = keys.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else keys.dtype
+    if dtype == torch.float32 or not keys.is_floating_point():
+        return keys.permute(1, 2, 0)
+    rows = keys.transpose(0, 1)  # (B, K, C)
+    rows = rows.contiguous() if rows.dtype == dtype else rows.to(dtype, memory_format=torch.contiguous_format)
+    return rows.transpose(1, 2)
+
+
 def _attend(q: Tensor, keys: Tensor, p: float):
     T, _, C = q.shape
     K = keys.shape[0]
-    # (B, T, C) @ (B, C, K): both operands are strided views that the batched GEMM reads in place
-    scores = torch.bmm(q.transpose(0, 1) * (1.0 / math.sqrt(C)), keys.permute(1, 2, 0))
+    # (B, T, C) @ (B, C, K)
+    scores = torch.bmm(q.transpose(0, 1) * (1.0 / math.sqrt(C)), keys_as_bck(keys))
     scores[:, :, K - T:].masked_fill_(future_mask(T, q.device), float("-inf"))
     weights = torch.softmax(scores, dim=-1)  # (B, T, K)
     keep_w = keep_v = None
@@ -234,7 +249,7 @@ class _Attention(torch.autograd.Function):
         T, _, C = q.shape
         K = keys.shape[0]
         g = (grad_out * ctx.scale).transpose(0, 1)  # (B, T, C)
-        grad_dropped = torch.bmm(g.to(values.dtype), values.permute(1, 2, 0))  # (B, T, K)
+        grad_dropped = torch.bmm(g.to(values.dtype), keys_as_bck(values))  # (B, T, K)
         # values' gradient, for the segment's keys only: dropped[:, :, -T:]^T @ g
         grad_values = torch.bmm(dropped[:, :, K - T:].transpose(1, 2), g.to(dropped.dtype))  # (B, T, C)
         if keep_v is not None:
