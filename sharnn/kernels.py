@@ -201,19 +201,23 @@ def attend_cpu(q: Tensor, keys: Tensor, segment_keys: Tensor, p: float) -> Tenso
     return _attend(q, keys, p)[0]
 
 
-def keys_as_bck(keys: Tensor) -> Tensor:
-    """(K, B, C) keys as the (B, C, K) right operand of a batched GEMM, in the dtype the GEMM runs in (under
-    autocast: its dtype). fp32's GEMM reads the permuted view in place. oneDNN's bf16 GEMM on that view
-    (batch stride C, not K x C), which autocast's cast keeps, ran 7x slower than on the transpose of a
-    contiguous (B, K, C) copy (the `small` preset's scores on a Zen 4 CPU: 197 ms against 29 ms plus 20 ms
-    for the copy; bench/RESULTS.md 2026-12-05): other dtypes get one copy that casts and lays out at once."""
+def batch_major(keys: Tensor) -> Tensor:
+    """(K, B, C) keys (or values) as (B, K, C) for a batched GEMM, in the dtype the GEMM runs in (under
+    autocast: its dtype). fp32's GEMM reads the transposed view in place. Autocast's own cast of that view
+    keeps its strides, and oneDNN's bf16 batched GEMM on them (batch stride C, not K x C) ran 3-7x slower
+    than on contiguous (B, K, C) rows (the `small` preset's attention on a Zen 4 CPU; bench/RESULTS.md
+    2026-12-05): other dtypes get one copy that casts and lays out at once."""
     device = keys.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else keys.dtype
+    rows = keys.transpose(0, 1)
     if dtype == torch.float32 or not keys.is_floating_point():
-        return keys.permute(1, 2, 0)
-    rows = keys.transpose(0, 1)  # (B, K, C)
-    rows = rows.contiguous() if rows.dtype == dtype else rows.to(dtype, memory_format=torch.contiguous_format)
-    return rows.transpose(1, 2)
+        return rows
+    return rows.contiguous() if rows.dtype == dtype else rows.to(dtype, memory_format=torch.contiguous_format)
+
+
+def keys_as_bck(keys: Tensor) -> Tensor:
+    """(K, B, C) keys as the (B, C, K) right operand of the scores' GEMM (see batch_major)."""
+    return batch_major(keys).transpose(1, 2)
 
 
 def _attend(q: Tensor, keys: Tensor, p: float):
@@ -229,7 +233,7 @@ def _attend(q: Tensor, keys: Tensor, p: float):
         dropped, keep_w = masked(weights, p)
         values, keep_v = masked(keys, p)
         scale = 1.0 / (1.0 - p) ** 2  # both dropouts' rescaling, applied to the (T, B, C) result
-    out = torch.bmm(dropped, values.transpose(0, 1)).transpose(0, 1) * scale  # (T, B, C)
+    out = torch.bmm(dropped, batch_major(values)).transpose(0, 1) * scale  # (T, B, C)
     return out, weights, dropped, values, keep_w, keep_v, scale
 
 
@@ -257,7 +261,7 @@ class _Attention(torch.autograd.Function):
             grad_dropped.masked_fill_(~keep_w, 0.0)
         grad_scores = torch._softmax_backward_data(grad_dropped.to(weights.dtype), weights, -1, weights.dtype)
         # the scores' 1/sqrt(C) goes on the (B, T, C) products
-        grad_q = torch.bmm(grad_scores.to(keys.dtype), keys.transpose(0, 1)) * (1.0 / math.sqrt(C))
+        grad_q = torch.bmm(grad_scores.to(keys.dtype), batch_major(keys)) * (1.0 / math.sqrt(C))
         grad_keys = torch.bmm(grad_scores[:, :, K - T:].transpose(1, 2),
                               q.transpose(0, 1).to(grad_scores.dtype))
         grad_segment = (grad_keys * (1.0 / math.sqrt(C)) + grad_values).transpose(0, 1)  # (T, B, C)
