@@ -215,45 +215,43 @@ def batch_major(keys: Tensor) -> Tensor:
     return rows.contiguous() if rows.dtype == dtype else rows.to(dtype, memory_format=torch.contiguous_format)
 
 
-def keys_as_bck(keys: Tensor) -> Tensor:
-    """(K, B, C) keys as the (B, C, K) right operand of the scores' GEMM (see batch_major)."""
-    return batch_major(keys).transpose(1, 2)
-
-
 def _attend(q: Tensor, keys: Tensor, p: float):
+    """The forward; also returns what the backward reads, keys and values already batch-major (one copy
+    each per step under bf16, shared by the forward's and the backward's GEMMs)."""
     T, _, C = q.shape
     K = keys.shape[0]
-    # (B, T, C) @ (B, C, K)
-    scores = torch.bmm(q.transpose(0, 1) * (1.0 / math.sqrt(C)), keys_as_bck(keys))
+    keys_bkc = batch_major(keys)
+    scores = torch.bmm(q.transpose(0, 1) * (1.0 / math.sqrt(C)), keys_bkc.transpose(1, 2))  # (B, T, K)
     scores[:, :, K - T:].masked_fill_(future_mask(T, q.device), float("-inf"))
     weights = torch.softmax(scores, dim=-1)  # (B, T, K)
     keep_w = keep_v = None
-    dropped, values, scale = weights, keys, 1.0
+    dropped, values_bkc, scale = weights, keys_bkc, 1.0
     if p > 0.0:
         dropped, keep_w = masked(weights, p)
         values, keep_v = masked(keys, p)
+        values_bkc = batch_major(values)
         scale = 1.0 / (1.0 - p) ** 2  # both dropouts' rescaling, applied to the (T, B, C) result
-    out = torch.bmm(dropped, batch_major(values)).transpose(0, 1) * scale  # (T, B, C)
-    return out, weights, dropped, values, keep_w, keep_v, scale
+    out = torch.bmm(dropped, values_bkc).transpose(0, 1) * scale  # (T, B, C)
+    return out, weights, dropped, keys_bkc, values_bkc, keep_w, keep_v, scale
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, q: Tensor, keys: Tensor, segment_keys: Tensor, p: float) -> Tensor:
-        out, weights, dropped, values, keep_w, keep_v, scale = _attend(q, keys, p)
-        ctx.save_for_backward(q, keys, weights, dropped, values, keep_w, keep_v)
+        out, weights, dropped, keys_bkc, values_bkc, keep_w, keep_v, scale = _attend(q, keys, p)
+        ctx.save_for_backward(q, weights, dropped, keys_bkc, values_bkc, keep_w, keep_v)
         ctx.scale = scale
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: Tensor):
-        q, keys, weights, dropped, values, keep_w, keep_v = ctx.saved_tensors
+        q, weights, dropped, keys_bkc, values_bkc, keep_w, keep_v = ctx.saved_tensors
         T, _, C = q.shape
-        K = keys.shape[0]
+        K = keys_bkc.shape[1]
         g = (grad_out * ctx.scale).transpose(0, 1)  # (B, T, C)
-        grad_dropped = torch.bmm(g.to(values.dtype), keys_as_bck(values))  # (B, T, K)
+        grad_dropped = torch.bmm(g.to(values_bkc.dtype), values_bkc.transpose(1, 2))  # (B, T, K)
         # values' gradient, for the segment's keys only: dropped[:, :, -T:]^T @ g
         grad_values = torch.bmm(dropped[:, :, K - T:].transpose(1, 2), g.to(dropped.dtype))  # (B, T, C)
         if keep_v is not None:
@@ -261,7 +259,7 @@ class _Attention(torch.autograd.Function):
             grad_dropped.masked_fill_(~keep_w, 0.0)
         grad_scores = torch._softmax_backward_data(grad_dropped.to(weights.dtype), weights, -1, weights.dtype)
         # the scores' 1/sqrt(C) goes on the (B, T, C) products
-        grad_q = torch.bmm(grad_scores.to(keys.dtype), batch_major(keys)) * (1.0 / math.sqrt(C))
+        grad_q = torch.bmm(grad_scores.to(keys_bkc.dtype), keys_bkc) * (1.0 / math.sqrt(C))
         grad_keys = torch.bmm(grad_scores[:, :, K - T:].transpose(1, 2),
                               q.transpose(0, 1).to(grad_scores.dtype))
         grad_segment = (grad_keys * (1.0 / math.sqrt(C)) + grad_values).transpose(0, 1)  # (T, B, C)

@@ -326,19 +326,13 @@ def test_keys_operand_under_bf16_autocast_is_cast_once_into_the_fast_layout():
     """The scores' right operand: fp32 keeps the permuted view (no copy); under bf16 autocast one copy casts
     and lays the keys out as contiguous (B, K, C) rows, whose transpose oneDNN's bf16 GEMM runs ~7x faster
     than the (K, B, C) view autocast's own cast would keep (bench/RESULTS.md 2026-12-05)."""
-    from sharnn.kernels import batch_major, keys_as_bck
+    from sharnn.kernels import batch_major
 
     keys = torch.randn(50, 3, 8)
-    assert keys_as_bck(keys).data_ptr() == keys.data_ptr()
+    assert batch_major(keys).data_ptr() == keys.data_ptr() and batch_major(keys).shape == (3, 50, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        operand = keys_as_bck(keys)
-        scores = torch.bmm(torch.randn(3, 4, 8), operand)
-    assert operand.dtype == torch.bfloat16 and operand.shape == (3, 8, 50)
-    assert operand.transpose(1, 2).is_contiguous()
-    assert torch.equal(operand, keys.permute(1, 2, 0).to(torch.bfloat16)) and scores.dtype == torch.bfloat16
-    assert keys_as_bck(keys.double()).transpose(1, 2).is_contiguous()  # any other dtype: the same layout
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the values' operand of the output and grad_q GEMMs
         rows = batch_major(keys)
-    assert rows.dtype == torch.bfloat16 and rows.is_contiguous()
+        scores = torch.bmm(torch.randn(3, 4, 8), rows.transpose(1, 2))
+    assert rows.dtype == torch.bfloat16 and rows.is_contiguous() and scores.dtype == torch.bfloat16
     assert torch.equal(rows, keys.transpose(0, 1).bfloat16())
-    assert batch_major(keys).data_ptr() == keys.data_ptr()
+    assert batch_major(keys.double()).is_contiguous()  # any other dtype: the same layout
