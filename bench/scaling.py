@@ -251,7 +251,8 @@ def merge(records: list[dict]) -> dict:
                 seen.add((run["config"], run["seed"]))
                 runs.append(run)
     return first | {"configs": configs, "runs": runs,
-                    "parts": [{"date": r["date"], "command": r["command"]} for r in records]}
+                    "parts": [part for r in records  # a merged study keeps the parts it came from
+                              for part in r.get("parts", [{"date": r["date"], "command": r["command"]}])]}
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -97,3 +97,7 @@ def test_study_trains_writes_json_resumes_and_plots(tmp_path, capsys):
     assert "b32-linear-wbytes" in capsys.readouterr().out
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert len(merged["runs"]) == 2 and "analysis" in merged and merged["parts"][0]["command"]
+    # the merged study is itself a report source, and keeps the commands of its parts
+    again = tmp_path / "again.json"
+    assert scaling.main(["--report", str(tmp_path / "merged.json"), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["parts"] == merged["parts"]
