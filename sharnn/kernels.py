@@ -264,3 +264,49 @@ class _Attention(torch.autograd.Function):
                               q.transpose(0, 1).to(grad_scores.dtype))
         grad_segment = (grad_keys * (1.0 / math.sqrt(C)) + grad_values).transpose(0, 1)  # (T, B, C)
         return grad_q.transpose(0, 1), None, grad_segment, None
+
+
+# ------------------------------------------------------------------------------------------ generation
+def frozen(owner: nn.Module, name: str, build, *tensors: Tensor):
+    """build(), cached on `owner` for as long as `tensors` are the same tensor objects at the same version (an
+    in-place update such as load_state_dict or an optimizer step bumps the version and rebuilds it). The
+    cache holds the tensors it was built from, so their storage cannot be reused by others meanwhile."""
+    versions = tuple(t._version for t in tensors)
+    cached = owner.__dict__.get(name)
+    if (cached is None or cached[1] != versions or len(cached[0]) != len(tensors)
+            or any(a is not b for a, b in zip(cached[0], tensors))):
+        cached = (tensors, versions, build())
+        owner.__dict__[name] = cached
+    return cached[2]
+
+
+def packed_lstm_ok(lstm: nn.LSTM, x: Tensor) -> bool:
+    """Whether `lstm_packed` computes what lstm(x, hidden) computes: no gradient needed, no autocast, float32
+    input and weights on a CPU where nn.LSTM itself takes oneDNN's kernel (torch's condition for it)."""
+    w = lstm.weight_ih_l0
+    return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and lstm.num_layers == 1
+            and lstm.bias and not lstm.bidirectional and not lstm.batch_first and lstm.proj_size == 0
+            and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
+def lstm_packed(lstm: nn.LSTM, x: Tensor, hidden: tuple[Tensor, Tensor] | None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """lstm(x, hidden) on CPU for generation, bit for bit: the same oneDNN primitive that nn.LSTM calls
+    (aten.mkldnn_rnn_layer), with its weights reordered into oneDNN's layout once and kept, instead of on
+    every call. For one position the reorder was most of the call: 460 of 530 us per `small` block
+    (bench/RESULTS.md). Only where `packed_lstm_ok`."""
+    H = lstm.hidden_size
+    w_ih, w_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
+    packed = frozen(lstm, "_sharnn_packed", lambda: torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(
+        w_ih.detach(), w_hh.detach(), H, False, True, False), w_ih, w_hh)
+    if hidden is None:
+        h0 = c0 = x.new_zeros(x.shape[1], H)
+    else:
+        h0, c0 = hidden[0][0], hidden[1][0]  # (1, B, H) -> (B, H), one layer
+    out, hy, cy, _ = torch.ops.aten.mkldnn_rnn_layer(
+        x, packed[0], packed[1], lstm.bias_ih_l0.detach(), lstm.bias_hh_l0.detach(), h0, c0,
+        False, [], 2, H, 1, True, False, False, lstm.training)  # reverse, batch_sizes, mode LSTM, ...
+    return out, (hy.unsqueeze(0), cy.unsqueeze(0))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from sharnn.config import ModelConfig
 from sharnn.hub import HubMixin
-from sharnn.kernels import Dropout, attend_cpu, cpu_attention, dropout
+from sharnn.kernels import Dropout, attend_cpu, cpu_attention, dropout, frozen, lstm_packed, packed_lstm_ok
 from sharnn.state import CarryState, DecodeState, LSTMState, MemoryWindow
 
 # Every LayerNorm in the reference uses eps=1e-12 (apex FusedLayerNorm); torch's 1e-5 moves logits ~2e-3.
@@ -66,7 +66,12 @@ class Boom(nn.Module):
         T, B, C = x.shape
         # The GELU as one fused kernel (silu) on 1.702 x, with the 1.702 folded into the small weight and
         # bias; its 1 / 1.702 goes on the (T, B, C) sum: the chunk sum and dropout are linear.
-        z = F.silu(F.linear(x, self.proj.weight * GELU_SCALE, self.proj.bias * GELU_SCALE))
+        w, b = self.proj.weight, self.proj.bias
+        if torch.is_grad_enabled() and w.requires_grad:
+            w, b = w * GELU_SCALE, b * GELU_SCALE
+        else:  # evaluation, generation: scaled once, not per call (a 1 MB copy per byte for `small`)
+            w, b = frozen(self, "_scaled", lambda: (w.detach() * GELU_SCALE, b.detach() * GELU_SCALE), w, b)
+        z = F.silu(F.linear(x, w, b))
         z = self.drop(z)[..., : self.n_chunks * C].view(T, B, self.n_chunks, C)  # (T, B, n_chunks, C)
         return z.sum(dim=-2) * (1.0 / GELU_SCALE)
 
@@ -202,7 +207,11 @@ class Block(nn.Module):
         dtype = lstm_dtype(self.lstm, h)
         if hidden is not None:
             hidden = (hidden[0].to(dtype), hidden[1].to(dtype))
-        x, hidden = self.lstm(h.to(dtype), hidden)
+        h_in = h.to(dtype)
+        if packed_lstm_ok(self.lstm, h_in):  # CPU without gradient: oneDNN's LSTM, weights reordered once
+            x, hidden = lstm_packed(self.lstm, h_in, hidden)
+        else:
+            x, hidden = self.lstm(h_in, hidden)
         # The paper draws a residual around the LSTM; the reference code runs residual=False: x replaces h
         # (cast back to the stream's dtype, as the reference's x.float()).
         return self.drop(x).to(h.dtype), hidden

@@ -336,3 +336,53 @@ def test_keys_operand_under_bf16_autocast_is_cast_once_into_the_fast_layout():
     assert rows.dtype == torch.bfloat16 and rows.is_contiguous() and scores.dtype == torch.bfloat16
     assert torch.equal(rows, keys.transpose(0, 1).bfloat16())
     assert batch_major(keys.double()).is_contiguous()  # any other dtype: the same layout
+
+
+# -------------------------------------------------------------------- generation: packed LSTM weights
+@pytest.mark.parametrize("T, B, carried", [(1, 1, True), (1, 5, True), (37, 3, True), (4, 2, False)])
+def test_packed_lstm_is_nn_lstm_bit_for_bit(T, B, carried):
+    torch.manual_seed(T * 10 + B)
+    lstm = torch.nn.LSTM(16, 16).eval()
+    x = torch.randn(T, B, 16)
+    hidden = (torch.randn(1, B, 16), torch.randn(1, B, 16)) if carried else None
+    with torch.no_grad():
+        assert kernels.packed_lstm_ok(lstm, x)
+        want, (want_h, want_c) = lstm(x, hidden)
+        got, (got_h, got_c) = kernels.lstm_packed(lstm, x, hidden)
+        assert torch.equal(got, want) and torch.equal(got_h, want_h) and torch.equal(got_c, want_c)
+        # the reordered weights are kept; an in-place update of the weights (an optimizer step,
+        # load_state_dict) is seen at the next call
+        packed = lstm.__dict__["_sharnn_packed"][2]
+        kernels.lstm_packed(lstm, x, hidden)
+        assert lstm.__dict__["_sharnn_packed"][2] is packed
+        lstm.weight_hh_l0.add_(0.05)
+        want2, _ = lstm(x, hidden)
+        got2, _ = kernels.lstm_packed(lstm, x, hidden)
+        assert torch.equal(got2, want2) and not torch.equal(got2, want)
+
+
+def test_packed_lstm_only_where_it_is_exact():
+    lstm = torch.nn.LSTM(8, 8)
+    x = torch.randn(3, 2, 8)
+    with torch.no_grad():
+        assert kernels.packed_lstm_ok(lstm, x)
+        assert not kernels.packed_lstm_ok(lstm, x.to(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not kernels.packed_lstm_ok(lstm, x)
+    assert not kernels.packed_lstm_ok(lstm, x)  # training: gradients flow through nn.LSTM
+
+
+def test_eval_forward_follows_new_weights_through_the_cached_copies():
+    """Evaluation keeps reordered LSTM weights and the Boom's scaled weights between calls; loading other
+    weights in place must change the logits to exactly those of a model built with them."""
+    cfg = ModelConfig(d_model=16, d_ff=64, n_layer=2, mem_len=20, attn="all")
+    torch.manual_seed(1)
+    a, b = SHARNN(cfg).eval(), SHARNN(cfg).eval()
+    x = torch.randint(0, 256, (6, 2))
+    with torch.no_grad():
+        a(x)  # fills a's caches
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x)[0], b(x)[0])
+        with torch.enable_grad():  # and the training path (no caches) agrees with the cached one
+            a.eval()
+            assert torch.equal(a(x)[0].detach(), b(x)[0])
