@@ -144,8 +144,17 @@ class SingleHeadAttention(nn.Module):
             mask = causal_mask(T, keys.shape[0] - T, h.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, 1, T, C)
             out = out.squeeze(1).transpose(0, 1)  # (T, B, C)
-        v_gate = self.v_overparam(torch.sigmoid(self.v_gate))  # (C,)
-        return out * v_gate
+        return out * self.value_gate()
+
+    def value_gate(self) -> Tensor:
+        """(C,) Overparam(sigmoid(v_gate)): parameters only, so kept between calls when no gradient is needed
+        (a 256 x 512 product per byte in generation)."""
+        p = self.v_gate
+        if torch.is_grad_enabled() and p.requires_grad:
+            return self.v_overparam(torch.sigmoid(p))
+        proj = self.v_overparam.proj
+        return frozen(self, "_value_gate", lambda: self.v_overparam(torch.sigmoid(p)).detach(),
+                      p, proj.weight, proj.bias)
 
     def queries(self, h: Tensor, drop: float = 0.0) -> Tensor:
         """(T, B, C) float32: the segment's queries with the key gate folded in, q * sigmoid(k_gate), so that
