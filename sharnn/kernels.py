@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -227,10 +228,18 @@ def _attend(q: Tensor, keys: Tensor, p: float):
     keep_w = keep_v = None
     dropped, values_bkc, scale = weights, keys_bkc, 1.0
     if p > 0.0:
-        dropped, keep_w = masked(weights, p)
-        values, keep_v = masked(keys, p)
-        values_bkc = batch_major(values)
         scale = 1.0 / (1.0 - p) ** 2  # both dropouts' rescaling, applied to the (T, B, C) result
+        dtype = keys_bkc.dtype  # the GEMMs' dtype
+        if dtype == keys.dtype:
+            dropped, keep_w = masked(weights, p)
+            values, keep_v = masked(keys, p)
+            values_bkc = batch_major(values)
+        else:  # under autocast: mask, cast and lay out in one pass each (the same masks, the same values)
+            keep_w = keep_mask(weights.shape, p)
+            dropped = torch.mul(weights, keep_w, out=torch.empty_like(weights, dtype=dtype))
+            keep_v = keep_mask(keys.shape, p)
+            values_bkc = torch.mul(keys.transpose(0, 1), keep_v.transpose(0, 1),
+                                   out=torch.empty_like(keys_bkc))
     out = torch.bmm(dropped, values_bkc).transpose(0, 1) * scale  # (T, B, C)
     return out, weights, dropped, keys_bkc, values_bkc, keep_w, keep_v, scale
 
@@ -267,22 +276,28 @@ class _Attention(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ generation
+_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {name: (inputs, versions, out)}
+
+
 def frozen(owner: nn.Module, name: str, build, *tensors: Tensor):
-    """build(), cached on `owner` for as long as `tensors` are the same tensor objects at the same version (an
-    in-place update such as load_state_dict or an optimizer step bumps the version and rebuilds it). The
-    cache holds the tensors it was built from, so their storage cannot be reused by others meanwhile."""
+    """build(), kept for `owner` for as long as `tensors` are the same tensor objects at the same version (an
+    in-place update such as load_state_dict or an optimizer step bumps the version and rebuilds it). Kept
+    beside the module, not in it: state_dict, deepcopy and pickling never see it. The entry holds the
+    tensors it was built from, so their storage cannot be reused by others meanwhile."""
     versions = tuple(t._version for t in tensors)
-    cached = owner.__dict__.get(name)
+    entries = _FROZEN.setdefault(owner, {})
+    cached = entries.get(name)
     if (cached is None or cached[1] != versions or len(cached[0]) != len(tensors)
             or any(a is not b for a, b in zip(cached[0], tensors))):
-        cached = (tensors, versions, build())
-        owner.__dict__[name] = cached
+        cached = entries[name] = (tensors, versions, build())
     return cached[2]
 
 
 def packed_lstm_ok(lstm: nn.LSTM, x: Tensor) -> bool:
     """Whether `lstm_packed` computes what lstm(x, hidden) computes: no gradient needed, no autocast, float32
     input and weights on a CPU where nn.LSTM itself takes oneDNN's kernel (torch's condition for it)."""
+    if type(lstm) is not nn.LSTM:  # a subclass or a stand-in computes something of its own
+        return False
     w = lstm.weight_ih_l0
     return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and lstm.num_layers == 1
             and lstm.bias and not lstm.bidirectional and not lstm.batch_first and lstm.proj_size == 0

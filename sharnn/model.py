@@ -20,6 +20,7 @@ The model holds only parameters it uses: the reference's `lnout`, `qkvs`, `r_gat
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from sharnn.config import ModelConfig
 from sharnn.hub import HubMixin
 from sharnn.kernels import Dropout, attend_cpu, cpu_attention, dropout, frozen, lstm_packed, packed_lstm_ok
-from sharnn.state import CarryState, DecodeState, LSTMState, MemoryWindow
+from sharnn.state import CarryState, DecodeState, KeysBuffer, LSTMState, MemoryWindow
 
 # Every LayerNorm in the reference uses eps=1e-12 (apex FusedLayerNorm); torch's 1e-5 moves logits ~2e-3.
 LN_EPS = 1e-12
@@ -167,6 +168,13 @@ class SingleHeadAttention(nn.Module):
         return q * torch.sigmoid(self.k_gate.float())
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+_KEYS_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Block -> KeysBuffer
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, use_attn: bool):
         super().__init__()
@@ -190,10 +198,23 @@ class Block(nn.Module):
         if self.attn is not None:
             mem_in = self.ln_mem(h)
             h = self.ln_mid(h)
-            keys = mem_in if memory is None else torch.cat([memory.to(mem_in.dtype), mem_in], dim=0)
+            if memory is None:
+                keys = mem_in
+            elif cpu_attention(mem_in) and not _tracing():
+                keys = self.keys_buffer().keys(memory, mem_in)  # the same keys without copying the memory
+            else:
+                keys = torch.cat([memory.to(mem_in.dtype), mem_in], dim=0)
             new_memory = keys[-self.mem_len:]  # (<= M, B, C)
             h = h + self.drop(self.attn(h, keys, mem_in))
         return self.feed_forward(h), hidden, new_memory
+
+    def keys_buffer(self) -> KeysBuffer:
+        """This block's KeysBuffer: a cache of where its last keys lie, not state (kept out of state_dict and
+        deep copies)."""
+        buffer = _KEYS_BUFFERS.get(self)
+        if buffer is None or buffer.mem_len != self.mem_len:
+            buffer = _KEYS_BUFFERS[self] = KeysBuffer(self.mem_len)
+        return buffer
 
     def step(self, h: Tensor, hidden: LSTMState | None, window: MemoryWindow | None
              ) -> tuple[Tensor, LSTMState]:

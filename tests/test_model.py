@@ -188,3 +188,66 @@ def test_bf16_autocast_and_pure_bf16_forward_track_fp32():
     bf16_eps = 2.0 ** -8
     for got, want in ((logits, ref), (logits2, ref2), (out, ref2)):
         assert (got.float() - want).abs().max() / want.abs().max() < 10 * bf16_eps
+
+
+# ------------------------------------------------------ the CPU attention's keys without the concatenation
+def _cat_keys(self, memory, segment):
+    return torch.cat([memory.to(segment.dtype), segment.detach()])
+
+
+def _train_segments(model, lengths, seed=0):
+    """Losses, gradients and carried memories over segments of `lengths`, the state carried and detached."""
+    torch.manual_seed(seed)
+    data = torch.randint(0, 256, (sum(lengths) + 1, 3))
+    state, out, start = None, [], 0
+    for T in lengths:
+        torch.manual_seed(seed + start)  # the same dropout masks for both runs
+        _, loss, state = model(data[start:start + T], state, targets=data[start + 1:start + T + 1])
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        state = state.detach()
+        out.append((loss.detach(), grads, [None if m is None else m.clone() for m in state.memory]))
+        start += T
+    return out
+
+
+@pytest.mark.parametrize("attn", ["penultimate", "all"])
+def test_keys_buffer_trains_bit_for_bit_as_the_concatenation(attn, monkeypatch):
+    """Memory 20, segments of 3-9 positions: the buffer (40 positions) is extended in place and refilled
+    several times; losses, gradients and carried memories equal those of torch.cat's keys exactly."""
+    cfg = ModelConfig(d_model=16, d_ff=64, n_layer=2, mem_len=20, attn=attn)
+    lengths = [7, 9, 3, 8, 8, 5, 9, 7, 6, 4, 9]
+    torch.manual_seed(3)
+    model = SHARNN(cfg).train()
+    got = _train_segments(model, lengths)
+    monkeypatch.setattr("sharnn.state.KeysBuffer.keys", _cat_keys)
+    want = _train_segments(model, lengths)
+    for (loss, grads, mems), (loss_w, grads_w, mems_w) in zip(got, want):
+        assert torch.equal(loss, loss_w)
+        assert all(torch.equal(g, w) for g, w in zip(grads, grads_w))
+        assert all((m is None and w is None) or torch.equal(m, w) for m, w in zip(mems, mems_w))
+
+
+def test_keys_buffer_extends_in_place_and_never_rewrites_what_it_handed_out():
+    from sharnn.state import KeysBuffer
+
+    buffer = KeysBuffer(mem_len=10)
+    seg = [torch.full((4, 2, 3), float(i)) for i in range(6)]
+    first = buffer.keys(torch.full((2, 2, 3), -1.0), seg[0])  # a memory from elsewhere: a new buffer
+    buf = buffer.buf
+    assert buf.shape[0] == 20 and first.data_ptr() == buf.data_ptr()
+    memory = first[-6:]  # what forward keeps for the next segment of 4 (mem_len - T)
+    second = buffer.keys(memory, seg[1])  # ends where the buffer's written part ends: extended in place
+    assert buffer.buf is buf and torch.equal(second, torch.cat([memory, seg[1]]))
+    snapshot = second.clone()
+    again = buffer.keys(memory, seg[2])  # the same older state once more: not at the frontier, a new buffer
+    assert buffer.buf is not buf and torch.equal(again, torch.cat([memory, seg[2]]))
+    assert torch.equal(second, snapshot)  # the first continuation's keys were not overwritten
+    m = again[-6:]
+    for s in seg[3:]:  # 10 of 20 positions used: two more in place, then the buffer is full and renewed
+        before = buffer.buf
+        k = buffer.keys(m, s)
+        assert torch.equal(k, torch.cat([m, s]))
+        m = k[-6:]
+    assert buffer.buf is not before

@@ -53,8 +53,9 @@ def _per_call(cfg: ModelConfig) -> int:
 
 
 def forward_flops(cfg: ModelConfig, bptt: int, batch: int, n_keys: float) -> float:
-    """One forward call on a (bptt, batch) segment."""
-    return forward_flops_per_byte(cfg, n_keys) * bptt * batch + _per_call(cfg)
+    """One forward call on a (bptt, batch) segment without gradient (evaluation): the value gate's Overparam
+    depends on parameters only and is computed once, not per call (sharnn.model.SingleHeadAttention)."""
+    return forward_flops_per_byte(cfg, n_keys) * bptt * batch
 
 
 def train_flops(cfg: ModelConfig, bptt: int, batch: int, n_keys: float) -> float:
