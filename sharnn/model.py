@@ -153,8 +153,9 @@ class SingleHeadAttention(nn.Module):
         p = self.v_gate
         if torch.is_grad_enabled() and p.requires_grad:
             return self.v_overparam(torch.sigmoid(p))
-        proj = self.v_overparam.proj
-        return frozen(self, "_value_gate", lambda: self.v_overparam(torch.sigmoid(p)).detach(),
+        proj, device = self.v_overparam.proj, p.device.type
+        under = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # one each
+        return frozen(self, f"value_gate {under}", lambda: self.v_overparam(torch.sigmoid(p)).detach(),
                       p, proj.weight, proj.bias)
 
     def queries(self, h: Tensor, drop: float = 0.0) -> Tensor:

@@ -388,3 +388,17 @@ def test_eval_forward_follows_new_weights_through_the_cached_copies():
         with torch.enable_grad():  # and the training path (no caches) agrees with the cached one
             a.eval()
             assert torch.equal(a(x)[0].detach(), b(x)[0])
+
+
+def test_kept_value_gate_follows_autocast():
+    """The value gate computed under bf16 autocast is bf16; a later fp32 evaluation must not reuse it."""
+    cfg = ModelConfig(d_model=16, d_ff=64, n_layer=2, mem_len=20)
+    torch.manual_seed(2)
+    model = SHARNN(cfg).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.v_gate.normal_()  # a gate whose bf16 rounding shows
+        x = torch.randint(0, 256, (5, 2))
+        want = copy.deepcopy(model)(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        assert torch.equal(model(x)[0], want)
