@@ -23,6 +23,10 @@ import from the environment variable SHARNN_CPU_KERNELS (default "fast"):
     "fast-attention"  `attend_cpu`, its two masks and every other dropout's drawn by torch (bernoulli_)
 
 The last two split "fast" into its halves, for diagnosis. CUDA tensors always take torch's ops.
+
+Without gradients on a CPU (evaluation, generation), `lstm_packed` runs oneDNN's LSTM, the kernel nn.LSTM
+itself calls, with its weights reordered into oneDNN's layout once (`frozen`: kept until they change) rather
+than at every call; results are nn.LSTM's bit for bit.
 """
 
 from __future__ import annotations
