@@ -280,9 +280,12 @@ _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {n
 
 def frozen(owner: nn.Module, name: str, build, *tensors: Tensor):
     """build(), kept for `owner` for as long as `tensors` are the same tensor objects at the same version (an
-    in-place update such as load_state_dict or an optimizer step bumps the version and rebuilds it). Kept
-    beside the module, not in it: state_dict, deepcopy and pickling never see it. The entry holds the
-    tensors it was built from, so their storage cannot be reused by others meanwhile."""
+    in-place update such as load_state_dict or torch.optim's step bumps the version and rebuilds it), and
+    until `forget_frozen(owner)`. A write through `.data` does not bump the version (DeepSpeed's ZeRO
+    optimizers write the weights so): SHARNN.train() and .eval() forget everything, so every evaluation
+    (train.evaluation calls model.eval()) starts from the current weights. Kept beside the module, not in it:
+    state_dict, deepcopy and pickling never see it. The entry holds the tensors it was built from, so their
+    storage cannot be reused by others meanwhile."""
     versions = tuple(t._version for t in tensors)
     entries = _FROZEN.setdefault(owner, {})
     cached = entries.get(name)
@@ -290,6 +293,11 @@ def frozen(owner: nn.Module, name: str, build, *tensors: Tensor):
             or any(a is not b for a, b in zip(cached[0], tensors))):
         cached = entries[name] = (tensors, versions, build())
     return cached[2]
+
+
+def forget_frozen(owner: nn.Module) -> None:
+    """Drop everything `frozen` keeps for owner."""
+    _FROZEN.pop(owner, None)
 
 
 def packed_lstm_ok(lstm: nn.LSTM, x: Tensor) -> bool:

@@ -28,7 +28,16 @@ from torch import Tensor, nn
 
 from sharnn.config import ModelConfig
 from sharnn.hub import HubMixin
-from sharnn.kernels import Dropout, attend_cpu, cpu_attention, dropout, frozen, lstm_packed, packed_lstm_ok
+from sharnn.kernels import (
+    Dropout,
+    attend_cpu,
+    cpu_attention,
+    dropout,
+    forget_frozen,
+    frozen,
+    lstm_packed,
+    packed_lstm_ok,
+)
 from sharnn.state import CarryState, DecodeState, KeysBuffer, LSTMState, MemoryWindow
 
 # Every LayerNorm in the reference uses eps=1e-12 (apex FusedLayerNorm); torch's 1e-5 moves logits ~2e-3.
@@ -272,6 +281,14 @@ class SHARNN(nn.Module, HubMixin):  # HubMixin: from_pretrained, save_pretrained
             nn.init.normal_(module.weight, mean=0.0, std=0.1 / math.sqrt(self.cfg.d_model))
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def train(self, mode: bool = True) -> "SHARNN":
+        """nn.Module.train, and forget what gradient-free calls keep between calls (the reordered LSTM
+        weights, the Boom's scaled weights, the value gate; sharnn.kernels.frozen): weights change while
+        training, also in ways that do not bump their version (DeepSpeed writes them through .data)."""
+        for module in self.modules():
+            forget_frozen(module)
+        return super().train(mode)
 
     def initial_state(self) -> CarryState:
         return CarryState.empty(self.cfg.n_layer)

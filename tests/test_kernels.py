@@ -402,3 +402,19 @@ def test_kept_value_gate_follows_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(x)
         assert torch.equal(model(x)[0], want)
+
+
+def test_weights_written_through_data_are_seen_after_train_or_eval():
+    """DeepSpeed's ZeRO optimizers write the weights through .data, which bumps no version: what evaluation
+    keeps must be dropped at model.train() / model.eval() (train.evaluation calls eval() every time)."""
+    cfg = ModelConfig(d_model=16, d_ff=64, n_layer=2, mem_len=20, attn="all")
+    torch.manual_seed(4)
+    model, other = SHARNN(cfg).eval(), SHARNN(cfg).eval()
+    x = torch.randint(0, 256, (6, 2))
+    with torch.no_grad():
+        model(x)  # keeps reordered LSTM weights, Boom weights, value gates
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.data.copy_(q.data)  # as DeepSpeed's step: no version bump
+        model.train()
+        model.eval()
+        assert torch.equal(model(x)[0], other(x)[0])
