@@ -295,8 +295,17 @@ def frozen(owner: nn.Module, name: str, build, *tensors: Tensor):
     return cached[2]
 
 
+def beside(owner: nn.Module, name: str, make):
+    """The object `make()` built the first time it was asked for, kept beside `owner` in the same store as
+    `frozen` (e.g. sharnn.state.KeysBuffer) until `forget_frozen(owner)`."""
+    entries = _FROZEN.setdefault(owner, {})
+    if name not in entries:
+        entries[name] = make()
+    return entries[name]
+
+
 def forget_frozen(owner: nn.Module) -> None:
-    """Drop everything `frozen` keeps for owner."""
+    """Drop everything `frozen` and `beside` keep for owner."""
     _FROZEN.pop(owner, None)
 
 
@@ -306,12 +315,13 @@ def packed_lstm_ok(lstm: nn.LSTM, x: Tensor) -> bool:
     if type(lstm) is not nn.LSTM:  # a subclass or a stand-in computes something of its own
         return False
     w = lstm.weight_ih_l0
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):  # training: the first exit
+        return False
     return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and lstm.num_layers == 1
             and lstm.bias and not lstm.bidirectional and not lstm.batch_first and lstm.proj_size == 0
             and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+            and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
 
 
 def lstm_packed(lstm: nn.LSTM, x: Tensor, hidden: tuple[Tensor, Tensor] | None

@@ -20,7 +20,6 @@ The model holds only parameters it uses: the reference's `lnout`, `qkvs`, `r_gat
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from sharnn.hub import HubMixin
 from sharnn.kernels import (
     Dropout,
     attend_cpu,
+    beside,
     cpu_attention,
     dropout,
     forget_frozen,
@@ -182,9 +182,6 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
-_KEYS_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Block -> KeysBuffer
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, use_attn: bool):
         super().__init__()
@@ -219,12 +216,9 @@ class Block(nn.Module):
         return self.feed_forward(h), hidden, new_memory
 
     def keys_buffer(self) -> KeysBuffer:
-        """This block's KeysBuffer: a cache of where its last keys lie, not state (kept out of state_dict and
-        deep copies)."""
-        buffer = _KEYS_BUFFERS.get(self)
-        if buffer is None or buffer.mem_len != self.mem_len:
-            buffer = _KEYS_BUFFERS[self] = KeysBuffer(self.mem_len)
-        return buffer
+        """This block's KeysBuffer: a cache of where its last keys lie, not state (kept beside the block, out
+        of state_dict and deep copies; sharnn.kernels.beside)."""
+        return beside(self, f"keys buffer {self.mem_len}", lambda: KeysBuffer(self.mem_len))
 
     def step(self, h: Tensor, hidden: LSTMState | None, window: MemoryWindow | None
              ) -> tuple[Tensor, LSTMState]:
