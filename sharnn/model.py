@@ -87,9 +87,14 @@ class Boom(nn.Module):
 
 
 def lstm_dtype(lstm: nn.LSTM, x: Tensor) -> torch.dtype:
-    """The autocast dtype inside an autocast region, else the LSTM weights' dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    """The dtype the LSTM computes in (the README's precision table): under CPU autocast the autocast dtype
+    (oneDNN's bf16 LSTM); everywhere else its weights' dtype: float32, or the 16-bit weights DeepSpeed's
+    bf16/fp16 engine keeps (fp16 with DeepSpeed's loss scaling). Under CUDA autocast the LSTM runs outside it,
+    in float32: torch's autocast wrapper for cuDNN RNNs casts input, weights and state to fp16 whatever dtype
+    autocast was asked for (aten/src/ATen/cudnn/AutocastRNN.cpp), which under bf16 means an fp16 LSTM with
+    no loss scaler, its small gradients flushed to zero."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
     return lstm.weight_ih_l0.dtype
 
 
@@ -236,14 +241,18 @@ class Block(nn.Module):
     def recur(self, h: Tensor, hidden: LSTMState | None) -> tuple[Tensor, LSTMState]:
         """ln_start, then the LSTM: (T, B, C) -> (T, B, C) and the next (h, c)."""
         h = self.ln_start(h)
-        # Run the LSTM in one dtype for input, state and weights: CPU autocast does not cast nn.LSTM's
-        # input (oneDNN then fails), and carried state may arrive in another precision than the weights.
+        # Run the LSTM in one dtype for input, state and weights (lstm_dtype): CPU autocast does not cast
+        # nn.LSTM's input (oneDNN then fails), and carried state may arrive in another precision.
         dtype = lstm_dtype(self.lstm, h)
         if hidden is not None:
             hidden = (hidden[0].to(dtype), hidden[1].to(dtype))
         h_in = h.to(dtype)
+        device = h.device.type
         if packed_lstm_ok(self.lstm, h_in):  # CPU without gradient: oneDNN's LSTM, weights reordered once
             x, hidden = lstm_packed(self.lstm, h_in, hidden)
+        elif device != "cpu" and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):  # see lstm_dtype: never cuDNN's fp16 autocast wrapper
+                x, hidden = self.lstm(h_in, hidden)
         else:
             x, hidden = self.lstm(h_in, hidden)
         # The paper draws a residual around the LSTM; the reference code runs residual=False: x replaces h

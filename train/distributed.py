@@ -13,6 +13,7 @@ import signal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ACCEL_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -205,14 +206,55 @@ def native_cpu_matmul(precision: str) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in probes)
 
 
-def check_precision(precision: str, device: torch.device, deepspeed: bool = False) -> str:
-    """Run a small LSTM forward and backward in the chosen precision; return a line saying what runs.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    bf16/fp16 support for nn.LSTM differs between devices and CUDA/oneDNN versions: fail at start-up with a
-    clear message rather than 20 minutes into a run. Under DeepSpeed on a CPU, also ask DeepSpeed's CPU
+
+def promised_lstm_dtype(precision: str, device_type: str, deepspeed: bool) -> torch.dtype:
+    """The dtype the README promises the LSTM computes in (its precision table). Under accelerate's autocast
+    (one process, DDP) the LSTM computes in the autocast dtype on a CPU (oneDNN) and in float32 on a GPU
+    (cuDNN's autocast wrapper would run it in fp16, see sharnn.model.lstm_dtype); under DeepSpeed's bf16/fp16
+    engine in the module's 16-bit dtype (fp16 with DeepSpeed's loss scaling)."""
+    dtype = DTYPES[precision]
+    return dtype if deepspeed or device_type == "cpu" else torch.float32
+
+
+class lstm_kernel_dtypes(TorchDispatchMode):
+    """Records the floating dtypes of the tensors that the LSTM's kernels receive, as dispatched (after
+    autocast's casts): cuDNN's and oneDNN's RNN ops, or, in torch's step-by-step fallback, its matrix
+    products. `kernels` names the RNN ops seen."""
+
+    RNN_OPS = ("_cudnn_rnn", "miopen_rnn", "mkldnn_rnn", "_thnn_fused_lstm_cell")
+    MATMULS = ("aten.mm.", "aten.addmm.", "aten.linear.", "aten.matmul.")
+
+    def __enter__(self):
+        self.dtypes, self.kernels = set(), set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        rnn = any(op in name for op in self.RNN_OPS)
+        if rnn or name.startswith(self.MATMULS):
+            if rnn:
+                self.kernels.add(name)
+            tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
+            self.dtypes |= {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        return func(*args, **(kwargs or {}))
+
+
+def check_precision(precision: str, device: torch.device, deepspeed: bool = False) -> str:
+    """Run one of the model's LSTM blocks forward and backward on the device as the run will (under
+    accelerate's autocast, or cast to 16 bits as DeepSpeed's engine casts the module), record the dtypes its
+    kernels receive, and refuse a run whose LSTM would not compute in the precision the README promises
+    (`promised_lstm_dtype`) or gets no finite gradient. Returns a line saying what runs.
+
+    bf16/fp16 support for nn.LSTM differs between devices and CUDA/cuDNN/oneDNN versions: fail at start-up
+    with a clear message rather than 20 minutes into a run. Under DeepSpeed on a CPU, also ask DeepSpeed's CPU
     accelerator, which refuses fp16 where oneDNN has no fp16 kernels (its engine would raise a bare
     "Type fp16 is not supported on your device" from inside accelerator.prepare).
     """
+    from sharnn import ModelConfig
+    from sharnn.model import Block
+
     if precision == "fp32":
         return "precision fp32"
     if deepspeed and device.type == "cpu" and precision == "fp16":
@@ -222,22 +264,43 @@ def check_precision(precision: str, device: torch.device, deepspeed: bool = Fals
             raise SystemExit("error: --precision fp16: DeepSpeed's CPU accelerator refuses fp16 on this CPU "
                              "(oneDNN has no fp16 kernels here: they need AVX512-FP16 or AMX-FP16). Use "
                              "--precision fp32, or bf16 with launch/cpu_ddp.yaml.")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    lstm = torch.nn.LSTM(64, 64).to(device)
-    x = torch.randn(8, 2, 64, device=device)
+    dtype, promised = DTYPES[precision], promised_lstm_dtype(precision, device.type, deepspeed)
+    block = Block(ModelConfig(d_model=64, d_ff=128, n_layer=1, attn="none", mem_len=8), use_attn=False)
+    block = block.to(device, dtype if deepspeed else torch.float32)
+    x = torch.randn(8, 2, 64, device=device, dtype=dtype if deepspeed else torch.float32, requires_grad=True)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=not deepspeed)
     try:
-        with torch.autocast(device.type, dtype=dtype):
-            y, _ = lstm(x.to(dtype))
-        y.float().sum().backward()
+        with lstm_kernel_dtypes() as seen:
+            with autocast:
+                y, _ = block.recur(x, None)
+            y.float().square().sum().backward()  # outside autocast, as the training step's backward
     except RuntimeError as e:
         raise SystemExit(f"error: --precision {precision}: nn.LSTM does not run in {precision} on "
                          f"{device.type} here ({str(e).splitlines()[0]}). Use --precision fp32"
                          f"{'' if precision == 'bf16' else ' or bf16'}.") from None
-    line = f"precision {precision}: LSTM forward/backward checked on {device.type} (output {y.dtype})"
+    computed = seen.dtypes or {y.dtype}
+    if computed != {promised}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in computed))
+        raise SystemExit(f"error: --precision {precision}: the LSTM computed in {names} on {device.type} "
+                         f"({', '.join(sorted(seen.kernels)) or 'no RNN kernel'}), where sharnn promises "
+                         f"{str(promised).removeprefix('torch.')} (README, Precision): this torch/cuDNN "
+                         "would train another model than the one asked for. Use --precision fp32, or report "
+                         "the versions.")
+    grad = block.lstm.weight_hh_l0.grad
+    if grad is None or not torch.isfinite(grad).all() or not grad.count_nonzero():
+        raise SystemExit(f"error: --precision {precision}: the LSTM's weights got no finite, non-zero "
+                         f"gradient on {device.type} in this precision. Use --precision fp32.")
+    kernel = ("cuDNN" if any("cudnn" in k for k in seen.kernels) else
+              "oneDNN" if any("mkldnn" in k for k in seen.kernels) else "torch's step-by-step LSTM")
+    line = (f"precision {precision}: LSTM forward/backward checked on {device.type}: it computes in "
+            f"{str(promised).removeprefix('torch.')} ({kernel})")
     if device.type == "cpu" and not native_cpu_matmul(precision):
         line += (f"\nwarning: this CPU has no {precision} matrix instructions (avx512_bf16/AMX): {precision} "
                  f"runs emulated, typically 100x slower than fp32 here. Use --precision fp32 on "
                  "this machine.")
+    if device.type == "cuda" and "cuDNN" != kernel:
+        line += (f"\nwarning: the LSTM runs torch's step-by-step kernel on this GPU in {precision}, several "
+                 "times slower than cuDNN's")
     return line
 
 
