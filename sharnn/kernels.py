@@ -1,4 +1,5 @@
-"""Two of the model's ops, made fast on CPU: dropout and the single-head attention.
+"""Two of the model's ops, made fast on CPU (dropout and the single-head attention), and the attention as a
+GPU runs it.
 
 On a CPU most of a SHA-RNN training step used to go to dropout: torch draws a Bernoulli mask with one call
 to its Mersenne Twister per element (about 400 ms for the 21M-element memory-long keys of the `small`
@@ -10,19 +11,28 @@ kept as bool.
 
 The attention is written out on CPU (`attend_cpu`) so that its two large dropouts (on the (B, T, K) weights
 and on the (K, B, C) values) use those masks, and their 1/(1-p) scales move onto the small (T, B, C) output.
-It computes what `F.scaled_dot_product_attention` computes. On CUDA both ops are torch's own (fused kernels
-with on-device random numbers); under `torch.compile` on CPU, dropout is torch's (inductor fuses it with its
-neighbours) and the attention stays this one (the graph breaks around it).
+It computes what `F.scaled_dot_product_attention` computes. Under `torch.compile` on CPU, dropout is torch's
+(inductor fuses it with its neighbours) and the attention stays this one (the graph breaks around it).
+
+On CUDA (any device but the CPU) dropout is torch's own (F.dropout: a fused kernel, on-device random numbers)
+and the attention is `attend` ("written", the default of `set_attention_impl`) or torch's SDPA ("sdpa"). SDPA
+at the paper's head size (1024) with a mask and dropout can use neither its flash nor its cuDNN kernel and
+computes the keys' and values' gradients over the whole memory (~5,000 positions) that has none; `attend` is
+`attend_cpu`'s formulation in torch's ops for any device: batched matmuls in the autocast dtype, the softmax
+in float32, torch's dropout op (aten.native_dropout) on the weights and values, gradients for the segment's
+own keys only. `python -m bench.gpu` times both on a GPU. The attention implementation is a switch,
+`set_attention_impl(name)` / `get_attention_impl()`, initialised from $SHARNN_ATTENTION (default "written").
 
 Which implementation runs on CPU is a switch, `set_cpu_kernels(name)` / `get_cpu_kernels()`, initialised at
 import from the environment variable SHARNN_CPU_KERNELS (default "fast"):
 
     "fast"            numpy masks in every dropout, the attention as `attend_cpu`
-    "torch"           F.dropout and F.scaled_dot_product_attention: exactly the CUDA code path
+    "torch"           exactly the CUDA code path: F.dropout, and the attention `get_attention_impl()` names
+                      (`attend` with torch's dropout op, or SDPA)
     "fast-masks"      numpy masks in every dropout (also on the values), torch's SDPA for the attention
     "fast-attention"  `attend_cpu`, its two masks and every other dropout's drawn by torch (bernoulli_)
 
-The last two split "fast" into its halves, for diagnosis. CUDA tensors always take torch's ops.
+The last two split "fast" into its halves, for diagnosis. Tensors on other devices always take torch's ops.
 
 Without gradients on a CPU (evaluation, generation), `lstm_packed` runs oneDNN's LSTM, the kernel nn.LSTM
 itself calls, with its weights reordered into oneDNN's layout once (`frozen`: kept until they change) rather
@@ -84,6 +94,42 @@ try:
     set_cpu_kernels(os.environ.get(ENV_VAR) or "fast")
 except ValueError as e:
     raise ValueError(f"${ENV_VAR}: {e}") from None
+
+
+ATTENTION_IMPLS = ("written", "sdpa")
+ATTENTION_ENV_VAR = "SHARNN_ATTENTION"
+_attention_impl = "written"
+
+
+def set_attention_impl(name: str) -> str:
+    """Select the attention of CUDA (every device but the CPU, and the CPU under set_cpu_kernels("torch")):
+    "written" (`attend`) or "sdpa" (F.scaled_dot_product_attention). Returns the previous setting; takes
+    effect at the next forward."""
+    global _attention_impl
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}; got {name!r}")
+    previous, _attention_impl = _attention_impl, name
+    return previous
+
+
+def get_attention_impl() -> str:
+    """The current attention implementation for CUDA: one of ATTENTION_IMPLS."""
+    return _attention_impl
+
+
+def attention_path(keys: Tensor) -> str:
+    """Which attention runs for these keys: "cpu" (`attend_cpu`: a CPU tensor under "fast" or
+    "fast-attention"), "sdpa" (a CPU tensor under "fast-masks"), else the attention implementation ("written"
+    or "sdpa"): on every other device, and on the CPU under "torch"."""
+    if keys.device.type == "cpu" and _cpu_kernels != "torch":
+        return "cpu" if _cpu_kernels in _WRITTEN_ATTENTION else "sdpa"
+    return _attention_impl
+
+
+try:
+    set_attention_impl(os.environ.get(ATTENTION_ENV_VAR) or "written")
+except ValueError as e:
+    raise ValueError(f"${ATTENTION_ENV_VAR}: {e}") from None
 
 
 _CHUNK = 1 << 20  # elements per generator: a mask depends on the seed and its size, not on the thread count
@@ -272,6 +318,99 @@ class _Attention(torch.autograd.Function):
                               q.transpose(0, 1).to(grad_scores.dtype))
         grad_segment = (grad_keys * (1.0 / math.sqrt(C)) + grad_values).transpose(0, 1)  # (T, B, C)
         return grad_q.transpose(0, 1), None, grad_segment, None
+
+
+# -------------------------------------------------------------------- the attention on CUDA (any device)
+def torch_dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(x * keep / (1 - p), keep): torch's dropout op, aten.native_dropout, the kernel F.dropout runs on CUDA
+    (fused, random numbers drawn on the device from torch's generator); on the CPU it draws F.dropout's mask
+    (bernoulli_ on torch's CPU generator)."""
+    return torch.native_dropout(x, p, True)
+
+
+def as_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, B, C) -> (B, N, C) in `dtype` for a batched GEMM: the transposed view in float32 (read in place),
+    otherwise one copy that casts and lays out at once (see batch_major)."""
+    rows = x.transpose(0, 1)
+    if rows.dtype == dtype == torch.float32:
+        return rows
+    return rows.to(dtype, memory_format=torch.contiguous_format)
+
+
+@torch.compiler.disable  # as attend_cpu: under torch.compile the graph breaks around it
+def attend(q: Tensor, keys: Tensor, segment_keys: Tensor, p: float) -> Tensor:
+    """softmax(q keys^T / sqrt(C) + causal mask) with dropout p on the weights, times dropout(keys): the
+    attention of CUDA (`attention_path` "written"), in torch's ops on any device.
+
+    Shapes and gradients as `attend_cpu`: q (T, B, C), keys (K, B, C) = memory then `segment_keys`; returns
+    (T, B, C). The memory is detached: gradients flow to q and the segment's keys only, and the backward's
+    products over keys run over the segment's T keys, not all K. The compute dtype is the autocast dtype of
+    q's device inside an autocast region, else q's: the four batched matmuls (and the backward's four) run in
+    it, the softmax and its backward in float32 (at least), the output comes back in it (as SDPA's under
+    autocast). Dropout is torch's op (`torch_dropout`) on the float32 weights and on the keys. Everything is
+    cast explicitly, with autocast off inside: the CPU computes exactly what a GPU does (CPU autocast, unlike
+    CUDA's, keeps a softmax in bf16)."""
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    if torch.is_grad_enabled() and (q.requires_grad or segment_keys.requires_grad):
+        return _WrittenAttention.apply(q, keys.detach(), segment_keys, p, dtype)
+    with torch.autocast(device, enabled=False):
+        return _attend_written(q, keys, p, dtype)[0]
+
+
+def _attend_written(q: Tensor, keys: Tensor, p: float, dtype: torch.dtype):
+    """`attend`'s forward, autocast off; also returns what the backward reads."""
+    T, _, C = q.shape
+    K = keys.shape[0]
+    q_rows = as_rows(q * (1.0 / math.sqrt(C)), dtype)  # (B, T, C), the scale on the small operand
+    keys_rows = as_rows(keys, dtype)  # (B, K, C)
+    scores = torch.bmm(q_rows, keys_rows.transpose(1, 2))  # (B, T, K) in dtype
+    scores[:, :, K - T:].masked_fill_(future_mask(T, q.device), float("-inf"))
+    weights = torch.softmax(scores.to(torch.promote_types(dtype, torch.float32)), dim=-1)  # (B, T, K)
+    keep_w = keep_v = None
+    dropped, values = weights, keys
+    if p > 0.0:
+        dropped, keep_w = torch_dropout(weights, p)  # scaled by 1 / (1 - p)
+        values, keep_v = torch_dropout(keys, p)
+    dropped = dropped.to(dtype)
+    values_rows = as_rows(values, dtype)  # (B, K, C)
+    out = torch.bmm(dropped, values_rows).transpose(0, 1)  # (T, B, C) in dtype
+    # the values' gradient needs the segment's T columns only: a (B, T, T) copy, not the (B, T, K) weights
+    dropped_segment = dropped[:, :, K - T:].contiguous() if K > T else dropped
+    return out, (q_rows, keys_rows, weights, dropped_segment, values_rows, keep_w, keep_v)
+
+
+class _WrittenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, keys: Tensor, segment_keys: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+        with torch.autocast(q.device.type, enabled=False):
+            out, saved = _attend_written(q, keys, p, dtype)
+        ctx.save_for_backward(*saved)
+        ctx.p, ctx.dtype, ctx.q_dtype, ctx.segment_dtype = p, dtype, q.dtype, segment_keys.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q_rows, keys_rows, weights, dropped_segment, values_rows, keep_w, keep_v = ctx.saved_tensors
+        T, C = q_rows.shape[1], q_rows.shape[2]
+        K = keys_rows.shape[1]
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.transpose(0, 1).to(ctx.dtype)  # (B, T, C)
+            grad_dropped = torch.bmm(g, values_rows.transpose(1, 2))  # (B, T, K)
+            # the values' gradient, for the segment's keys only: dropped[:, :, -T:]^T @ g
+            grad_values = torch.bmm(dropped_segment.transpose(1, 2), g)  # (B, T, C)
+            grad_weights = grad_dropped.to(weights.dtype)  # float32 from here, as the weights
+            if ctx.p > 0.0:  # dropout's backward: through the forward's masks, times 1 / (1 - p)
+                scale = 1.0 / (1.0 - ctx.p)
+                grad_weights = torch.ops.aten.native_dropout_backward(grad_weights, keep_w, scale)
+                grad_values = torch.ops.aten.native_dropout_backward(
+                    grad_values, keep_v[K - T:].transpose(0, 1), scale)
+            grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype).to(ctx.dtype)
+            grad_q = torch.bmm(grad_scores, keys_rows) * (1.0 / math.sqrt(C))  # (B, T, C)
+            # q_rows carries the 1/sqrt(C) already
+            grad_keys = torch.bmm(grad_scores[:, :, K - T:].transpose(1, 2), q_rows)  # (B, T, C)
+            grad_segment = (grad_keys + grad_values).transpose(0, 1)  # (T, B, C)
+        return grad_q.transpose(0, 1).to(ctx.q_dtype), None, grad_segment.to(ctx.segment_dtype), None, None
 
 
 # ------------------------------------------------------------------------------------------ generation

@@ -29,7 +29,9 @@ from sharnn.config import ModelConfig
 from sharnn.hub import HubMixin
 from sharnn.kernels import (
     Dropout,
+    attend,
     attend_cpu,
+    attention_path,
     beside,
     cpu_attention,
     dropout,
@@ -150,10 +152,12 @@ class SingleHeadAttention(nn.Module):
         # A @ (v_gate * keys) == v_gate * (A @ keys).
         # The dropout the reference applies to v = v_gate * keys is drawn on keys: same shape, same mask.
         q = self.queries(h, drop).to(keys.dtype)
-        # CPU, sharnn.kernels.set_cpu_kernels("fast"): written out, fast dropout masks
-        if cpu_attention(keys):
+        path = attention_path(keys)  # sharnn.kernels: the CPU setting, else set_attention_impl's choice
+        if path == "cpu":  # CPU, set_cpu_kernels("fast"): written out, fast dropout masks
             out = attend_cpu(q, keys, segment_keys, drop)
-        else:  # CUDA, or CPU with set_cpu_kernels("torch"): torch's SDPA. (T, B, C) -> (B, 1, T, C): one head
+        elif path == "written":  # CUDA (and CPU under "torch"): written out in torch's ops, torch's dropout
+            out = attend(q, keys, segment_keys, drop)
+        else:  # torch's SDPA. (T, B, C) -> (B, 1, T, C): one head
             v = dropout(keys, drop, self.training)  # F.dropout, except under set_cpu_kernels("fast-masks")
             q, k, v = (t.transpose(0, 1).unsqueeze(1) for t in (q, keys, v))
             mask = causal_mask(T, keys.shape[0] - T, h.device)
