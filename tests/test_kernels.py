@@ -1,4 +1,5 @@
-"""sharnn.kernels: the CPU dropout masks and the written-out attention compute what torch's ops compute."""
+"""sharnn.kernels: the CPU dropout masks and the written-out attentions (the CPU's `attend_cpu`, CUDA's
+`attend`) compute what torch's ops compute."""
 
 import copy
 import math
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 import sharnn.kernels as kernels
 import sharnn.model
 from sharnn import SHARNN, ModelConfig
-from sharnn.kernels import attend_cpu, dropout, keep_mask
+from sharnn.kernels import attend, attend_cpu, dropout, keep_mask
 
 
 def sdpa_reference(q, keys):
@@ -67,6 +68,174 @@ def test_attention_dropout_is_the_reference_formula(monkeypatch):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, segment), g), torch.autograd.grad(want, (q, segment), g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------- CUDA's attention, written out (any device)
+@pytest.mark.parametrize("M", [0, 7])
+def test_written_attention_matches_sdpa_with_gradients_and_leaves_the_memory_without(M):
+    """Dropout off: `attend` is SDPA with the model's mask, forward and gradients; the memory, a tensor that
+    asks for a gradient here, gets none (it is carried state)."""
+    q, memory, segment = inputs(M=M)
+    memory.requires_grad_(True)
+    keys = torch.cat([memory, segment])
+    out, want = attend(q, keys, segment, 0.0), sdpa_reference(q, keys)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, segment), g, retain_graph=True)
+    expected = torch.autograd.grad(want, (q, segment), g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    out.backward(g)
+    assert memory.grad is None and q.grad is not None and segment.grad is not None
+
+
+def test_written_attention_backward_runs_over_the_segments_keys_only():
+    """The backward's four products: two over all K keys (the queries' and the weights' gradients), two over
+    the segment's T keys (the keys' and values' gradients; the memory has none): FlopCounterMode counts
+    them. SDPA's backward at the same shape computes all four over K: the count tells them apart."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    T, B, C, M = 6, 2, 8, 30
+    q, memory, segment = inputs(T=T, B=B, C=C, M=M)
+    keys = torch.cat([memory, segment])
+    K = M + T
+    counted = {}
+    for name, fn in (("written", lambda: attend(q, keys, segment, 0.1)),
+                     ("sdpa", lambda: sdpa_reference(q, keys))):
+        with FlopCounterMode(display=False) as counter:
+            fn().sum().backward()
+        counted[name] = counter.get_total_flops()
+    forward = 2 * (2 * B * T * K * C)
+    assert counted["written"] == forward + 2 * (2 * B * T * K * C) + 2 * (2 * B * T * T * C)
+    assert counted["sdpa"] > counted["written"]
+
+
+def test_written_attention_dropout_is_the_reference_formula(monkeypatch):
+    """Torch's dropout op on the weights and on the values (keys), each scaled by 1/(1-p); gradients
+    through the same masks."""
+    q, memory, segment = inputs()
+    keys = torch.cat([memory, segment])
+    masks = []
+
+    def recording(x, p):
+        out, keep = torch.native_dropout(x, p, True)
+        masks.append(keep)
+        return out, keep
+
+    monkeypatch.setattr(kernels, "torch_dropout", recording)
+    p = 0.3
+    out = attend(q, keys, segment, p)
+    keep_weights, keep_values = masks
+    assert keep_weights.dtype == torch.bool and not keep_weights.all() and keep_weights.any()
+    T, C = q.shape[0], q.shape[2]
+    scores = (q.transpose(0, 1) / math.sqrt(C)) @ keys.permute(1, 2, 0)
+    causal = torch.cat([torch.ones(T, memory.shape[0], dtype=torch.bool),
+                        torch.ones(T, T, dtype=torch.bool).tril()], 1)
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1) * keep_weights / (1 - p)
+    want = (weights @ (keys * keep_values / (1 - p)).transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, segment), g), torch.autograd.grad(want, (q, segment), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_written_attention_and_sdpa_agree_in_expectation_with_dropout():
+    """Dropout 0.1 on: the two formulations draw other masks, so they agree in distribution, not draw by
+    draw. N = 4000 independent draws of each (one call: the batch repeated N times, every element its own
+    mask) of the output and both gradients, 360 numbers per draw.
+
+    Mean: dropout is unbiased and the two masks are independent, so the output and both gradients have the
+    dropout-free values as expectation; per number z = (mean_written - mean_sdpa) / sqrt(se_w^2 + se_s^2),
+    and each mean against the exact value. |z| < 5 for all 360: under agreement z is about N(0, 1) (N =
+    4000), P(|z| > 5) = 5.7e-7, so all 360 pass with probability > 0.9997 (union bound); measured max |z|
+    3.4 (written vs SDPA) and 2.9 (written vs exact). A missing 1/(1-p) or a mask the backward does not
+    reuse gives |z| > 25.
+    Variance: the geometric mean over the 360 numbers of var_written / var_sdpa within exp(+-0.1): each log
+    variance ratio has standard error sqrt(2 / N) * sqrt(2) = 0.032, so 0.1 is > 3 standard errors even if
+    all 360 moved together; measured 1.002. Dropping the values without a mask (a formulation with one
+    dropout) gives 0.44."""
+    T, B, C, M, n, p = 5, 3, 8, 7, 4000, 0.1
+    q0, memory, segment0 = (t.detach() for t in inputs(T=T, B=B, C=C, M=M))
+    g = torch.randn(T, B, C, dtype=torch.float64)
+    mask = torch.cat([torch.ones(T, M, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+
+    def sdpa(q, keys, segment, p):  # the model's SDPA path: F.dropout on the values, SDPA's on the weights
+        v = F.dropout(keys, p, True)
+        return F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), v.transpose(0, 1),
+                                              attn_mask=mask, dropout_p=p).transpose(0, 1)
+
+    def draws(fn, p, n):  # (n, 360): output, grad q, grad segment of each of n independent draws
+        q, segment = (t.repeat(1, n, 1).requires_grad_() for t in (q0, segment0))
+        keys = torch.cat([memory.repeat(1, n, 1), segment])
+        out = fn(q, keys, segment, p)
+        grads = torch.autograd.grad(out, (q, segment), g.repeat(1, n, 1))
+        per_draw = [t.detach().view(T, n, B, C).transpose(0, 1).reshape(n, -1) for t in (out, *grads)]
+        return torch.cat(per_draw, 1)
+
+    torch.manual_seed(0)
+    written, torch_sdpa = draws(attend, p, n), draws(sdpa, p, n)
+    exact = draws(attend, 0.0, 1)[0]
+    z = (written.mean(0) - torch_sdpa.mean(0)) / ((written.var(0) + torch_sdpa.var(0)) / n).sqrt()
+    assert z.abs().max() < 5
+    for sample in (written, torch_sdpa):
+        assert ((sample.mean(0) - exact) / (sample.var(0) / n).sqrt()).abs().max() < 5
+    assert abs((written.var(0) / torch_sdpa.var(0)).log().mean()) < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_written_attention_matmuls_run_in_the_autocast_dtype(dtype):
+    """Under autocast (CPU here; CUDA's path is the same code): the four forward and four backward batched
+    matmuls take the autocast dtype, the softmax and its backward run in float32, the output comes back in
+    the autocast dtype and the gradients in their inputs' (float32), close to float32's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("bmm", "_softmax", "_softmax_backward_data"):
+                self.ops.append((name, tuple(a.dtype for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    q, memory, segment = (t.detach().float() for t in inputs(M=7))
+    q.requires_grad_(True)
+    segment.requires_grad_(True)
+    keys = torch.cat([memory, segment])
+    want = attend(q, keys, segment, 0.0)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, segment), g)
+    with Recorder() as recorder:
+        with torch.autocast("cpu", dtype=dtype):
+            out = attend(q, keys, segment, 0.1)
+            assert out.dtype == dtype
+        out.backward(g.to(dtype))
+    bmm = [dtypes for name, dtypes in recorder.ops if name == "bmm"]
+    assert len(bmm) == 2 + 4 and all(d == (dtype, dtype) for d in bmm), recorder.ops
+    softmax = [dtypes for name, dtypes in recorder.ops if name != "bmm"]
+    assert len(softmax) == 2 and all(set(d) == {torch.float32} for d in softmax), recorder.ops
+    assert q.grad.dtype == segment.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=dtype):  # dropout off: within the 16-bit rounding of float32's result
+        out = attend(q, keys, segment, 0.0)
+    torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.05)
+    grads = torch.autograd.grad(out, (q, segment), g.to(dtype))
+    for a, b in zip(grads, want_grads):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_attention_path_on_other_devices_is_the_implementation(kernels_setting, monkeypatch):
+    """Keys on any device but the CPU take the attention implementation, whatever the CPU setting (a meta
+    tensor stands in for CUDA); CPU keys take it only under "torch"."""
+    meta, cpu = torch.empty(3, 2, 4, device="meta"), torch.empty(3, 2, 4)
+    for impl in kernels.ATTENTION_IMPLS:
+        monkeypatch.setattr(kernels, "_attention_impl", impl)
+        for setting in kernels.CPU_KERNELS:
+            kernels.set_cpu_kernels(setting)
+            assert kernels.attention_path(meta) == impl
+            want = {"fast": "cpu", "fast-attention": "cpu", "fast-masks": "sdpa", "torch": impl}[setting]
+            assert kernels.attention_path(cpu) == want
 
 
 def test_keep_mask_rate_seed_and_thread_independence():
@@ -142,6 +311,7 @@ def test_model_cpu_path_equals_torch_path_in_training(attn, monkeypatch):
     monkeypatch.setattr(sharnn.model, "attend_cpu", counted)
     for fast in (True, False):
         monkeypatch.setattr(sharnn.model, "cpu_attention", lambda keys, fast=fast: fast)
+        monkeypatch.setattr(sharnn.model, "attention_path", lambda keys, fast=fast: "cpu" if fast else "sdpa")
         model.zero_grad()
         _, loss, _ = model(x, state, targets=y)
         loss.backward()
@@ -215,6 +385,34 @@ def test_switch_starts_from_the_environment(value, want):
         assert proc.stdout.strip() == want
 
 
+def test_attention_switch_sets_gets_and_refuses_unknown_names(monkeypatch):
+    monkeypatch.setattr(kernels, "_attention_impl", kernels.get_attention_impl())  # restored afterwards
+    assert kernels.ATTENTION_IMPLS == ("written", "sdpa")
+    assert kernels.set_attention_impl("sdpa") == "written" and kernels.get_attention_impl() == "sdpa"
+    with pytest.raises(ValueError, match="written, sdpa"):
+        kernels.set_attention_impl("flash")
+    assert kernels.get_attention_impl() == "sdpa"
+
+
+@pytest.mark.parametrize("value, want", [(None, "written"), ("", "written"), ("sdpa", "sdpa"),
+                                         ("bogus", None)])
+def test_attention_switch_starts_from_the_environment(value, want):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != kernels.ATTENTION_ENV_VAR}
+    if value is not None:
+        env[kernels.ATTENTION_ENV_VAR] = value
+    proc = subprocess.run([sys.executable, "-c", "import sharnn.kernels as k; print(k.get_attention_impl())"],
+                          env=env, capture_output=True, text=True)
+    if want is None:
+        assert proc.returncode != 0 and "SHARNN_ATTENTION: attention must be one of" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == want
+
+
 def small_training_model(dropout=0.1, dtype=torch.float32):
     cfg = ModelConfig(d_model=32, d_ff=64, n_layer=3, attn="all", mem_len=20, dropout=dropout,
                       dropouth=dropout, dropouti=dropout)
@@ -235,18 +433,20 @@ def loss_and_grads(model, x, y, state, seed=1):
 
 
 # which code each setting runs, per training forward of the 3-block model with attention in every block
-PATHS = {  # setting: (attend_cpu called, SDPA called, numpy masks drawn, F.dropout called)
-    "fast": (True, False, True, False),
-    "torch": (False, True, False, True),
-    "fast-masks": (False, True, True, False),
-    "fast-attention": (True, False, False, True),
+PATHS = {  # (setting, attention impl): (attention that runs, numpy masks drawn, F.dropout called)
+    ("fast", "written"): ("attend_cpu", True, False),
+    ("torch", "written"): ("attend", False, True),
+    ("torch", "sdpa"): ("sdpa", False, True),
+    ("fast-masks", "written"): ("sdpa", True, False),
+    ("fast-attention", "written"): ("attend_cpu", False, True),
 }
 
 
-@pytest.mark.parametrize("setting", list(PATHS))
-def test_each_setting_takes_its_path(setting, kernels_setting, monkeypatch):
+@pytest.mark.parametrize("setting, impl", list(PATHS))
+def test_each_setting_takes_its_path(setting, impl, kernels_setting, monkeypatch):
     model, x, y, state = small_training_model()
-    calls = {"attend_cpu": 0, "sdpa": 0, "numpy": 0, "F.dropout": 0, "bernoulli": 0}
+    calls = {"attend_cpu": 0, "attend": 0, "sdpa": 0, "numpy": 0, "F.dropout": 0, "bernoulli": 0,
+             "native_dropout": 0}
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -255,37 +455,46 @@ def test_each_setting_takes_its_path(setting, kernels_setting, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(sharnn.model, "attend_cpu", counting("attend_cpu", attend_cpu))
+    monkeypatch.setattr(sharnn.model, "attend", counting("attend", attend))
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting("sdpa", F.scaled_dot_product_attention))
     monkeypatch.setattr(F, "dropout", counting("F.dropout", F.dropout))
     monkeypatch.setattr(kernels, "_draw_keep", counting("numpy", kernels._draw_keep))
     monkeypatch.setattr(torch.Tensor, "bernoulli_", counting("bernoulli", torch.Tensor.bernoulli_))
+    monkeypatch.setattr(kernels, "torch_dropout", counting("native_dropout", kernels.torch_dropout))
     kernels.set_cpu_kernels(setting)
+    monkeypatch.setattr(kernels, "_attention_impl", impl)
     loss_and_grads(model, x, y, state)
-    attend, sdpa, numpy_masks, torch_dropout = PATHS[setting]
-    assert (calls["attend_cpu"] == 3) == attend and (calls["sdpa"] == 3) == sdpa
+    attention, numpy_masks, torch_dropout = PATHS[setting, impl]
+    assert {name: calls[name] for name in ("attend_cpu", "attend", "sdpa")} == \
+        {name: 3 if name == attention else 0 for name in ("attend_cpu", "attend", "sdpa")}
     assert (calls["numpy"] > 0) == numpy_masks and (calls["F.dropout"] > 0) == torch_dropout
-    if setting == "fast-attention":  # the written-out attention's two masks come from torch's generator
-        assert calls["bernoulli"] == 2 * 3
+    # the written-out attentions draw two masks each (weights, values): torch's bernoulli_ for attend_cpu
+    # under "fast-attention", torch's dropout op for attend
+    assert calls["bernoulli"] == (2 * 3 if setting == "fast-attention" else 0)
+    assert calls["native_dropout"] == (2 * 3 if attention == "attend" else 0)
     if setting == "fast-masks":  # SDPA's weights dropout is torch's own; every other dropout is numpy's
         assert calls["F.dropout"] == 0
     model.eval()  # evaluation: no dropout anywhere, the attention as the setting says
     calls.update(dict.fromkeys(calls, 0))
     with torch.no_grad():
         model(x, state)
-    assert calls["numpy"] == calls["F.dropout"] == calls["bernoulli"] == 0
-    assert (calls["attend_cpu"] == 3) == attend and (calls["sdpa"] == 3) == sdpa
+    assert calls["numpy"] == calls["F.dropout"] == calls["bernoulli"] == calls["native_dropout"] == 0
+    assert calls[attention] == 3 and sum(calls[n] for n in ("attend_cpu", "attend", "sdpa")) == 3
 
 
-def test_torch_setting_is_the_cuda_code_path(kernels_setting, monkeypatch):
+@pytest.mark.parametrize("impl", kernels.ATTENTION_IMPLS)
+def test_torch_setting_is_the_cuda_code_path(impl, kernels_setting, monkeypatch):
     """Under "torch" a CPU step runs what the model runs on CUDA (where fast_path and cpu_attention are
-    False): the same loss and gradients bit for bit from the same seed, and the same draws from torch's
-    generator."""
+    False and attention_path is the attention implementation): the same loss and gradients bit for bit from
+    the same seed, and the same draws from torch's generator."""
     model, x, y, state = small_training_model()
+    monkeypatch.setattr(kernels, "_attention_impl", impl)
     kernels.set_cpu_kernels("torch")
     loss_t, grads_t, rng_t = loss_and_grads(model, x, y, state)
     kernels.set_cpu_kernels("fast")
     monkeypatch.setattr(kernels, "fast_path", lambda x: False)  # what a CUDA tensor answers
     monkeypatch.setattr(sharnn.model, "cpu_attention", lambda keys: False)
+    monkeypatch.setattr(sharnn.model, "attention_path", lambda keys: impl)
     loss_c, grads_c, rng_c = loss_and_grads(model, x, y, state)
     assert torch.equal(loss_t, loss_c) and torch.equal(rng_t, rng_c)
     for a, b in zip(grads_t, grads_c):
@@ -296,13 +505,17 @@ def test_torch_setting_is_the_cuda_code_path(kernels_setting, monkeypatch):
     assert not torch.equal(loss_f, loss_t)  # other masks: the switch really changed the path
 
 
-def test_all_settings_agree_without_dropout(kernels_setting):
-    """Dropout off: the four settings differ only in how they compute, not in what (float64)."""
+def test_all_settings_agree_without_dropout(kernels_setting, monkeypatch):
+    """Dropout off: the four settings, and under "torch" both attention implementations, differ only in how
+    they compute, not in what (float64)."""
     model, x, y, state = small_training_model(dropout=0.0, dtype=torch.float64)
     results = {}
     for setting in kernels.CPU_KERNELS:
         kernels.set_cpu_kernels(setting)
         results[setting] = loss_and_grads(model, x, y, state)
+    monkeypatch.setattr(kernels, "_attention_impl", "sdpa")
+    kernels.set_cpu_kernels("torch")
+    results["torch sdpa"] = loss_and_grads(model, x, y, state)
     loss0, grads0, _ = results["torch"]
     for setting, (loss, grads, _) in results.items():
         torch.testing.assert_close(loss, loss0, rtol=1e-12, atol=1e-12)
