@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharnn import cli
+from sharnn import cli, signals
 from sharnn.config import ModelConfig
 from sharnn.safe_pickle import PickledObject, safe_torch_load
 
@@ -163,6 +163,12 @@ def _state_dict_of(obj, path: Path) -> dict[str, Tensor]:
 def read_reference_file(path: str | Path, prefix: str = "") -> dict[str, Tensor]:
     """A state dict in the reference's naming from a safetensors file, a torch.save'd state dict or the
     reference's pickled [model, criterion] (read safely), keys under `prefix` only (prefix removed)."""
+    return read_reference(path, prefix)[0]
+
+
+def read_reference(path: str | Path, prefix: str = "") -> tuple[dict[str, Tensor], OriginalVocab | None]:
+    """`read_reference_file`'s state dict, and the original's vocabulary when the file carries one (a
+    dictionary with `idx2word` saved beside the weights, see `_carried_vocab`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -170,11 +176,13 @@ def read_reference_file(path: str | Path, prefix: str = "") -> dict[str, Tensor]
     if not path.is_file():
         raise ValueError(f"{path} is not a file; give a checkpoint written by the reference code (a state "
                          "dict saved with torch.save or safetensors, or its pickled [model, criterion])")
+    carried = None
     try:
         if _is_safetensors(path):
             tensors = load_file(path)
         else:
-            tensors = _state_dict_of(safe_torch_load(path), path)
+            obj = safe_torch_load(path)
+            tensors, carried = _state_dict_of(obj, path), _carried_vocab(obj, path)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, TypeError,
             AttributeError, KeyError, IndexError, OSError) as e:
         raise ValueError(f"cannot read {path} as a safetensors or torch.save file ({type(e).__name__}: "
@@ -198,7 +206,7 @@ def read_reference_file(path: str | Path, prefix: str = "") -> dict[str, Tensor]
         raise ValueError(f"{path} is not a SHA-RNN reference state dict (no 'encoder.weight'): {hint}")
     # sharnn computes in fp32: bring half-precision reference weights over as fp32 (exactly representable).
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
-            for k, v in tensors.items()}
+            for k, v in tensors.items()}, carried
 
 
 # ------------------------------------------------------------------ the original's vocabulary -> bytes
@@ -226,11 +234,20 @@ class OriginalVocab:
     byte_of_id: tuple[int, ...]
     """byte_of_id[i] is the byte the original's token id i stands for (10 for `<eos>`)."""
     kind: str
-    """The source it was read from: "train.txt", "corpus cache" or "raw bytes"."""
+    """The source it was read from: "train.txt", "corpus cache", "raw bytes" or "checkpoint" (the
+    checkpoint's own)."""
     path: Path
+    train_bytes: int | None = None
+    """Raw bytes only: the training text is the file's first `train_bytes` (None: as
+    `_raw_training_chunks` takes it)."""
+
+    def describe(self) -> str:
+        if self.kind == "checkpoint":
+            return f"the vocabulary {self.path} carries"
+        return f"the {self.kind} {self.path}"
 
 
-def _byte_of_word(word: str, path: Path) -> int:
+def _byte_of_word(word: str, path: Path, where: str = "--vocab") -> int:
     """The byte a token of the original's train.txt format stands for."""
     if word == EOS:
         return LINE_BREAK
@@ -238,15 +255,35 @@ def _byte_of_word(word: str, path: Path) -> int:
         return int(word)
     problem = ("byte 10 is written as a line break, never as a token" if word == str(LINE_BREAK) else
                "every token must be a byte value 0-255 in decimal, or <eos>")
-    raise ValueError(f"--vocab {path}: its vocabulary holds the token {word[:20]!r}: not the original's "
+    raise ValueError(f"{where} {path}: its vocabulary holds the token {word[:20]!r}: not the original's "
                      f"byte-level format ({problem}, as data/enwik8/prep_enwik8.py writes). Pass "
                      f"{VOCAB_FILES}")
 
 
-def _vocab_of_words(words: list[str], kind: str, path: Path) -> OriginalVocab:
+def _vocab_of_words(words: list[str], kind: str, path: Path, where: str = "--vocab") -> OriginalVocab:
     if not words:
-        raise ValueError(f"--vocab {path}: the {kind} holds no tokens. Pass {VOCAB_FILES}")
-    return OriginalVocab(tuple(_byte_of_word(w, path) for w in words), kind, path)
+        raise ValueError(f"{where} {path}: the {kind} holds no tokens. Pass {VOCAB_FILES}")
+    return OriginalVocab(tuple(_byte_of_word(w, path, where) for w in words), kind, path)
+
+
+def _carried_vocab(obj, path: Path, depth: int = 0) -> OriginalVocab | None:
+    """The original's vocabulary when a checkpoint carries one: an object (its data.Dictionary or Corpus, or a
+    plain dict) holding `idx2word`, a list of tokens, anywhere in the first levels of what the file holds.
+    The reference's own `model_save` stores none; a training script may have saved one beside the weights."""
+    if depth > 4 or isinstance(obj, Tensor):
+        return None
+    fields = obj if isinstance(obj, dict) else vars(obj) if isinstance(obj, PickledObject) else {}
+    words = fields.get("idx2word")
+    if isinstance(words, list) and words and all(isinstance(w, str) for w in words):
+        return _vocab_of_words(words, "checkpoint", path, where="the vocabulary carried by")
+    if isinstance(obj, (list, tuple)):
+        children = list(obj)
+    else:  # a module's tensors are no vocabulary: skip them
+        children = [v for k, v in fields.items() if k not in ("_parameters", "_buffers", "_pickled_args")]
+    for child in children:
+        if (found := _carried_vocab(child, path, depth + 1)) is not None:
+            return found
+    return None
 
 
 def vocab_from_train_txt(path: Path) -> OriginalVocab:
@@ -331,7 +368,7 @@ def vocab_from_raw_bytes(path: Path, train_bytes: int | None = None) -> Original
         if first_seen[LINE_BREAK] < 0:
             first_seen[LINE_BREAK] = offset
     order = sorted(np.flatnonzero(counts).tolist(), key=lambda b: (-counts[b], first_seen[b]))
-    return OriginalVocab(tuple(order), "raw bytes", path)
+    return OriginalVocab(tuple(order), "raw bytes", path, train_bytes)
 
 
 def _looks_like_train_txt(head: bytes) -> bool:
@@ -395,21 +432,188 @@ def to_byte_order(ref: dict[str, Tensor], vocab: OriginalVocab) -> dict[str, Ten
     return out
 
 
+# ------------------------------------------------------------------ checking the vocabulary against its text
+SCORE_BYTES = 20_000
+"""Default bytes of the vocabulary's own text the imported model is scored on: a few seconds on a CPU at the
+paper's size, and the whole test split of a small run (the fixture's)."""
+SCORE_STREAMS, SCORE_BPTT = 8, 64
+"""How that text is scored: as the original's test evaluation (8 streams; segments of its bptt, 64 in the
+fixture's run), state carried."""
+TRUST_SIGN = 0.8
+"""A 256-row checkpoint imported without --vocab whose output bias falls with the row number at least this
+closely (Spearman) looks numbered by frequency, as the original numbers its symbols: a warning says so."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabCheck:
+    """What sharnn-import could check of the vocabulary it was given, for its output and the model card."""
+
+    verdict: str
+    """"checked" (the imported model beats the byte frequencies of the vocabulary's own text), "the
+    checkpoint's own" (carried by the checkpoint, nothing to score it on) or "taken on trust"."""
+    detail: str
+    """The evidence, one clause: what was scored and the numbers, or why nothing was."""
+    bpc: float | None = None
+    """The imported model's bits per byte on `text` (None: not scored)."""
+    text: str = ""
+    """What was scored: "the test split of the corpus cache PATH (20,000 bytes)"."""
+    warning: bool = False
+    """Whether `detail` warns of something the user should look at (the import went ahead)."""
+
+
+def vocab_text(vocab: OriginalVocab, n: int) -> tuple[np.ndarray, str] | None:
+    """Up to `n` bytes of the text the vocabulary was counted on, and what they are: a corpus cache's test
+    split (else valid, else train) decoded through its own dictionary, train.txt's first tokens, the raw
+    training bytes' first `n`. None when the source holds no text to score (a checkpoint's own vocabulary)."""
+    if n <= 0 or vocab.kind == "checkpoint":
+        return None
+    if vocab.kind == "corpus cache":
+        corpus = safe_torch_load(vocab.path, mmap=True)  # read already once: its tensors are mapped, not read
+        for split in ("test", "valid", "train"):
+            ids = getattr(corpus, split, None)
+            if isinstance(ids, Tensor) and ids.dim() == 1 and ids.numel() >= 2 * SCORE_STREAMS:
+                ids = ids[:n].numpy()
+                if ((ids < 0) | (ids >= len(vocab.byte_of_id))).any():
+                    raise ValueError(f"--vocab {vocab.path}: the corpus cache's {split} split holds ids "
+                                     "outside its dictionary; it is damaged. Pass the run's train.txt or raw "
+                                     "training bytes instead")
+                return np.asarray(vocab.byte_of_id, dtype=np.uint8)[ids], \
+                    f"the {split} split of the corpus cache {vocab.path}"
+        return None
+    if vocab.kind == "train.txt":
+        out: list[int] = []
+        with open(vocab.path, encoding="utf-8") as f:
+            for line in f:
+                out += [_byte_of_word(w, vocab.path) for w in line.split()] + [LINE_BREAK]
+                if len(out) >= n:
+                    break
+        return np.asarray(out[:n], dtype=np.uint8), f"the start of the train.txt {vocab.path}"
+    pieces, got = [], 0
+    for chunk in _raw_training_chunks(vocab.path, vocab.train_bytes):
+        pieces.append(chunk[:n - got])
+        got += len(pieces[-1])
+        if got >= n:
+            break
+    return np.concatenate(pieces), f"the start of the raw training bytes {vocab.path}"
+
+
+@torch.no_grad()
+def score_bpc(model: torch.nn.Module, data: np.ndarray) -> float:
+    """Bits per byte of `model` on `data`: SCORE_STREAMS streams, segments of SCORE_BPTT, state carried, every
+    stream's first byte unpredicted (as sharnn-eval)."""
+    import math
+
+    from sharnn.data import ByteSplit, EvalStreams
+
+    total, state = 0.0, None
+    streams = EvalStreams(ByteSplit.from_bytes(data), SCORE_STREAMS, SCORE_BPTT, 0, 1)
+    for x, y in streams:
+        _, loss, state = model(x.t(), state, targets=y.t())  # (T, b): time-major
+        total += loss.double().item() * y.numel()
+    return total / streams.total_predictions / math.log(2)
+
+
+def unigram_bpc(data: np.ndarray) -> float:
+    """The entropy of `data`'s own byte frequencies, in bits per byte: what an output bias alone can reach on
+    it, and what any model trained on such text beats."""
+    counts = np.bincount(data, minlength=256).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation of two equally long vectors (ties get their mean rank)."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+        ends = np.cumsum(counts)
+        return ((ends - (counts - 1) / 2.0))[inverse]
+
+    ra, rb = ranks(np.asarray(a, dtype=np.float64)), ranks(np.asarray(b, dtype=np.float64))
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def check_vocab(model: torch.nn.Module, vocab: OriginalVocab, source: str | Path, n_bytes: int) -> VocabCheck:
+    """Score the imported `model` on its vocabulary's own text: with the right vocabulary a trained model
+    beats that text's byte frequencies (the original's fixture: 3.327 bpc against 4.536); with another
+    corpus's numbering it does worse (6.747). ValueError when it does worse; "taken on trust" when there is
+    no text."""
+    if vocab.kind == "checkpoint" and n_bytes:
+        return VocabCheck("the checkpoint's own", "carried by the checkpoint itself, which holds no text to "
+                                                  "score it on")
+    sample = vocab_text(vocab, n_bytes)
+    if sample is None or len(sample[0]) < 2 * SCORE_STREAMS:
+        why = ("not scored (--score_bytes 0)" if not n_bytes else
+               f"{vocab.describe()} holds no text to score the imported model on")
+        return VocabCheck("taken on trust", f"{why}: nothing confirms that its numbering is the one the "
+                                            "checkpoint was trained with")
+    data, what = sample
+    what = f"{what} ({len(data):,} bytes)"
+    bpc, baseline = score_bpc(model, data), unigram_bpc(data)
+    seen = np.asarray(sorted(vocab.byte_of_id))
+    agreement = _spearman(model.out_bias.detach().numpy()[seen], np.bincount(data, minlength=256)[seen])
+    evidence = (f"the imported model scores {bpc:.3f} bits per byte on {what}, "
+                f"{'below' if bpc < baseline else 'worse than'} the {baseline:.3f} bits per byte of that "
+                f"text's own byte frequencies (its output bias against those frequencies: Spearman "
+                f"{agreement:+.2f})")
+    if bpc >= baseline:
+        raise ValueError(f"--vocab {vocab.path} ({vocab.kind}) does not fit {source}: {evidence}; any model "
+                         "trained on that text beats its byte frequencies, so the vocabulary numbers the "
+                         "symbols otherwise than the run that wrote the checkpoint. Pass the train.txt, "
+                         "corpus cache or raw training bytes of the run that wrote it (--score_bytes 0 "
+                         "imports it unchecked, recorded as taken on trust); nothing was written")
+    return VocabCheck("checked", evidence, bpc, what)
+
+
+def check_byte_rows(bias: Tensor) -> VocabCheck:
+    """A 256-row checkpoint imported without a vocabulary is taken as bytes by value; one whose output bias
+    falls with the row number (as the original's frequency numbering makes it fall) gets a warning."""
+    falls = _spearman(bias.numpy(), -np.arange(len(bias)))
+    detail = "its 256 rows taken as bytes 0-255 by value"
+    if falls < TRUST_SIGN:
+        return VocabCheck("bytes by value", detail)
+    return VocabCheck("bytes by value", f"{detail}, although its output bias falls with the row number "
+                      f"(Spearman {falls:+.2f}) as in a model the original code trained, which numbers its "
+                      f"symbols by falling frequency: if it is one, import it again with --vocab "
+                      f"({VOCAB_FILES})", warning=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+    """What `import_reference` wrote."""
+
+    config: ModelConfig
+    ignored: list[str]
+    """The reference tensors left out: held by the reference, never read by its forward."""
+    vocab: OriginalVocab | None
+    """The vocabulary whose ids were put in byte order: --vocab's, or the one the checkpoint carries."""
+    check: VocabCheck
+    """What was checked of it (or of the 256 rows taken as bytes)."""
+
+
 def import_reference(path: str | Path, out: str | Path, mem_len: int = 5000, prefix: str = "",
-                     overwrite: bool = False, vocab: OriginalVocab | None = None
-                     ) -> tuple[ModelConfig, list[str]]:
-    """Convert a reference checkpoint into an exported sharnn model directory. Returns the config and the
-    names of the reference tensors left out (held by the reference, never read by its forward). With `vocab`
-    (the original's ids as bytes, see `read_original_vocab`), the vocabulary rows are put in byte order."""
-    from sharnn.pretrained import check_output_dir, check_state_dict, save_state_dict
+                     overwrite: bool = False, vocab: OriginalVocab | None = None,
+                     score_bytes: int = SCORE_BYTES) -> Imported:
+    """Convert a reference checkpoint into an exported sharnn model directory (with its model card). With
+    `vocab` (the original's ids as bytes, see `read_original_vocab`) or a vocabulary the checkpoint carries,
+    the vocabulary rows are put in byte order and the model is scored on up to `score_bytes` of the
+    vocabulary's own text (`check_vocab`) before anything is written."""
+    from sharnn import hub
+    from sharnn.pretrained import build_model, check_output_dir, check_state_dict, save_state_dict
 
     check_output_dir(out, overwrite)
-    ref = read_reference_file(path, prefix)
+    ref, carried = read_reference(path, prefix)
+    if carried is not None and vocab is not None and carried.byte_of_id != vocab.byte_of_id:
+        mine, theirs = carried.byte_of_id, vocab.byte_of_id
+        at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        raise ValueError(f"{path} carries its own vocabulary ({len(mine)} symbols), and --vocab "
+                         f"{vocab.path} ({vocab.kind}, {len(theirs)} symbols) differs from it from id {at} "
+                         "on; drop --vocab: the checkpoint's own vocabulary is the one it was trained with")
+    vocab = vocab or carried
     metadata = {"source": str(path), "converted_from": "Smerity/sha-rnn reference naming"}
     if vocab is not None:
         ref = to_byte_order(ref, vocab)
-        metadata["original_vocab"] = json.dumps({"kind": vocab.kind, "path": str(vocab.path),
-                                                 "byte_of_id": list(vocab.byte_of_id)})
     elif ref["encoder.weight"].shape[0] != 256:
         raise ValueError(f"{path}: its embedding has {ref['encoder.weight'].shape[0]} rows, not 256: a model "
                          "the original code trained numbers the symbols of its training text by frequency, "
@@ -419,9 +623,27 @@ def import_reference(path: str | Path, out: str | Path, mem_len: int = 5000, pre
     check_state_dict(cfg, converted, where=f"the tensors of {path} (in sharnn's naming)",
                      hint="the architecture was read off the file's own tensors, so the file is "
                           "incomplete or not a SHA-RNN of the reference code")
+    model = build_model(cfg, converted)
+    if vocab is None:
+        check = check_byte_rows(model.out_bias.detach())
+        vocabulary = f"{check.verdict}: {check.detail}"
+    else:
+        check = check_vocab(model, vocab, path, score_bytes)
+        metadata["original_vocab"] = json.dumps({"kind": vocab.kind, "path": str(vocab.path),
+                                                 "byte_of_id": list(vocab.byte_of_id),
+                                                 "check": dataclasses.asdict(check)})
+        vocabulary = f"{vocab.describe()}, {check.verdict}: {check.detail}"
+    provenance = hub.Provenance(
+        corpus={"source": {"kind": "the training text of the original code (Smerity/sha-rnn)",
+                           "imported from": str(path), "vocabulary": vocabulary}},
+        test_note="not measured" if check.bpc is None else
+        f"{check.bpc:.3f} bits per byte on {check.text}, scored by sharnn-import ({SCORE_STREAMS} streams, "
+        f"segments of {SCORE_BPTT} bytes)")
+    metadata[hub.PROVENANCE_KEY] = provenance.to_json()
+    card = hub.model_card(cfg, model.num_params(), provenance)
     ignored = [k for k in ref if k != "decoder.weight" and _renamed(k) not in converted]
-    save_state_dict(converted, cfg, out, overwrite=overwrite, metadata=metadata)
-    return cfg, ignored
+    save_state_dict(converted, cfg, out, overwrite=overwrite, metadata=metadata, card=card)
+    return Imported(cfg, ignored, vocab, check)
 
 
 def _renamed(key: str) -> str:
@@ -435,6 +657,13 @@ def _renamed(key: str) -> str:
     if not m or m.group(2) not in _BLOCK_RENAMES:
         return ""
     return f"blocks.{m.group(1)}.{_BLOCK_RENAMES[m.group(2)]}{m.group(3) or ''}"
+
+
+def _byte_count(text: str) -> int:
+    """argparse type: a byte count as sharnn-prepare takes them (5000000, 5M, 64KiB)."""
+    from sharnn.prepare import _byte_count as prepare_byte_count  # imports datasets: only when given
+
+    return prepare_byte_count(text)
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -458,13 +687,20 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--vocab", type=Path, metavar="PATH",
                         help="for a model the original code trained: where its vocabulary comes from, "
                              f"{VOCAB_FILES}; its ids are mapped back to bytes")
-    parser.add_argument(*cli.spellings("--train_bytes"), type=cli.positive_int, metavar="N",
-                        help="with raw bytes as --vocab: the training text is their first N bytes (default: "
-                             "the whole file; enwik8.zip: all but the last 10,000,000, as prep_enwik8.py)")
+    parser.add_argument(*cli.spellings("--train_bytes"), type=_byte_count, metavar="N",
+                        help="with raw bytes as --vocab: the training text is their first N bytes, e.g. 90M "
+                             "(default: the whole file; enwik8.zip: all but the last 10,000,000, as "
+                             "prep_enwik8.py)")
+    parser.add_argument(*cli.spellings("--score_bytes"), type=_byte_count, default=SCORE_BYTES, metavar="N",
+                        help="score the imported model on the first N bytes of the vocabulary's own text (a "
+                             "corpus cache's test split) before writing it, refusing a vocabulary with which "
+                             "it does worse than that text's byte frequencies (default %(default)s; 0: do "
+                             "not score, the model card then says the vocabulary was taken on trust)")
     parser.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
     return parser
 
 
+@signals.command
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sharnn-import` and `python -m sharnn.convert`; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -474,20 +710,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --train_bytes goes with --vocab (raw training bytes)")
     try:
         vocab = None if args.vocab is None else read_original_vocab(args.vocab, args.train_bytes)
-        cfg, ignored = import_reference(args.source, args.out, args.mem_len, args.prefix, args.overwrite,
-                                        vocab)
+        done = import_reference(args.source, args.out, args.mem_len, args.prefix, args.overwrite, vocab,
+                                args.score_bytes)
     except ValueError as e:  # includes sharnn.pretrained.ModelError
         raise SystemExit(f"error: {e}") from None
-    arch = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("d_model", "d_ff", "n_layer", "attn", "mem_len"))
+    arch = ", ".join(f"{k}={getattr(done.config, k)}"
+                     for k in ("d_model", "d_ff", "n_layer", "attn", "mem_len"))
     print(f"imported {args.source} ({arch}) to {args.out}", file=sys.stderr)
-    if vocab is not None:
-        print(f"the original's {len(vocab.byte_of_id)} symbols ({vocab.kind} {vocab.path}) put in byte "
-              f"order; the {256 - len(vocab.byte_of_id)} bytes it never saw get output bias "
-              f"{UNSEEN_BYTE_BIAS:g}",
-              file=sys.stderr)
-    if ignored:
-        print(f"left out {len(ignored)} reference tensors its forward never reads: {', '.join(ignored)}",
-              file=sys.stderr)
+    if done.vocab is not None:
+        print(f"the original's {len(done.vocab.byte_of_id)} symbols ({done.vocab.describe()}) put in byte "
+              f"order; the {256 - len(done.vocab.byte_of_id)} bytes it never saw get output bias "
+              f"{UNSEEN_BYTE_BIAS:g}", file=sys.stderr)
+    print(f"{'warning' if done.check.warning else 'vocabulary'}: {done.check.verdict}: {done.check.detail}",
+          file=sys.stderr)
+    if done.ignored:
+        print(f"left out {len(done.ignored)} reference tensors its forward never reads: "
+              f"{', '.join(done.ignored)}", file=sys.stderr)
     return 0
 
 

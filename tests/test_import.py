@@ -89,7 +89,8 @@ def test_import_reference_state_dict(tmp_path):
 
     assert main([str(FIXTURE), "--prefix", "penultimate.weights.", "--mem-len", "40", "--out",
                  str(tmp_path / "m")]) == 0
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json",
+                                                                   "model.safetensors"]
     assert_reproduces_fixture(tmp_path / "m")
 
 
@@ -312,3 +313,87 @@ def test_import_original_bad_vocabularies(vocab_sources, tmp_path):
     exits_with(main, [ckpt, "--train_bytes", "100", "--out", out], "--train_bytes goes with --vocab")
     assert not (tmp_path / "m").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "empty", "other.zip"]
+
+
+class _FullCorpus:
+    """The original's data.Corpus as its main.py caches it: the dictionary and the three texts' ids."""
+
+    def __init__(self, idx2word, train, valid, test):
+        self.dictionary, self.train, self.valid, self.test = _Dictionary(idx2word), train, valid, test
+
+
+def renumbered_cache(vocab_sources, path: Path, order) -> Path:
+    """A self-consistent corpus cache of the same texts whose ids follow `order` (a permutation of the right
+    idx2word): what a cache of another corpus with as many symbols looks like to the checkpoint."""
+    from sharnn.safe_pickle import safe_torch_load
+
+    cache = safe_torch_load(vocab_sources["corpus cache"])
+    words = [cache.dictionary.idx2word[i] for i in order]
+    new_id = torch.tensor([words.index(w) for w in cache.dictionary.idx2word])
+    torch.save(_FullCorpus(words, new_id[cache.train], new_id[cache.valid], new_id[cache.test]), path)
+    return path
+
+
+def test_import_scores_the_vocabulary_and_refuses_one_of_another_corpus(vocab_sources, tmp_path, capsys):
+    """Issue 26: a corpus cache whose symbol count matches but whose numbering is another corpus's was
+    accepted without a word, and the imported model scored 6.747 bpc on the original's test text where the
+    original printed 3.326 (3.327 as sharnn-eval counts). sharnn-import scores the imported model on the
+    vocabulary's own text at once and refuses a vocabulary with which the checkpoint does worse than that
+    text's own byte frequencies."""
+    from sharnn.convert import main
+
+    ckpt = str(ORIGINAL / "ref.pt")
+    assert main([ckpt, "--vocab", str(vocab_sources["corpus cache"]), "--out", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "3.327 bits per byte on the test split of the corpus cache" in err, err
+    assert "4.536 bits per byte of that text's own byte frequencies" in err and "checked" in err, err
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "3.327" in card and "checked" in card, card
+
+    wrong = renumbered_cache(vocab_sources, tmp_path / "corpus.other.data", list(range(86))[::-1])
+    exits_with(main, [ckpt, "--vocab", str(wrong), "--out", str(tmp_path / "w")],
+               "does not fit", "6.747 bits per byte on the test split", "worse than the 4.536",
+               "train.txt, corpus cache or raw training bytes of the run")
+    assert not (tmp_path / "w").exists()
+
+
+def test_import_without_a_text_to_score_says_the_vocabulary_was_taken_on_trust(vocab_sources, tmp_path,
+                                                                               capsys):
+    from sharnn.convert import main
+
+    ckpt, cache = str(ORIGINAL / "ref.pt"), str(vocab_sources["corpus cache"])
+    assert main([ckpt, "--vocab", cache, "--score_bytes", "0", "--out", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "taken on trust" in err and "--score_bytes 0" in err, err
+    assert "taken on trust" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_import_uses_and_checks_the_checkpoints_own_vocabulary(imported_original, vocab_sources, tmp_path,
+                                                               capsys):
+    """A checkpoint that carries its vocabulary (here the dictionary saved beside the weights) needs no
+    --vocab, and a --vocab that disagrees with it is refused."""
+    from sharnn.convert import main, read_reference_file
+    from sharnn.safe_pickle import safe_torch_load
+
+    idx2word = list(safe_torch_load(vocab_sources["corpus cache"]).dictionary.idx2word)
+    torch.save({"state_dict": read_reference_file(ORIGINAL / "ref.pt"), "dictionary": _Dictionary(idx2word)},
+               tmp_path / "with_vocab.pt")
+    assert main([str(tmp_path / "with_vocab.pt"), "--out", str(tmp_path / "m")]) == 0
+    assert "vocabulary: the checkpoint's own: carried by the checkpoint itself" in capsys.readouterr().err
+    want, got = load_model(imported_original).state_dict(), load_model(tmp_path / "m").state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    wrong = renumbered_cache(vocab_sources, tmp_path / "corpus.other.data", list(range(86))[::-1])
+    exits_with(main, [str(tmp_path / "with_vocab.pt"), "--vocab", str(wrong), "--out", str(tmp_path / "w")],
+               "carries its own vocabulary", "differs", "drop --vocab")
+    assert not (tmp_path / "w").exists()
+
+
+def test_import_train_bytes_takes_size_suffixes(tmp_path):
+    """Issue 26: --train_bytes refused the suffixes sharnn-prepare takes (10G, 64KiB)."""
+    from sharnn.convert import main
+
+    ckpt, out = str(ORIGINAL / "ref.pt"), str(tmp_path / "m")
+    exits_with(main, [ckpt, "--vocab", str(ORIGINAL / "train.bytes"), "--train_bytes", "10G", "--out", out],
+               "197,320 bytes", "10,000,000,000", "--train_bytes")
+    assert main([ckpt, "--vocab", str(ORIGINAL / "train.bytes"), "--train_bytes", "197.32K", "--out",
+                 out]) == 0
