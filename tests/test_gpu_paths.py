@@ -1,7 +1,8 @@
 """The paths that differ only on a GPU (issue 18, "Fails only on a GPU"), each checked here on the CPU with
 the smallest stand-in that reaches the code: CPU launch configs on a machine that has GPUs, DeepSpeed's
-fp16 gradient norm and its initial optimizer step, host syncs per step, pinned batches, the causal-mask
-cache, ONNX export of a model not in fp32 on the CPU. Tests marked `gpu` need a CUDA device and run through
+fp16 gradient norm and its initial optimizer step, the non-finite guard and the stop flag (the host syncs
+of whole loop iterations are counted in tests/test_host_sync.py), pinned batches, the causal-mask cache,
+ONNX export of a model not in fp32 on the CPU. Tests marked `gpu` need a CUDA device and run through
 scripts/gpu_smoke.sh (`pytest -m gpu`)."""
 
 from __future__ import annotations
@@ -289,57 +290,7 @@ def test_the_loss_scale_is_the_one_before_the_step():
     assert _deepspeed_backward_and_step(Accelerator(), engine, torch.tensor(1.0), 3, None) is None
 
 
-# ------------------------------------------------------------------------- host syncs, pinned batches
-def count_host_syncs(monkeypatch) -> list[str]:
-    """Every read of a tensor's value on the host (.item(), float(), int(), bool(), .tolist()): on a GPU each
-    waits for all queued work. Returns the list the calls are appended to."""
-    calls = []
-    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
-        real = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _real=real, _name=name, **kwargs):
-            calls.append(_name)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    return calls
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
-def test_a_training_step_reads_nothing_on_the_host(device, monkeypatch, fresh_accelerate_state):
-    """Before: `norm.item()` at every optimizer step (and the stop flag's all-reduce, below). Now a step with
-    a NonFiniteGuard (what the loop passes) reads nothing; the guard's check, once per log interval, reads
-    one value; without a guard the step still checks at once (the legacy path). The CPU kernels are
-    torch's, as on CUDA ("fast" draws its dropout seeds on the host: CPU tensors, no GPU to wait for)."""
-    from accelerate import Accelerator
-
-    from sharnn import SHARNN, CarryState, ModelConfig, kernels
-    from sharnn.data import ByteSplit, StreamLoader
-    from sharnn.optim import LAMB
-    from train.config import TrainConfig
-    from train.step import NonFiniteGuard, train_step
-
-    monkeypatch.setattr(kernels, "_cpu_kernels", "torch")
-    cfg = TrainConfig(model=ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=16), batch_size=2, bptt=8,
-                      vary_bptt=False, warmup_steps=0, grad_accum=2, state_reset_prob=0.5, clip=0.25)
-    accelerator = Accelerator(cpu=device == "cpu", gradient_accumulation_steps=cfg.grad_accum)
-    assert accelerator.device.type == device
-    model = SHARNN(cfg.model)
-    model, optimizer = accelerator.prepare(model, LAMB(model.parameters(), lr=1e-3, weight_decay=1e-2))
-    loader = StreamLoader(ByteSplit.from_bytes(bytes(range(256)) * 4), 2, 8, 0, 1, 1, vary_bptt=False)
-    guard, carry = NonFiniteGuard(accelerator.device), CarryState.empty(2)
-    train_step(accelerator, model, optimizer, loader, carry, cfg, 1, guard)  # warm-up: lazy state
-    calls = count_host_syncs(monkeypatch)
-    for step in range(2, 6):
-        out, carry = train_step(accelerator, model, optimizer, loader, carry, cfg, step, guard)
-    assert calls == []
-    guard.check()
-    assert calls == ["item"]
-    calls.clear()
-    train_step(accelerator, model, optimizer, loader, carry, cfg, 6)
-    assert calls == ["item"]
-
-
+# -------------------------------------------------------- the non-finite guard, stop flag, pinned batches
 def test_a_nonfinite_norm_is_reported_at_the_next_check_with_its_step():
     from train.step import NonFiniteError, NonFiniteGuard
 
