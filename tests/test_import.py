@@ -342,18 +342,22 @@ def test_import_scores_the_vocabulary_and_refuses_one_of_another_corpus(vocab_so
     text's own byte frequencies."""
     from sharnn.convert import main
 
-    ckpt = str(ORIGINAL / "ref.pt")
-    assert main([ckpt, "--vocab", str(vocab_sources["corpus cache"]), "--out", str(tmp_path / "m")]) == 0
+    ckpt, whole_test = str(ORIGINAL / "ref.pt"), ["--score_bytes", "20K"]  # the original's test split
+    assert main([ckpt, "--vocab", str(vocab_sources["corpus cache"]), *whole_test, "--out",
+                 str(tmp_path / "m")]) == 0
     err = capsys.readouterr().err
     assert "3.327 bits per byte on the test split of the corpus cache" in err, err
-    assert "4.536 bits per byte of that text's own byte frequencies" in err and "checked" in err, err
+    assert "(20,000 bytes), below the 4.536 bits per byte of that text's own byte frequencies" in err, err
+    assert "vocabulary: checked" in err, err
     card = (tmp_path / "m" / "README.md").read_text()
-    assert "3.327" in card and "checked" in card, card
+    assert "checked: the imported model scores 3.327 bits per byte" in card, card
 
     wrong = renumbered_cache(vocab_sources, tmp_path / "corpus.other.data", list(range(86))[::-1])
-    exits_with(main, [ckpt, "--vocab", str(wrong), "--out", str(tmp_path / "w")],
+    exits_with(main, [ckpt, "--vocab", str(wrong), *whole_test, "--out", str(tmp_path / "w")],
                "does not fit", "6.747 bits per byte on the test split", "worse than the 4.536",
                "train.txt, corpus cache or raw training bytes of the run")
+    exits_with(main, [ckpt, "--vocab", str(wrong), "--out", str(tmp_path / "w")],  # the default: 8 KiB
+               "does not fit", "(8,192 bytes), worse than the")
     assert not (tmp_path / "w").exists()
 
 
