@@ -359,23 +359,27 @@ def test_best_checkpoint_survives_pruning_and_resume_path_and_sigint(text_corpus
     assert json.loads((ctrl_c / "summary.json").read_text())["step"] == stopped["step"] + 2
 
 
+def mixed_precision_cmd(precision: str, launch: str | None, corpus: Path, out: Path,
+                        tmp_path: Path) -> list[str]:
+    how = {None: None, "ddp": DDP, "deepspeed": deepspeed(tmp_path, 0)}[launch]
+    return train_cmd("--preset", "tiny", "--data", str(corpus), "--out", str(out), "--precision", precision,
+                     "--max_steps", "30", "--warmup_steps", "5", "--log_every", "5", "--eval_every", "15",
+                     "--eval_max_segments", "4", "--sample_bytes", "0", "--batch_size", "4", "--bptt", "32",
+                     "--test_streams", "2", launch=how)
+
+
+NO_FP16 = ("this CPU has no fp16 kernels (oneDNN; e.g. AMD Zen 4: avx512_bf16 but no AVX512-FP16), so "
+           "DeepSpeed's CPU accelerator cannot train in fp16 here; the refusal is "
+           "test_deepspeed_fp16_is_refused_on_a_cpu_without_fp16_kernels")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,launch", [("bf16", None), ("bf16", "ddp"), ("fp16", "deepspeed")])
 def test_mixed_precision_trains_end_to_end(precision, launch, small_corpus, tmp_path):
-    out = tmp_path / precision
-    how = {None: None, "ddp": DDP, "deepspeed": deepspeed(tmp_path, 0)}[launch]
-    cmd = train_cmd("--preset", "tiny", "--data", str(small_corpus), "--out", str(out), "--precision",
-                    precision, "--max_steps", "30", "--warmup_steps", "5", "--log_every", "5",
-                    "--eval_every", "15", "--eval_max_segments", "4", "--sample_bytes", "0",
-                    "--batch_size", "4", "--bptt", "32", "--test_streams", "2", launch=how)
     if precision == "fp16" and launch == "deepspeed" and not deepspeed_cpu_fp16():
-        # this CPU has no fp16 kernels (e.g. AMD Zen 4: avx512_bf16 but no AVX512-FP16): a clear refusal
-        proc = run(cmd, threads=2, check=False)
-        assert proc.returncode != 0
-        assert "error: --precision fp16: DeepSpeed's CPU accelerator refuses fp16" in proc.stderr, proc.stderr
-        assert not (out / "checkpoints").exists()
-        return
-    proc = run(cmd, threads=2)
+        pytest.skip(NO_FP16)
+    out = tmp_path / precision
+    proc = run(mixed_precision_cmd(precision, launch, small_corpus, out, tmp_path), threads=2)
     assert f"precision {precision}: LSTM forward/backward checked" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit"] == "finished" and summary["step"] == 30 and math.isfinite(summary["test_bpc"])
@@ -384,6 +388,21 @@ def test_mixed_precision_trains_end_to_end(precision, launch, small_corpus, tmp_
     # autocast keeps fp32 weights; under DeepSpeed fp16 the checkpoint holds its fp32 masters (issue 18)
     for value in weights(out / "checkpoints/step-00000030").values():
         assert value.dtype == torch.float32 and torch.isfinite(value).all()
+
+
+@pytest.mark.slow
+def test_deepspeed_fp16_is_refused_on_a_cpu_without_fp16_kernels(small_corpus, tmp_path):
+    """Where DeepSpeed's CPU accelerator refuses fp16, the run stops at start with one clear line and writes
+    nothing (the check itself, on either kind of CPU: test_deepspeed_fp16_on_a_cpu_without_fp16_kernels_is_
+    refused_at_start)."""
+    if deepspeed_cpu_fp16():
+        pytest.skip("this CPU has fp16 kernels: DeepSpeed trains fp16 here "
+                    "(test_mixed_precision_trains_end_to_end[fp16-deepspeed]), there is nothing to refuse")
+    out = tmp_path / "fp16"
+    proc = run(mixed_precision_cmd("fp16", "deepspeed", small_corpus, out, tmp_path), threads=2, check=False)
+    assert proc.returncode != 0
+    assert "error: --precision fp16: DeepSpeed's CPU accelerator refuses fp16" in proc.stderr, proc.stderr
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
 # Dropout off: ranks draw their own masks, so only without dropout do 2 x 4 and 1 x 8 compute the same thing.
