@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sharnn import cli
+from sharnn import cli, signals
 from sharnn.state import CarryState, DecodeState
 
 
@@ -173,6 +173,7 @@ def build_parser() -> cli.ArgumentParser:
     return parser
 
 
+@signals.command
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sharnn-generate` and `python -m sharnn.generate`; returns the exit code."""
     from sharnn.pretrained import ModelError, load_model

@@ -45,7 +45,7 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 from tqdm import tqdm
 
-from sharnn import atomic, cli
+from sharnn import atomic, cli, signals
 from sharnn.data import (
     BYTES_COLUMN,
     FORMAT_NAME,
@@ -868,6 +868,7 @@ def build_parser() -> cli.ArgumentParser:
     return parser
 
 
+@signals.command
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sharnn-prepare`` and ``python -m sharnn.prepare``; returns the exit code."""
     args = build_parser().parse_args(argv)

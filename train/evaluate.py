@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
-from sharnn import atomic, attention, cli
+from sharnn import atomic, attention, cli, signals
 from sharnn.cli import positive_int
 from sharnn.data import SPLITS, CorpusChanged, CorpusError, EvalStreams, open_split
 from sharnn.pretrained import (
@@ -92,6 +92,7 @@ def predicted_bytes(streams: EvalStreams, max_segments: int | None) -> int:
     return streams.n_streams * per_stream
 
 
+@signals.command
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sharnn-eval` and `python -m train.evaluate`; returns the exit code."""
     args = build_parser().parse_args(argv)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sharnn import atomic, cli, hub
+from sharnn import atomic, cli, hub, signals
 from sharnn.pretrained import (
     WEIGHTS_NAME,
     ModelError,
@@ -213,6 +213,7 @@ def build_parser() -> cli.ArgumentParser:
     return parser
 
 
+@signals.command
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sharnn-export` and `python -m train.export`; returns the exit code."""
     args = build_parser().parse_args(argv)

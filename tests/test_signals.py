@@ -1,0 +1,181 @@
+"""Interrupted commands (sharnn/signals.py): Ctrl-C and SIGTERM end every console command with one line and
+exit status 130 / 143, SIGTERM cleans up as Ctrl-C does, and temporaries left by a killed writer are swept
+only when their writer is gone."""
+
+from __future__ import annotations
+
+import configparser
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, subprocess_env
+
+BIN = Path(sys.executable).parent
+
+
+def console_scripts() -> dict[str, str]:
+    """setup.cfg's console scripts: name -> "module:function"."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    lines = [line.split("=") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines()]
+    return {name.strip(): target.strip() for name, target in lines}
+
+
+def one_error_line(stderr: str, *fragments: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(console_scripts()))
+def test_every_console_command_turns_interrupts_into_one_line(name):
+    """Every entry point of setup.cfg goes through sharnn.signals.command (the behaviour itself is tested on
+    real commands below)."""
+    import importlib
+
+    from sharnn import signals
+
+    module, function = console_scripts()[name].split(":")
+    entry = getattr(importlib.import_module(module), function)
+    if name == "sharnn-train":  # imports the trainer inside, so a Ctrl-C during the imports is one line too
+        assert "command(main)" in Path(importlib.import_module(module).__file__).read_text()
+    else:
+        assert entry.__code__.co_filename == signals.__file__ and hasattr(entry, "__wrapped__"), \
+            f"{name}: {console_scripts()[name]} is not decorated with sharnn.signals.command"
+
+
+def test_ctrl_c_while_sharnn_train_starts_is_one_line():
+    """Ctrl-C in the first second: the trainer is still importing torch and accelerate."""
+    proc = subprocess.Popen([str(BIN / "sharnn-train"), "--preset", "tiny"], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    one_error_line(stderr, "interrupted by SIGINT (Ctrl-C)")
+
+
+def test_sigterm_during_prepare_hf_removes_its_temporary(tmp_path):
+    """The issue's case: SIGTERM while `sharnn-prepare hf` writes left a hidden .OUT.tmp-* for ever."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    data = tmp_path / "d.jsonl"
+    with data.open("w") as f:
+        for _ in range(60_000):
+            f.write(json.dumps({"text": "".join(rng.choice("abcdefgh ij\n") for _ in range(200))}) + "\n")
+    out = tmp_path / "corpus"
+    proc = subprocess.Popen([str(BIN / "sharnn-prepare"), "hf", "json", "--data_files", str(data), "--out",
+                             str(out)], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(p.name.startswith(".corpus.tmp") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "prepare ended before it wrote anything"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (130, 143), stderr[-3000:]
+    one_error_line(stderr, "interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # no temporary, no half output
+
+
+def test_sigterm_while_generate_reads_its_prompt_is_one_line(random_model, tmp_path):
+    """SIGTERM after the imports, while sharnn-generate waits for its --prompt_file (a FIFO)."""
+    fifo = tmp_path / "prompt"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([str(BIN / "sharnn-generate"), str(random_model), "--prompt_file", str(fifo),
+                             "--seed", "0"], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while True:  # a writer's non-blocking open succeeds once the reader has the FIFO open
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            assert e.errno == errno.ENXIO, e
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                stderr = proc.communicate()[1]
+                raise AssertionError(f"sharnn-generate never opened its prompt: {stderr[-3000:]}")
+            time.sleep(0.02)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        os.close(writer)
+    assert proc.returncode == 143, stderr[-3000:]
+    one_error_line(stderr, "interrupted by SIGTERM")
+
+
+def test_a_later_handler_is_kept_and_the_previous_one_restored():
+    """`command` puts the previous SIGTERM handler back, unless the command installed its own (the trainer's
+    StopSignal, or its SIG_IGN at the end, must outlive main)."""
+    from sharnn.signals import command
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    @command
+    def plain() -> int:
+        assert signal.getsignal(signal.SIGTERM) is not before
+        return 0
+
+    assert plain() == 0 and signal.getsignal(signal.SIGTERM) is before
+
+    @command
+    def ignores() -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return 0
+
+    try:
+        assert ignores() == 0 and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+    @command
+    def terminated() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    assert terminated() == 143 and signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------------------------------- stale temporaries
+def test_sweep_removes_only_temporaries_of_ended_writers(tmp_path):
+    from sharnn import signals
+
+    out = tmp_path / "corpus"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale_dir = tmp_path / (signals.temporary_name(out, ended.pid) + "@abcd1234")
+        stale_file = tmp_path / signals.temporary_name(out, ended.pid)
+        live_dir = tmp_path / (signals.temporary_name(out, alive.pid) + "@abcd1234")
+        mine = tmp_path / signals.temporary_name(out)
+        other_host = tmp_path / f".corpus.tmp-{ended.pid}@another-machine.example@abcd1234"
+        unnamed = tmp_path / ".corpus.tmp-k2j4h5l1"  # no writer in the name: never judged
+        other_output = tmp_path / (signals.temporary_name(tmp_path / "other", ended.pid) + "@abcd1234")
+        for d in (stale_dir, live_dir, other_host, unnamed, other_output):
+            d.mkdir()
+            (d / "_text-train.bin").write_bytes(b"x" * 1000)
+        stale_file.write_bytes(b"{}")
+        mine.write_bytes(b"{}")
+        removed = signals.sweep_stale_temporaries(out)
+        assert sorted(removed) == sorted([stale_dir, stale_file])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            p.name for p in (live_dir, mine, other_host, unnamed, other_output))
+    finally:
+        alive.kill()
+        alive.wait()
