@@ -1,6 +1,7 @@
 """The layout of a run directory, its checkpoints and an exported model: names, completeness, resolution.
 
     RUN/                              a training run (`sharnn-train --out RUN`)
+      .lock                           while a trainer runs: its lock and who holds it (sharnn/runlock.py)
       checkpoints/
         step-00001200/                one checkpoint (zero-padded optimizer step)
           model.safetensors           the weights
@@ -47,6 +48,8 @@ WEIGHTS_NAME = "model.safetensors"
 CKPT_CONFIG_NAME = "config.yaml"
 META_NAME = "meta.json"
 BEST_NAME = "best.json"
+LOCK_NAME = ".lock"
+"""In a run directory while a trainer runs on it: flock'ed, naming its holder (sharnn/runlock.py)."""
 FORMAT_VERSION = 1
 """Checkpoint format version, recorded in meta.json."""
 EXPORT_CONFIG_NAME = "config.json"

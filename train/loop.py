@@ -20,6 +20,7 @@ import sharnn
 from sharnn import CarryState, atomic, kernels
 from sharnn.data import CorpusChanged, CorpusError, StreamLoader, corpus_record, open_split
 from sharnn.rundir import ModelError
+from sharnn.runlock import RunLock
 from train import checkpoint
 from train.build import build_model, build_optimizer, model_config_for_resume
 from train.config import TrainConfig, dump_yaml, lr_at, parse_args
@@ -50,6 +51,11 @@ from train.step import NonFiniteGuard, train_step
 
 
 def main(argv: list[str] | None = None) -> int:
+    with RunLock() as lock:  # one trainer per run directory (sharnn/runlock.py); released however run() ends
+        return run(argv, lock)
+
+
+def run(argv: list[str] | None, lock: RunLock) -> int:
     cfg, flags = parse_args(argv)
     run_dir = Path(cfg.out)
     # Nothing is written to the run directory before the start has succeeded: a failed start (a damaged
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem := atomic.cannot_write_into(run_dir):
         raise SystemExit(f"error: --out {run_dir}: cannot write the run there ({problem}); choose another "
                          "--out")
+    if not flags.dry_run:
+        lock.acquire(run_dir)  # global rank 0, before anything reads the run directory
     ckpt = checkpoint.resolve_resume(cfg.resume, run_dir)
     resumable = checkpoint.inspect(ckpt) if ckpt is not None else None  # the files are there and readable
     if ckpt is not None:
