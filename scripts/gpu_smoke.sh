@@ -7,6 +7,8 @@
 #   DATA=data/enwik8 STEPS=100 scripts/gpu_smoke.sh
 #   DRY_RUN=1 scripts/gpu_smoke.sh                # print the commands (works without a GPU)
 #
+# The GPU acceptance command, `python -m bench.gpu` (bench/gpu.py), runs this script as one of its checks
+# (STEPS=10 GPU_TESTS=0; it runs `pytest -m gpu` itself): run that one for a full acceptance and its record.
 # Cases: ddp-bf16 and ddp-fp16 (launch/ddp.yaml, one process: DDP at world size 1, LAMB, autocast);
 # ds-fp16 (launch/deepspeed.yaml, ZeRO-0, LAMB, DeepSpeed's fp16 with loss scaling); ds-bf16 (the same with
 # --optimizer adamw: the trainer refuses LAMB under DeepSpeed bf16, whose optimizer wrapper hands LAMB flat
