@@ -631,3 +631,62 @@ def test_weights_written_through_data_are_seen_after_train_or_eval():
         model.train()
         model.eval()
         assert torch.equal(model(x)[0], other(x)[0])
+
+
+# ----------------------------------------------------------------------------- on a GPU (pytest -m gpu)
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_written_attention_matches_sdpa_on_a_gpu():
+    """CUDA's default attention against SDPA at a moderate shape (float32, TF32 off, dropout off): output and
+    gradients; the memory gets none; under bf16 autocast the products run in bf16 and the softmax in float32,
+    the result within bf16's rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    T, B, C, M = 64, 4, 256, 192
+    torch.manual_seed(0)
+    q, segment = (torch.randn(T, B, C, device="cuda", requires_grad=True) for _ in range(2))
+    memory = torch.randn(M, B, C, device="cuda", requires_grad=True)
+    keys = torch.cat([memory, segment])
+    mask = torch.cat([torch.ones(T, M, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+    mask = mask.cuda()
+    k = keys.transpose(0, 1)
+    matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        want = F.scaled_dot_product_attention(q.transpose(0, 1), k, k, attn_mask=mask).transpose(0, 1)
+        out = attend(q, keys, segment, 0.0)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, segment), g, retain_graph=True),
+                        torch.autograd.grad(want, (q, segment), g, retain_graph=True)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        out.backward(g)
+        assert memory.grad is None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("bmm", "_softmax", "_softmax_backward_data"):
+                self.dtypes.setdefault(name, set()).update(
+                    a.dtype for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out16 = attend(q, torch.cat([memory.detach(), segment]), segment, 0.1)
+        out16.float().sum().backward()
+    assert recorder.dtypes["bmm"] == {torch.bfloat16}
+    assert recorder.dtypes["_softmax"] == recorder.dtypes["_softmax_backward_data"] == {torch.float32}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        close = attend(q, keys.detach(), segment, 0.0)
+    assert close.dtype == torch.bfloat16
+    torch.testing.assert_close(close.float(), want.detach(), rtol=0.05, atol=0.05)
