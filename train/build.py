@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from sharnn import SHARNN, ModelConfig, hub
@@ -27,9 +28,22 @@ def model_config_for_resume(cfg: TrainConfig, ckpt: Path) -> ModelConfig:
     return ModelConfig.from_dict(saved)
 
 
-def build_model(cfg: TrainConfig, train_split: ByteSplit, fresh: bool) -> tuple[SHARNN, str]:
+def build_model(cfg: TrainConfig, train_split: ByteSplit, fresh: bool, rank: int = 0) -> tuple[SHARNN, str]:
     """The model and a line saying where its weights come from. `fresh`: not resuming a checkpoint (whose
-    weights are loaded later, with the optimizer)."""
+    weights are loaded later, with the optimizer).
+
+    Every rank draws the same initial weights from `cfg.seed`; then each rank > 0 starts its own random stream
+    (its dropout masks) from `cfg.seed + rank`, while rank 0 continues as a single process does. Nothing may
+    count on a wrapper to broadcast rank 0's weights: DeepSpeed's 16-bit engines build their fp32 masters from
+    each rank's own module (train.distributed.prepare keeps them so), and nothing re-syncs them later."""
+    set_seed(cfg.seed)
+    built = _build_model(cfg, train_split, fresh)
+    if rank:
+        set_seed(cfg.seed + rank)
+    return built
+
+
+def _build_model(cfg: TrainConfig, train_split: ByteSplit, fresh: bool) -> tuple[SHARNN, str]:
     model = SHARNN(cfg.model)
     if not fresh:
         return model, "weights: from the checkpoint"

@@ -144,6 +144,27 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module,
     return model, optimizer
 
 
+def check_same_weights(model: torch.nn.Module, when: str) -> str:
+    """Refuse to go on unless every rank holds the same weights: one all-gather of a checksum per tensor (its
+    sum and sum of squares in float64). Ranks that start from different weights train different models
+    without a word under DeepSpeed's ZeRO-0 16-bit engine (nothing re-syncs them), and validation then
+    averages over them. Every rank calls this (a collective); all raise together. Returns a line to log."""
+    world = torch.distributed.get_world_size()
+    params = [p.detach() for p in getattr(model, "module", model).parameters()]
+    sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).flatten()
+    if torch.distributed.get_backend() == "gloo":
+        sums = sums.cpu()
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    torch.distributed.all_gather(gathered, sums)
+    differ = [rank for rank in range(1, world) if not torch.equal(gathered[rank], gathered[0])]
+    if differ:
+        ranks = f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))}"
+        raise SystemExit(f"error: {when}, {ranks} hold{'' if len(differ) > 1 else 's'} other weights than "
+                         f"rank 0: the ranks would train different models. Every rank must build the model "
+                         f"from the same seed (train.build.build_model) and load the same checkpoint.")
+    return f"weights: the same on all {world} ranks ({len(params)} tensors checked {when})"
+
+
 def _unfused_masters(engine) -> dict[int, torch.Tensor] | None:
     """id(module parameter) -> its fp32 master weight under DeepSpeed's FP16_UnfusedOptimizer, else None."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer

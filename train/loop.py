@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 import sharnn
 from sharnn import CarryState, atomic, kernels
@@ -29,6 +28,7 @@ from train.distributed import (
     build_accelerator,
     check_optimizer_sees_tensors,
     check_precision,
+    check_same_weights,
     fill_deepspeed_config,
     is_deepspeed,
     prepare,
@@ -81,7 +81,6 @@ def run(argv: list[str] | None, lock: RunLock) -> int:
     if cfg.cpu_kernels is not None:
         kernels.set_cpu_kernels(cfg.cpu_kernels)
     peak_lr = cfg.effective_lr(world)
-    set_seed(cfg.seed, device_specific=True)  # rank-specific dropout streams, reproducible
     if flags.dry_run:
         return dry_run(accelerator, cfg, peak_lr)
 
@@ -102,7 +101,7 @@ def run(argv: list[str] | None, lock: RunLock) -> int:
         say(warning)
     loader = StreamLoader(train_split, cfg.batch_size, cfg.bptt, rank, world, cfg.seed,
                           vary_bptt=cfg.vary_bptt)
-    model, origin = build_model(cfg, train_split, fresh=ckpt is None)
+    model, origin = build_model(cfg, train_split, fresh=ckpt is None, rank=rank)  # seeds: see build_model
     say(origin)
     if cfg.compile:
         model.compile()  # in place: forward compiled, state_dict keys unchanged (no _orig_mod. prefix)
@@ -119,6 +118,8 @@ def run(argv: list[str] | None, lock: RunLock) -> int:
         except ValueError as e:
             raise SystemExit(f"error: --resume {ckpt}: {e}") from None
         say(f"resumed from {ckpt} at step {ts.step}")
+    if world > 1:
+        say(check_same_weights(model, "at start"))
     ts.corpus = corpus  # checked equal above; an older checkpoint's run records it from now on
 
     # The start has succeeded: from here on the run directory is written.
@@ -150,6 +151,8 @@ def run(argv: list[str] | None, lock: RunLock) -> int:
     def save() -> None:  # every rank: each writes its own carried state
         guard.check()  # never save the weights of a non-finite step
         ts.loader = loader.state_dict()
+        if world > 1:
+            check_same_weights(model, f"at step {ts.step}")
         checkpoint.save(accelerator, model, run_dir, ts, carry, dump_yaml(cfg), cfg.keep_last)
 
     stop = StopSignal()
