@@ -29,27 +29,32 @@ server's etag) when remote (``fingerprint_kind`` says which).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow as pa
 from datasets.data_files import EmptyDatasetError
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
-from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+from datasets.packaged_modules import _EXTENSION_TO_MODULE, _PACKAGED_DATASETS_MODULES
 from tqdm import tqdm
 
 from sharnn import atomic
 from sharnn.prepare import (
     DEFAULT_HELD_OUT_FRACTION,
+    SEPARATOR_HINT,
     PrepareError,
     PrepareResult,
     _check_out,
@@ -91,6 +96,18 @@ class HFSource:
     use_dataset_splits: bool = True
     """Use the dataset's own validation/test splits when it has them (False: cut both from the training
     text)."""
+
+    def __post_init__(self) -> None:
+        repeated = sorted({c for c in self.columns if self.columns.count(c) > 1})
+        if repeated:
+            raise PrepareError(f"--column {repeated[0]} is given twice: every record's text would be written "
+                               "twice; name each column once")
+        try:
+            self.separator.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PrepareError(f"--separator {self.separator!r} is not text UTF-8 can write "
+                               f"({e.reason}): {SEPARATOR_HINT}") from None
+
 
 
 @dataclass
@@ -141,6 +158,124 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+HUB_CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for the Hub's endpoint to accept a connection before treating the machine as offline."""
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
+_FORMAT_NAMES = {"json": "JSON", "csv": "CSV", "parquet": "Parquet", "arrow": "Arrow", "text": "text"}
+_BINARY_BUILDERS = ("parquet", "arrow", "hdf5", "lance", "webdataset")
+"""Builders of binary files: the `text` builder reads any other file as lines, but not these."""
+
+
+def _is_builder(name: str) -> bool:
+    """Whether NAME is one of `datasets`' packaged builders (json, csv, parquet, text...) rather than a local
+    directory or a Hub dataset."""
+    return name in _PACKAGED_DATASETS_MODULES and not os.path.isdir(name)
+
+
+def _is_remote(pattern: str) -> bool:
+    return "://" in pattern
+
+
+def _file_format(path: str) -> tuple[str | None, str]:
+    """The builder a data file's name says it is for (datasets' own table of extensions), else its first bytes
+    (Parquet's magic number; JSON's opening brace or bracket); and which of the two told."""
+    name = path.lower()
+    for suffix in _COMPRESSION:
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+            break
+    else:
+        suffix = ""
+    ext = os.path.splitext(name)[1]
+    if ext in _EXTENSION_TO_MODULE:
+        return _EXTENSION_TO_MODULE[ext][0], "its name"
+    if suffix:  # compressed: its first bytes say nothing
+        return None, ""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(4096)
+        if head.startswith(b"PAR1"):
+            return "parquet", "its first bytes"
+        if head.lstrip()[:1] in (b"{", b"["):
+            return "json", "its first bytes"
+    return None, ""
+
+
+def _check_source(source: HFSource) -> None:
+    """Refuse, before anything is read, what `datasets` would read silently wrong: a builder without files (it
+    reads the current directory), files of another format than the builder's, a --revision of local data, a
+    --data_files pattern that matches nothing, a revision written into NAME."""
+    name = source.name
+    if "@" in name and not os.path.exists(name) and not _is_builder(name):
+        repo, _, revision = name.partition("@")
+        raise PrepareError(f"{name}: a revision goes in --revision, not in NAME: `sharnn-prepare hf {repo} "
+                           f"--revision {revision}`")
+    builder = name if _is_builder(name) else None
+    is_local = os.path.isdir(name) or builder is not None
+    if builder is not None and not source.data_files:
+        example = f"sharnn-prepare hf {name} --data_files a.{'jsonl' if name == 'json' else name}"
+        raise PrepareError(f"{name} is a builder: give the files it reads with --data_files (`{example}`); "
+                           f"without them `datasets` reads whatever {name} files lie in the current "
+                           "directory")
+    if source.revision is not None and is_local:
+        raise PrepareError(f"--revision picks a version of a dataset on the Hub; {name} is local data "
+                           f"({'a builder with --data_files' if builder else 'a directory'}), which has no "
+                           "revisions: drop --revision")
+    if not is_local:
+        return
+    for pattern in source.data_files:
+        if _is_remote(pattern):
+            continue
+        where = pattern if builder or os.path.isabs(pattern) else os.path.join(name, pattern)
+        files = sorted(f for f in glob.glob(where, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise PrepareError(f"--data_files {pattern} matches no file"
+                               + ("" if where == pattern else f" in {name}")
+                               + "; check the path (a relative one starts in the current directory"
+                               + ("" if builder else f", or in {name} for a directory NAME") + ")")
+        for file in files if builder else ():
+            found, told_by = _file_format(file)
+            wrong = found is not None and found != builder and not (builder == "text" and found not in
+                                                                    _BINARY_BUILDERS)
+            if builder == "parquet" and found is None:
+                wrong, told_by = True, "its first bytes"
+            if wrong:
+                what = _FORMAT_NAMES.get(found, found) if found else "not Parquet (no PAR1 magic number)"
+                fix = (f"`sharnn-prepare hf {found} --data_files {file}`" if found else
+                       "the builder of its format")
+                raise PrepareError(f"--data_files {file} is {what} (by {told_by}), not {builder}: the "
+                                   f"{builder} builder would read it as something it is not; pass its "
+                                   f"builder, {fix}")
+
+
+@contextlib.contextmanager
+def _hub_or_cache(source: HFSource) -> Iterator[str | None]:
+    """For a Hub dataset: when the Hub cannot be reached (a connection within HUB_CONNECT_TIMEOUT), read the
+    `datasets` cache only (offline mode for this call), instead of retrying for half a minute; yields why the
+    Hub was not reached (None: it was, or nothing is fetched from it)."""
+    offline = datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.HF_HUB_OFFLINE
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                              "ALL_PROXY", "all_proxy"))
+    local = os.path.isdir(source.name) or _is_builder(source.name)
+    if offline or proxied or local:  # behind a proxy only the HTTP client knows the way
+        yield None
+        return
+    url = urlsplit(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError as e:
+        why = f"{huggingface_hub.constants.ENDPOINT}: {e.strerror or e}"
+    else:
+        yield None
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield why
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
 def _is_save_to_disk_dir(path: Path) -> bool:
     return (path / datasets.config.DATASET_STATE_JSON_FILENAME).is_file() or \
         (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file()
@@ -177,19 +312,32 @@ def _open_saved(source: HFSource) -> _Opened:
                    fingerprint_kind="datasets _fingerprint of each split")
 
 
-def _files_fingerprint(files: Sequence[str], origins: Sequence[tuple]) -> tuple[str, bool]:
+def _file_records(files: Sequence[str], origins: Sequence[tuple]) -> list[dict]:
+    """What the manifest says of each data file: its path, size and sha256 when local; its address and origin
+    (the Hub revision or the server's etag) when remote."""
+    records = []
+    for name, origin in zip(files, origins or [None] * len(files)):
+        if os.path.isfile(name):
+            with open(name, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            records.append({"path": str(name), "n_bytes": os.path.getsize(name), "sha256": digest})
+        else:
+            records.append({"path": str(name), "origin": repr(origin)})
+    return records
+
+
+def _files_fingerprint(records: Sequence[dict]) -> tuple[str, bool]:
     """sha256 over the data files' names and bytes (local files) or names and origin metadata (remote files);
     the flag says whether every file was local."""
     h = hashlib.sha256()
     all_local = True
-    for name, origin in zip(files, origins):
-        h.update(os.path.basename(name).encode() + b"\0")
-        if os.path.isfile(name):
-            with open(name, "rb") as f:
-                h.update(hashlib.file_digest(f, "sha256").digest())
+    for record in records:
+        h.update(os.path.basename(record["path"]).encode() + b"\0")
+        if "sha256" in record:
+            h.update(bytes.fromhex(record["sha256"]))
         else:
             all_local = False
-            h.update(repr(origin).encode() + b"\0")
+            h.update(record["origin"].encode() + b"\0")
     return h.hexdigest(), all_local
 
 
@@ -198,20 +346,26 @@ def _open_streaming(source: HFSource) -> _Opened:
     if os.path.isfile(source.name):
         raise PrepareError(f"{source.name} is a file: pass its builder and the file, e.g. `sharnn-prepare hf "
                            f"json --data_files {source.name}` (or parquet, csv, text), or its directory")
-    try:
-        builder = datasets.load_dataset_builder(source.name, source.config, revision=source.revision,
-                                                data_files=list(source.data_files) or None)
-        splits = builder.as_streaming_dataset()
-    except (DatasetNotFoundError, EmptyDatasetError, FileNotFoundError) as e:
-        raise PrepareError(f"dataset {source.name!r} not found ({_first_line(e)}). {_HINT}")
-    except StopIteration:  # the json builder reads the first file to infer features: it was empty
-        raise PrepareError(f"{source.name} holds no text (0 records in its first data file); give a dataset "
-                           f"with text") from None
-    except ConnectionError as e:
-        raise PrepareError(f"cannot reach dataset {source.name!r} on the Hub ({_first_line(e)}); this "
-                           f"machine may be offline: {_HINT}")
-    except (ValueError, OSError, ImportError, NotImplementedError) as e:
-        raise PrepareError(f"cannot load dataset {source.name!r} ({_first_line(e)}). {_HINT}")
+    with _hub_or_cache(source) as unreachable:
+        try:
+            builder = datasets.load_dataset_builder(source.name, source.config, revision=source.revision,
+                                                    data_files=list(source.data_files) or None)
+            splits = builder.as_streaming_dataset()
+        except (DatasetNotFoundError, EmptyDatasetError, FileNotFoundError, ConnectionError) as e:
+            if unreachable:
+                raise PrepareError(f"cannot reach the Hugging Face Hub ({unreachable}) and the datasets "
+                                   f"cache holds no copy of {source.name!r}: connect this machine to the "
+                                   "network (or check HF_ENDPOINT), or give a local directory or a builder "
+                                   "with --data_files") from None
+            if isinstance(e, ConnectionError):
+                raise PrepareError(f"cannot reach dataset {source.name!r} on the Hub ({_first_line(e)}); "
+                                   f"this machine may be offline: {_HINT}") from None
+            raise PrepareError(f"dataset {source.name!r} not found ({_first_line(e)}). {_HINT}") from None
+        except StopIteration:  # the json builder reads the first file to infer features: it was empty
+            raise PrepareError(f"{source.name} holds no text (0 records in its first data file); give a "
+                               f"dataset with text") from None
+        except (ValueError, OSError, ImportError, NotImplementedError) as e:
+            raise PrepareError(f"cannot load dataset {source.name!r} ({_first_line(e)}). {_HINT}") from None
     is_local = os.path.isdir(source.name) or source.name in _PACKAGED_DATASETS_MODULES
     identity = {"loader": "load_dataset(streaming=True)", "builder": builder.name,
                 "config": builder.config.name,
@@ -219,13 +373,13 @@ def _open_streaming(source: HFSource) -> _Opened:
                 "revision": None if is_local else builder.hash}
     if os.path.isdir(source.name):
         identity["path"] = str(Path(source.name).absolute())
-    fingerprints, kinds = {}, set()
+    fingerprints, kinds, records = {}, set(), {}
     data_files = builder.config.data_files or {}
     for name, files in data_files.items():
-        fingerprints[str(name)], local = _files_fingerprint(list(files),
-                                                            getattr(files, "origin_metadata", []))
+        records[str(name)] = _file_records(list(files), getattr(files, "origin_metadata", []))
+        fingerprints[str(name)], local = _files_fingerprint(records[str(name)])
         kinds.add("names and bytes" if local else "names and origin (Hub revision or etag)")
-    identity["data_files"] = {str(name): len(files) for name, files in data_files.items()}
+    identity["data_files"] = records
     return _Opened(splits={str(name): stream for name, stream in splits.items()}, identity=identity,
                    fingerprints=fingerprints,
                    fingerprint_kind=f"sha256 of the data files' {' / '.join(sorted(kinds)) or 'names'}")
@@ -265,11 +419,12 @@ def _choose_columns(source: HFSource, features: datasets.Features | None,
 
 
 def _write_split_text(stream: datasets.IterableDataset, split: str, source: HFSource,
-                      columns: tuple[str, ...], out) -> tuple[int, int]:
+                      columns: tuple[str, ...], out) -> tuple[int, int, int]:
     """Append the split's records, joined with the separator, to the open file ``out``; returns (records,
-    bytes). Holds one batch of ``BATCH_ROWS`` records at a time."""
+    bytes written, bytes of text: the records' own, separators not counted). Holds one batch of ``BATCH_ROWS``
+    records at a time."""
     separator = source.separator.encode("utf-8")
-    n_records = n_bytes = 0
+    n_records = n_bytes = n_text = 0
     with _reading(split, source), \
             tqdm(unit="B", unit_scale=True, desc=f"reading {split}", disable=None, leave=False) as bar:
         for batch in stream.iter(batch_size=BATCH_ROWS):
@@ -281,7 +436,9 @@ def _write_split_text(stream: datasets.IterableDataset, split: str, source: HFSo
                     raise PrepareError(f"record {n_records + row} of split {split!r} of {source.name} "
                                        f"has a {type(batch[bad][row]).__name__} in column {bad!r}, not "
                                        f"text; choose string columns with --column")
-                records.append(source.separator.join(v for v in values if v is not None).encode("utf-8"))
+                texts = [v.encode("utf-8") for v in values if v is not None]
+                n_text += sum(len(t) for t in texts)
+                records.append(separator.join(texts))
             if not records:
                 continue
             block = separator.join(records)
@@ -291,7 +448,7 @@ def _write_split_text(stream: datasets.IterableDataset, split: str, source: HFSo
             n_records += len(records)
             n_bytes += len(block)
             bar.update(len(block))
-    return n_records, n_bytes
+    return n_records, n_bytes, n_text
 
 
 def _held_out_splits(source: HFSource, available: Sequence[str], valid_bytes: int | None,
@@ -322,6 +479,7 @@ def prepare_hf(source: HFSource, out: str | Path, valid_bytes: int | None = None
 
 def _prepare_hf(source: HFSource, out: Path, valid_bytes: int | None, test_bytes: int | None, overwrite: bool,
                 existing: dict | None) -> PrepareResult:
+    _check_source(source)
     local = Path(source.name)
     is_saved = local.is_dir() and _is_save_to_disk_dir(local)
     opened = _open_saved(source) if is_saved else _open_streaming(source)
@@ -348,11 +506,12 @@ def _prepare_hf(source: HFSource, out: Path, valid_bytes: int | None, test_bytes
                 columns = _choose_columns(source, stream.features, first)
             log.info("reading %s split %r of %s", role, split, source.name)
             with open(tmp / _scratch_name(role), "wb") as scratch:
-                n_records, n_bytes = _write_split_text(stream, split, source, columns, scratch)
-            if n_bytes == 0:
+                n_records, n_bytes, n_text = _write_split_text(stream, split, source, columns, scratch)
+            if n_text == 0:
                 raise PrepareError(f"split {split!r} of {source.name} holds no text ({n_records:,} records, "
-                                   f"0 bytes in column(s) {', '.join(columns)}); choose another --split or "
-                                   f"--column")
+                                   f"0 bytes of text in column(s) {', '.join(columns)}"
+                                   + (f", only the {n_bytes:,} separators between them" if n_bytes else "")
+                                   + "); choose another --split or --column")
             counts[split] = {"n_records": n_records, "n_bytes": n_bytes}
             text[role] = _map(tmp / _scratch_name(role))
         parts, used = _cut_held_out(text, source.split, held_out, valid_bytes, test_bytes)

@@ -136,6 +136,12 @@ def held_out_split_sizes(total: int, valid_bytes: int | None = None,
 
 
 def _check_split_sizes(total: int, sizes: tuple[int, int, int]) -> None:
+    if sizes[0] < 0:  # the held-out splits are cut from the input: they asked for more than there is
+        raise PrepareError(
+            f"the input has {total:,} bytes, but valid {sizes[1]:,} and test {sizes[2]:,} bytes are to be "
+            f"held out of it: {sizes[1] + sizes[2]:,} bytes, more than the {total:,} there are, and train "
+            f"needs at least {MIN_SPLIT_BYTES:,} more. Give more input or smaller --valid_bytes / "
+            "--test_bytes.")
     small = [f"{name} {n:,}" for name, n in zip(SPLITS, sizes) if n < MIN_SPLIT_BYTES]
     if small:
         raise PrepareError(
@@ -758,12 +764,23 @@ def _byte_count(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+SEPARATOR_HINT = ("give characters, or escapes of whole characters such as '\\n' or '\\u00e9' (a lone "
+                  "surrogate such as '\\ud800', or a byte that is not UTF-8, is no character)")
+
+
 def _escaped_text(text: str) -> str:
-    """argparse type: text with Python's backslash escapes (``\\n``, ``\\t``, ``\\x00``) resolved."""
+    """argparse type: text with Python's backslash escapes (``\\n``, ``\\t``, ``\\x00``) resolved; it must be
+    text UTF-8 can write (no lone surrogate: ``\\ud800``, or a byte of the command line that is not UTF-8)."""
     try:
-        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        value = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise argparse.ArgumentTypeError(f"bad backslash escape in {text!r} ({e.reason})") from None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} holds {value[e.start]!r}, a lone surrogate, which UTF-8 "
+                                         f"cannot write: {SEPARATOR_HINT}") from None
+    return value
 
 
 def _add_held_out_sizes(parser: argparse.ArgumentParser, of_what: str) -> None:
@@ -920,4 +937,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m sharnn.prepare` runs this file as __main__; sharnn.hf_corpus imports sharnn.prepare, a second
+    # copy whose PrepareError main's `except` would not catch: run the one copy every module shares.
+    from sharnn import prepare
+
+    sys.exit(prepare.main())
