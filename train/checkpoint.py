@@ -145,7 +145,9 @@ def save(accelerator, model, run_dir: Path, state: TrainState, carry: CarryState
         if accelerator.is_main_process:
             save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_NAME)
     carry_file = tmp / rundir.carry_name(accelerator.process_index)
-    save_file(carry.to(torch.float32).to("cpu").to_tensors(), carry_file)
+    on_gpu = accelerator.device.type == "cuda"  # which GPU's random state is this rank's (own_cuda_rng_state)
+    save_file(carry.to(torch.float32).to("cpu").to_tensors(), carry_file,
+              metadata={"cuda_rng_device": str(torch.cuda.current_device())} if on_gpu else None)
     accelerator.wait_for_everyone()  # save_state does not wait when automatic naming is off
     if accelerator.is_main_process:
         meta = {"format_version": FORMAT_VERSION, "world_size": accelerator.num_processes,
@@ -243,11 +245,29 @@ def _check_rng_states(ckpt: Path, rank: int) -> None:
         np.random.set_state(states["numpy_random_seed"])
         torch.set_rng_state(states["torch_manual_seed"])
         if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
-            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+            index = torch.cuda.current_device()
+            if (state := own_cuda_rng_state(ckpt, rank, states["torch_cuda_manual_seed"], index)) is not None:
+                torch.cuda.set_rng_state(state, index)
     except Exception as e:  # what accelerate would swallow: any failure to read or apply them
         raise _damaged(ckpt, path.name, f"(rank {rank}'s random number generator states) is unreadable "
                        f"({_short(e)}); without it the "
                        "resumed run would not draw the random numbers of the uninterrupted one") from None
+
+
+def own_cuda_rng_state(ckpt: Path, rank: int, saved: Sequence[torch.Tensor], device_index: int
+                       ) -> torch.Tensor | None:
+    """Rank `rank`'s own GPU random state in checkpoint `ckpt`. accelerate saves the states of every visible
+    GPU (8 on an 8-GPU node) and restores them all with torch.cuda.set_rng_state_all, which fails where
+    fewer GPUs are visible (a requeue onto a smaller node, CUDA_VISIBLE_DEVICES=0): only the state of the GPU
+    the rank trained on matters. Its index is recorded in the rank's carry file (`cuda_rng_device`); for a
+    checkpoint without it, the state of the GPU with this rank's current index, or None."""
+    index = device_index
+    try:
+        with safe_open(str(ckpt / rundir.carry_name(rank)), framework="pt") as f:
+            index = int((f.metadata() or {}).get("cuda_rng_device", device_index))
+    except (SafetensorError, OSError, ValueError):
+        pass
+    return saved[index] if 0 <= index < len(saved) else None
 
 
 def check_same_corpus(resumable: Resumable, corpus: dict, data: str) -> str | None:
@@ -301,6 +321,10 @@ def load(accelerator, ckpt: Path, n_layer: int, batch_size: int,
                          f"optimizer state ({_short(e)}). The checkpoint is damaged or from another model: "
                          "resume from another checkpoint, or start a new run from its weights alone with "
                          f"--init_from {ckpt}") from None
+    if accelerator.device.type == "cuda":  # accelerate's set_rng_state_all may have failed, silently
+        states = accelerate_load(ckpt / f"{RNG_STATE_NAME}_{rank}.pkl").get("torch_cuda_manual_seed", [])
+        if (state := own_cuda_rng_state(ckpt, rank, states, accelerator.device.index)) is not None:
+            torch.cuda.set_rng_state(state, accelerator.device)
     # safetensors names devices "cpu" or "cuda:N"; accelerate's multi-process CPU device is "cpu:0".
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
     try:
