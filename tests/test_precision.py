@@ -114,3 +114,44 @@ def test_promised_lstm_precision_per_device_and_setup():
     assert promised_lstm_dtype("bf16", "cpu", deepspeed=False) == bf16
     assert promised_lstm_dtype("bf16", "cuda", deepspeed=True) == bf16  # DeepSpeed's bf16 weights
     assert promised_lstm_dtype("fp16", "cuda", deepspeed=True) == f16  # with DeepSpeed's loss scaling
+
+
+# --------------------------------------------------------------- accelerate launch --mixed_precision
+@pytest.mark.parametrize("launcher,args,want", [
+    ("bf16", [], "bf16"),  # the launcher's choice over the preset's fp32
+    ("fp16", ["--preset", "paper"], "fp16"),  # and over the paper preset's bf16
+    ("no", [], "fp32"), (None, ["--precision", "bf16"], "bf16"),
+    ("bf16", ["--precision", "bf16"], "bf16"),  # both, agreeing
+])
+def test_the_launcher_s_mixed_precision_is_honoured(monkeypatch, launcher, args, want):
+    """Before: `accelerate launch --mixed_precision bf16 -m train` trained tiny/small in fp32 without a word
+    (the trainer builds its Accelerator from --precision)."""
+    from train.config import parse_args
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if launcher is not None:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    assert parse_args(args)[0].precision == want
+
+
+@pytest.mark.parametrize("launcher,args", [("bf16", ["--precision", "fp32"]),
+                                           ("fp16", ["--precision", "bf16"]), ("fp8", [])])
+def test_a_launcher_precision_that_disagrees_is_refused(monkeypatch, tmp_path, launcher, args):
+    from train.config import parse_args
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    with pytest.raises(SystemExit, match="^error: the launcher asks for mixed precision"):
+        parse_args(args)
+    if args:  # from a YAML file too
+        (tmp_path / "run.yaml").write_text(f"precision: {args[1]}\n")
+        with pytest.raises(SystemExit, match="^error: the launcher asks for mixed precision"):
+            parse_args(["--config", str(tmp_path / "run.yaml")])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_mixed_precision_reaches_the_run(tmp_path):
+    """The real launcher: its --mixed_precision bf16 makes a tiny dry run bf16."""
+    from tests.helpers import run, train_cmd
+
+    proc = run(train_cmd("--dry_run", launch=["--cpu", "--num_processes", "1", "--mixed_precision", "bf16"]))
+    assert "precision: bf16" in proc.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,6 +382,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         if not isinstance(overrides, dict):
             raise SystemExit(f"error: --config {flags.config}: expected a mapping of field: value")
         from_yaml = yaml_to_args(overrides, str(flags.config))
+    explicit = {_field_of(arg) for arg in from_yaml + rest if arg.startswith("--")}
+    launcher = launcher_precision()
+    if launcher is not None and "precision" not in explicit:  # the launch's --mixed_precision over the preset
+        from_yaml = ["--precision", launcher, *from_yaml]
     try:
         with deferred_checks():  # the model's values are checked with the rest, as one error: line
             cfg = tyro.cli(TrainConfig, default=base, args=from_yaml + rest, use_underscores=True,
@@ -392,7 +397,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         named = str(e).split(" ", 1)[0]  # a ConfigError starts with the field's name
         where = f"{flags.config}: " if named in set_by_yaml - set_by_flag else ""
         raise SystemExit(f"error: {where}{e}") from None
+    if launcher is not None and cfg.precision != launcher:
+        raise SystemExit(f"error: the launcher asks for mixed precision {launcher} (accelerate launch "
+                         f"--mixed_precision, or its config's mixed_precision) but --precision is "
+                         f"{cfg.precision}: give one of them, or the same value to both")
     return cfg, flags
+
+
+def launcher_precision() -> str | None:
+    """The precision `accelerate launch --mixed_precision bf16|fp16` (or its config file's mixed_precision)
+    asks for, from the ACCELERATE_MIXED_PRECISION it gives the processes; None for "no" or no launcher. A run
+    takes it when --precision is not given (flag or YAML), and refuses one that disagrees: the trainer builds
+    its own Accelerator from --precision, so the launcher's value was otherwise ignored."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if value in ("", "no", "fp32"):
+        return None
+    if value not in ("bf16", "fp16"):
+        raise SystemExit(f"error: the launcher asks for mixed precision {value!r} "
+                         "(ACCELERATE_MIXED_PRECISION); sharnn trains in fp32, bf16 or fp16: launch with "
+                         "--mixed_precision no|bf16|fp16")
+    return value
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
