@@ -80,8 +80,8 @@ def is_repo_name(text: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- errors
-def _reason(e: BaseException, repo_id: str, revision: str | None) -> str:
-    """What went wrong talking to the Hub, and what to do about it, in one clause."""
+def _reason(e: BaseException, repo_id: str, revision: str | None, writing: bool = False) -> str:
+    """What went wrong talking to the Hub, and what to do about it, in one clause (`writing`: an upload)."""
     login = "log in with `hf auth login` or set HF_TOKEN"
     if isinstance(e, GatedRepoError):
         return f"the repo is gated: accept its conditions on the Hub, then {login}"
@@ -98,8 +98,14 @@ def _reason(e: BaseException, repo_id: str, revision: str | None) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
         return f"the Hub at {constants.ENDPOINT} cannot be reached ({first}): check the network, HF_ENDPOINT"
-    if isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 403):
-        return f"the Hub refused the request ({first}): {login} with a token that may write to it"
+    status = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
+    if status == 401:  # the token sent is not one the Hub accepts (expired, revoked, mistyped)
+        return (f"the Hub refused the token ({first}): {login} with a valid token"
+                + (" that may write to it" if writing else " (a public repo needs none: unset HF_TOKEN)"))
+    if status == 403:  # a valid token without the right
+        return (f"the Hub refused the request ({first}): "
+                + ("use a token that may write to it (a write token, on a repo you may write to)" if writing
+                   else "your token may not read it: ask its owner for access, or use a token that may"))
     return f"{type(e).__name__}: {first}"
 
 
@@ -151,7 +157,7 @@ def upload(folder: str | Path, repo_id: str, private: bool | None = None,
                                    commit_message=commit_message)
     except (*HUB_ERRORS, ValueError) as e:  # ValueError: the Hub rejected the card's metadata, or its reply
         raise ModelError(f"cannot upload to the Hugging Face Hub repo {repo_id}: "
-                         f"{_reason(e, repo_id, None)}") from None
+                         f"{_reason(e, repo_id, None, writing=True)}") from None
     return str(commit.commit_url)
 
 

@@ -379,3 +379,48 @@ def test_push_failures_are_clear_errors(tiny_model, tmp_path, monkeypatch):
                f"the export in {out} is complete")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no --out x, no temporary directory
+
+
+class RefusingHub:
+    """The Hub answering every request as it answers a token it does not accept: 401 with its JSON error
+    ("Invalid credentials in Authorization header", no X-Error-Code: not a missing repo)."""
+
+    def __init__(self, status: int = 401):
+        body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def refuse(self):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_HEAD = do_POST = refuse
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_refused_token_on_download_asks_for_one_that_may_read(tiny_model, tmp_path, monkeypatch):
+    """Issue 26: a 401 on a download advised "a token that may write to it"."""
+    from train.export import main as export
+
+    hub = RefusingHub()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_TOKEN", "hf_expired")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError) as refused:
+        load_model("alice/tiny")
+    assert "401" in str(refused.value) and "valid token" in str(refused.value), refused.value
+    assert "write" not in str(refused.value), refused.value
+    exits_with(export, [str(tiny_model), "--out", str(tmp_path / "out"), "--push_to_hub", "alice/tiny"],
+               "401", "valid token that may write to it")
+    hub.server.shutdown()
+    hub.server.server_close()
