@@ -142,11 +142,42 @@ def _first(items: list[str], n: int = 8) -> str:
 
 MISMATCH_HINT = ("the config and the weights come from different models; export the checkpoint again or fix "
                  "the config")
+ARCH_FIELDS = ("vocab_size", "d_model", "d_ff", "n_layer", "attn")
+"""The ModelConfig fields that shape the weights (the others, dropout and mem_len, hold no tensor)."""
+
+
+def weights_architecture(state_dict: dict[str, Tensor]) -> dict:
+    """The ARCH_FIELDS that a sharnn state dict's own tensors say (those it says nothing about are left out):
+    sizes from the embedding and the first Boom, the block count, the attention placement from which blocks
+    hold an attention head."""
+    found: dict = {}
+    if (embed := state_dict.get("embed.weight")) is not None and embed.dim() == 2:
+        found["vocab_size"], found["d_model"] = int(embed.shape[0]), int(embed.shape[1])
+    if (boom := state_dict.get("blocks.0.boom.proj.weight")) is not None and boom.dim() == 2:
+        found["d_ff"] = int(boom.shape[0])
+    parts = [k.split(".") for k in state_dict if k.startswith("blocks.")]
+    blocks = {int(p[1]) for p in parts if p[1].isdigit()}
+    if blocks and blocks == set(range(len(blocks))):
+        n = found["n_layer"] = len(blocks)
+        with_attn = [i for i in range(n) if f"blocks.{i}.attn.query.weight" in state_dict]
+        placement = {(): "none", tuple(range(n)): "all", (n - 2,): "penultimate"}.get(tuple(with_attn))
+        if placement is not None:
+            found["attn"] = placement
+    return found
+
+
+def architecture_flags(config: ModelConfig, state_dict: dict[str, Tensor], prefix: str = "--model.") -> str:
+    """The flags that give `config` the architecture of `state_dict` ("--model.d_model 64 --model.n_layer 3"),
+    or "" when the weights' own tensors show no ARCH_FIELDS value that differs from the config's."""
+    have = weights_architecture(state_dict)
+    return " ".join(f"{prefix}{k} {v}" for k, v in have.items() if getattr(config, k) != v)
 
 
 def check_state_dict(config: ModelConfig, state_dict: dict[str, Tensor], where: str = "the weights",
-                     hint: str = MISMATCH_HINT) -> None:
-    """Raise a ModelError naming every tensor that the config's model lacks, needs, or shapes differently."""
+                     hint: str = MISMATCH_HINT, flags: str | None = None) -> None:
+    """Raise a ModelError naming every tensor that the config's model lacks, needs, or shapes differently,
+    and the architecture fields on which the weights and the config differ. With `flags` (the prefix of the
+    caller's model options, e.g. "--model."), the hint is the options that make the config fit the weights."""
     with torch.device("meta"):  # shapes only: allocates nothing, even at the paper's size
         expected = {k: tuple(v.shape) for k, v in SHARNN(config).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -166,8 +197,14 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, Tensor], where: 
             problems.append(f"tensors the config has no place for: {_first(unexpected)}")
         if shapes:
             problems.append(f"shape mismatches: {_first(shapes)}")
-        arch = {k: getattr(config, k) for k in ("vocab_size", "d_model", "d_ff", "n_layer", "attn")}
-        raise ModelError(f"the model config does not match {where}: " + "; ".join(problems)
+        arch = {k: getattr(config, k) for k in ARCH_FIELDS}
+        have = weights_architecture(state_dict)
+        differ = ", ".join(f"{k}={v} (the config: {arch[k]})" for k, v in have.items() if arch[k] != v)
+        if differ and flags is not None:
+            fix = architecture_flags(config, state_dict, flags)
+            hint = f"give the model the weights' architecture: {fix}"
+        raise ModelError(f"the model config does not match {where}: "
+                         + (f"the weights are {differ}; " if differ else "") + "; ".join(problems)
                          + f". The config says {arch}: {hint}")
 
 
