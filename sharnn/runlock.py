@@ -26,14 +26,17 @@ Why it is built this way:
   therefore creates --out when it is missing; these are the only things written before the start has
   succeeded, and release() removes them when the start fails.
 - The launch holds it, not each process: only global rank 0 (RANK, which torchrun and `accelerate launch`
-  set; 0 for a single process) takes it, before the process group exists, on a filesystem all nodes share
-  (a multi-node run needs one for its checkpoints anyway). When rank 0 is refused it exits at once and the
-  launcher ends the launch's other processes (torchrun stops the other workers of a launch when one fails;
-  other nodes lose the rendezvous store and fail with it), so no rank waits for a process group that will
-  never form. The other ranks read the run directory without the lock, at the same moment rank 0 does.
-- Released on exit through the descriptor only: forked children close their copy (os.register_at_fork),
-  so a child outliving a killed trainer does not keep the run locked; the descriptor is not inherited by
-  programs the trainer runs.
+  set, or MPI's rank variables; 0 for a single process) takes it, before the process group exists, on a
+  filesystem all nodes share (a multi-node run needs one for its checkpoints anyway). When rank 0 is refused
+  it exits at once and the launcher ends the launch's other processes (torchrun stops the other workers of a
+  launch when one fails; other nodes lose the rendezvous store and fail with it), so no rank waits for a
+  process group that will never form (tests/test_lock.py: two nodes end long before --timeout_s). The other
+  ranks read the run directory without the lock, at the moment rank 0 takes it: one that read the
+  checkpoints while a trainer ending just then still wrote them could resume from another checkpoint than
+  rank 0, which the trainer's check that every rank starts from the same weights (check_same_weights in
+  train/distributed.py) refuses.
+- Forked children close their copy of the descriptor (os.register_at_fork), so a child outliving a killed
+  trainer does not keep the run locked; programs the trainer runs never get it (close-on-exec).
 - Removed at release while still locked. A trainer that opened the old file locks an unlinked file, so after
   locking it checks that RUN/.lock is still the file it locked, and starts again if not.
 - A filesystem that refuses flock (some Lustre mounts without `-o flock`): a warning, and the run goes on
@@ -75,12 +78,18 @@ NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 """flock's errors on a filesystem that does not support it."""
 
 
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+"""Where launchers put a process's global rank: torchrun / `accelerate launch`, then MPI's (the variables
+accelerate reads, accelerate/utils/environment.py)."""
+
+
 def launch_rank() -> int:
-    """This process's global rank as its launcher set it (RANK); 0 when launched alone."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    """This process's global rank as its launcher set it; 0 when launched alone."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 class RunLock:

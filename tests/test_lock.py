@@ -151,3 +151,38 @@ def test_a_refused_multi_node_launch_ends_on_every_node(text_corpus, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+FORK_AND_HOLD = """import os, sys, time
+from sharnn.runlock import RunLock
+lock = RunLock()
+lock.acquire(sys.argv[1])
+if os.fork() == 0:  # a child (a data worker, say) that outlives the trainer
+    time.sleep(600)
+    os._exit(0)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holder_frees_the_lock_even_when_its_child_lives_on(tmp_path):
+    """SIGKILL to the holder: the kernel frees its flock, and the forked child it leaves behind does not keep
+    it (the child closed its copy of the descriptor); the next trainer takes the lock over."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORK_AND_HOLD, str(out)], cwd=REPO, env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        taker = subprocess.run([sys.executable, "-c", HOLD.replace("600", "0"), str(out)], cwd=REPO,
+                               env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert taker.returncode != 0 and f"pid {holder.pid}," in taker.stderr  # held: refused
+        holder.kill()
+        holder.wait()
+        assert json.loads((out / LOCK).read_text())["pid"] == holder.pid  # left behind, naming the dead
+        taker = subprocess.run([sys.executable, "-c", HOLD.replace("600", "0"), str(out)], cwd=REPO,
+                               env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert taker.returncode == 0 and taker.stdout == "held\n", taker.stderr
+        assert not (out / LOCK).exists() and out.is_dir()  # the taker's release removed its lock file
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)  # the child too
