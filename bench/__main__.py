@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import check_output, written_by
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(emulated: 100x slower than fp32; skipped by default)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_output(args.json, "--json", written_by("bench"), "record of python -m bench")
 
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import check_output
 from sharnn import atomic, cli
 
 GIB = 2**30
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_measure", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_output(args.json, "--json", atomic.json_with_keys("args", "machine", "prepared", "runs"),
+                 "record of python -m bench.loader")
 
     if args._measure is not None:  # worker process
         print(json.dumps(measure(args._measure, args.batch_size, args.bptt, args._rank, args.world_size,

@@ -579,6 +579,8 @@ def error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench import check_output, written_by
+
     args = parse_args(argv)
     original, lamb = args.original.expanduser().resolve(), args.lamb.expanduser().resolve()
     for problem in (check_original(original), check_lamb(lamb)):
@@ -602,12 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < first_timed:
         return error(f"--batches {args.batches} leaves no timed log interval after the warm-up of {warmup} "
                      f"batches (the first interval is never timed): use at least {first_timed}")
-    if args.json:
-        from sharnn import atomic
-
-        problem = atomic.cannot_write_into(args.json.parent)
-        if problem:
-            return error(f"cannot write --json {args.json}: {problem}")
+    check_output(args.json, "--json", written_by("bench.original"), "record of python -m bench.original",
+                 inputs=[("original's checkout", original), ("LAMB checkout", lamb)])
 
     import importlib.util
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import check_output, written_by
 from bench.seeds import describe, fmt, paired
 from sharnn import atomic
 
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of training: print the tables of a JSON this command wrote "
                              "(complete or not)")
     args = parser.parse_args(argv)
+    check_output(args.json, "--json", written_by("bench.quality"), "record of python -m bench.quality",
+                 inputs=[("corpus", args.data), ("report", args.report)])
     if args.report:
         record = json.loads(args.report.read_text())
         print(f"{record['command']}  ({record['date']}, {record['machine']})")

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import check_output, written_by
 from bench.seeds import describe, fmt, paired
 from sharnn import atomic
 
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write runs and summaries here (rewritten after every run)")
     parser.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
     args = parser.parse_args(argv)
+    check_output(args.json, "--json", written_by("bench.recipe"), "record of python -m bench.recipe",
+                 inputs=[("corpus", args.data)])
     if not (args.data / "manifest.json").exists():
         parser.error(f"--data {args.data} is not a prepared corpus (sharnn-prepare)")
     if args.seeds < 1 or args.threads < 1:

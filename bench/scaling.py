@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import check_output, is_png, written_by
 from bench.seeds import describe, fmt
 from sharnn import atomic
 
@@ -178,6 +179,19 @@ def print_tables(record: dict, analysis: dict) -> None:
               f"warmup in {analysis['best_rule']['warmup']}")
 
 
+PLOT_NAMES = ("bpc_vs_bytes.png", "bpc_vs_steps.png", "bpc_vs_bytes_all_rules.png")
+"""What --plots writes into its directory (each replaces only a PNG of the same name)."""
+
+
+def save_png(fig, path: Path) -> None:
+    """The figure as a PNG at `path`, atomically (a plot half-written never replaces an earlier one)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic.write_bytes(path, buffer.getvalue())
+
+
 def plot(record: dict, analysis: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -212,14 +226,14 @@ def plot(record: dict, analysis: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
 
     if best:
-        for x, name in (("bytes", "bpc_vs_bytes.png"), ("step", "bpc_vs_steps.png")):
+        for x, name in (("bytes", PLOT_NAMES[0]), ("step", PLOT_NAMES[1])):
             fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
             lines(ax, best["rule"], best["warmup"], x)
             ax.set_title(f"--lr_scaling {best['rule']}, warmup in {best['warmup']} (mean ± std over seeds)",
                          fontsize=9)
             fig.tight_layout()
             written.append(out_dir / name)
-            fig.savefig(written[-1])
+            save_png(fig, written[-1])
             plt.close(fig)
     warmups = sorted({c["warmup"] for c in configs})
     fig, axes = plt.subplots(len(warmups), len(rules), figsize=(4.2 * len(rules), 3.4 * len(warmups)),
@@ -228,8 +242,8 @@ def plot(record: dict, analysis: dict, out_dir: Path) -> list[Path]:
         lines(axes[i][j], rule, warmup, "bytes")
         axes[i][j].set_title(f"--lr_scaling {rule}, warmup in {warmup}", fontsize=9)
     fig.tight_layout()
-    written.append(out_dir / "bpc_vs_bytes_all_rules.png")
-    fig.savefig(written[-1])
+    written.append(out_dir / PLOT_NAMES[2])
+    save_png(fig, written[-1])
     plt.close(fig)
     return written
 
@@ -282,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="only print the tables (and --plots) of these JSONs (runs of the same study, "
                              "e.g. seeds run in parallel, are merged)")
     args = parser.parse_args(argv)
+    inputs = [("corpus", args.data), *(("study (--report)", path) for path in args.report or [])]
+    check_output(args.json, "--json", written_by("bench.scaling"), "record of python -m bench.scaling",
+                 inputs=inputs)
+    for name in PLOT_NAMES if args.plots else ():
+        check_output(args.plots / name, "--plots", is_png, "plot (PNG)", inputs=inputs)
 
     if args.report:
         records = []

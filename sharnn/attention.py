@@ -20,14 +20,20 @@ outside the block the model has no hooks, and its code path is the one it always
 
 Distances: query t of the segment sits at key position n_memory + t; key j is n_memory + t - j bytes back
 (0: the query's own position). Entropy is in bits. matplotlib is imported only when a picture is drawn.
+
+A report directory is recognised by its files and the format marker in its report.json (`is_report_dir`):
+`write_report_dir` replaces only a directory that is an earlier report (sharnn.atomic.check_output).
+What a forward over a window needs in memory (`forward_bytes`, the attention's T x K scores dominating) is
+checked against what the device has (`check_fits`) by the commands whose size options set T and K.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,6 +45,9 @@ from torch import Tensor
 from sharnn import atomic
 from sharnn.model import SHARNN, SingleHeadAttention, causal_mask
 
+REPORT_FORMAT = "sharnn-attention-report"
+"""The `format` in a report's report.json: what marks a directory as a report that a new one may replace."""
+REPORT_FILES = ("attention.png", "distance.png", "report.json", "report.md")
 N_QUERIES_SHOWN = 6  # query positions whose top keys the text report lists
 TOP_K = 5  # keys listed per query
 CONTEXT_BYTES = 12  # bytes shown on either side of a key in the text report
@@ -213,8 +222,9 @@ class AttentionReport:
     start: int
 
     def to_json(self) -> dict:
-        return {"entropy_bits": self.entropy_bits, "entropy_unit": "bits", "start": self.start,
-                "segment_len": self.segment_len, "n_memory": self.n_memory,
+        return {"format": REPORT_FORMAT, "format_version": 1, "entropy_bits": self.entropy_bits,
+                "entropy_unit": "bits", "start": self.start, "segment_len": self.segment_len,
+                "n_memory": self.n_memory,
                 "layers": {str(i): layer for i, layer in self.layers.items()}}
 
 
@@ -357,11 +367,73 @@ def figure_rgb(fig) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def write_report_dir(window: AttentionWindow, report: AttentionReport, out: str | Path) -> None:
-    """Write attention.png, distance.png, report.json and report.md to the directory `out`, atomically (a
-    previous `out` is replaced)."""
+def is_report_dir(path: str | Path) -> bool:
+    """Whether `path` is an attention report `write_report_dir` wrote: nothing but its files, and a
+    report.json with the report's format marker."""
+    path = Path(path)
+    if not atomic.holds_only(REPORT_FILES)(path):
+        return False
+    try:
+        record = json.loads((path / "report.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == REPORT_FORMAT
+
+
+def write_report_dir(window: AttentionWindow, report: AttentionReport, out: str | Path,
+                     inputs: Sequence[tuple[str, str | Path | None]] = (),
+                     option: str = "--attention_report") -> None:
+    """Write attention.png, distance.png, report.json and report.md to the directory `out`, atomically. An
+    existing `out` is replaced only when it is an earlier report (`is_report_dir`); `inputs` (what the report
+    was read from) may not be, hold or lie inside `out`: sharnn.atomic.check_output, OutputRefused
+    otherwise."""
+    atomic.check_output(out, option, kind="dir", what="attention report", is_ours=is_report_dir,
+                        inputs=inputs)
     with atomic.build_dir(out) as tmp:
         (tmp / "attention.png").write_bytes(figure_png(weights_figure(window, report)))
         (tmp / "distance.png").write_bytes(figure_png(distance_figure(report)))
         atomic.write_json(tmp / "report.json", report.to_json())
         atomic.write_text(tmp / "report.md", marked_text(window, report))
+
+
+# ---------------------------------------------------------------------------------- memory of a window
+def forward_bytes(cfg, T: int, K: int, B: int = 1) -> int:
+    """About the memory a forward of T positions over B streams with K keys (memory + segment) takes
+    without gradients, in float32: the attention's (B, T, K) scores, softmax and weights (three copies, the
+    written-out CPU attention's), the memory kept per attention block, and each block's activations (LSTM,
+    layer norms, Boom: a few (T, B, C) and (T, B, d_ff) tensors) and the logits. An estimate for refusing
+    sizes that cannot fit, not a measurement."""
+    n_attn = len(cfg.attn_layers)
+    scores = 3 * B * T * K * 4 if n_attn else 0
+    kept = n_attn * K * B * cfg.d_model * 4
+    activations = B * T * (12 * cfg.d_model + 3 * cfg.d_ff + 2 * cfg.vocab_size + 8) * 4
+    return scores + kept + activations
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory free for new tensors on `device`: a CUDA device's free memory; for the CPU the smaller of the
+    system's MemAvailable and what the cgroup's memory.max still allows. None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    found = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return max(0, min(found)) if found else None
+
+
+def check_fits(need: int, device: torch.device | str, what: str, fix: str) -> None:
+    """ValueError "`what` needs about N of memory, more than the M available on DEVICE; `fix`" when `need`
+    bytes exceed the device's available memory (nothing when that cannot be told)."""
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(f"{what} needs about {atomic.size_text(need)} of memory, more than the "
+                         f"{atomic.size_text(free)} available on {torch.device(device)}; {fix}")

@@ -79,7 +79,8 @@ def stream_batch(model, prompts: Sequence[bytes], n_bytes: int, temperature: flo
     device = next(model.parameters()).device
     read = {p: read_prompt(model, p, state, prompt_chunk, device) for p in dict.fromkeys(prompts)}
     logits = torch.stack([read[p][0] for p in prompts])  # (B, V)
-    decode = DecodeState.from_carry([read[p][1] for p in prompts], model.cfg.mem_len, model.cfg.attn_layers)
+    window = decode_window(model.cfg.mem_len, state, max(map(len, prompts)), n_bytes)
+    decode = DecodeState.from_carry([read[p][1] for p in prompts], window, model.cfg.attn_layers)
     for i in range(n_bytes):
         probs = filter_logits(logits.float(), temperature, top_k, top_p).softmax(-1)  # (B, V)
         # one draw per stream from its own generator: what each stream alone would draw
@@ -89,14 +90,39 @@ def stream_batch(model, prompts: Sequence[bytes], n_bytes: int, temperature: flo
             logits = model.step(nxt, decode)
 
 
+def decode_window(mem_len: int, state: CarryState | None, prompt_len: int, n_bytes: int) -> int:
+    """Positions the generation's memory window must hold: mem_len, or fewer when the carried state, the
+    longest prompt and the bytes generated are fewer (its keys are then the same: nothing is ever cut), so
+    a memory longer than anything generation reaches (--mem_len 10**12) is not allocated."""
+    held = max((m.shape[0] for m in state.memory if m is not None), default=0) if state is not None else 0
+    return max(1, min(mem_len, held + prompt_len + n_bytes))
+
+
 def read_prompt(model, prompt: bytes, state: CarryState | None, prompt_chunk: int | None,
                 device: torch.device) -> tuple[Tensor, CarryState]:
-    """forward over the prompt, in pieces of `prompt_chunk` bytes: (the last logits (V,), the state)."""
-    x = torch.tensor(list(prompt), dtype=torch.long, device=device).view(-1, 1)  # (T, 1)
-    chunk = prompt_chunk or x.shape[0]
-    for start in range(0, x.shape[0], chunk):
-        logits, _, state = model(x[start:start + chunk], state)
+    """forward over the prompt, in pieces of `prompt_chunk` bytes: (the last logits (V,), the state). Only
+    the piece being read is held as int64 (a long prompt as bytes)."""
+    data = torch.frombuffer(bytearray(prompt), dtype=torch.uint8)
+    chunk = prompt_chunk or len(data)
+    for start in range(0, len(data), chunk):
+        x = data[start:start + chunk].to(device=device, dtype=torch.long).view(-1, 1)  # (T, 1)
+        logits, _, state = model(x, state)
     return logits[-1, 0], state
+
+
+def generation_bytes(cfg, prompt_len: int, chunk: int, n_streams: int, n_bytes: int) -> dict[str, int]:
+    """About the memory each size option makes generation take: reading the prompt in pieces of `chunk`
+    (the attention over chunk x (memory + chunk) keys), then n_streams streams stepping with a memory window
+    (sharnn.state.MemoryWindow: 2 x window positions per attention block) and, with several streams, the
+    samples kept until all are done."""
+    from sharnn.attention import forward_bytes
+
+    T = min(chunk, prompt_len)
+    window = decode_window(cfg.mem_len, None, prompt_len, n_bytes)
+    steps = (2 * len(cfg.attn_layers) * window * n_streams * cfg.d_model * 4
+             + forward_bytes(cfg, 1, window + 1, n_streams))
+    return {"prompt": prompt_len + forward_bytes(cfg, T, min(cfg.mem_len, prompt_len - T) + T),
+            "steps": steps, "samples": n_streams * n_bytes if n_streams > 1 else 0}
 
 
 def generate(model, prompt: bytes, n_bytes: int, **kwargs) -> bytes:
@@ -110,6 +136,9 @@ def generate(model, prompt: bytes, n_bytes: int, **kwargs) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ command line
+PROMPT_LIMIT = 1 << 30
+"""The longest --prompt_file read (1 GiB): the model reads every byte of a prompt, and a file without an end
+(a device, a pipe left open) must not be read for ever."""
 SEED_LIMIT = 2**64
 """torch.Generator.manual_seed takes seeds in [0, 2**64) (and negative ones, which --seed refuses)."""
 
@@ -181,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.prompt_file is not None:
         try:
-            prompt = args.prompt_file.read_bytes()
+            prompt = read_prompt_file(args.prompt_file)
         except OSError as e:
             raise SystemExit(f"error: --prompt_file: {e}") from None
     else:
@@ -209,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"which must stay below 2**64")
     generators = [torch.Generator(device=device).manual_seed(seed + k) for k in range(n)]
     chunk = args.prompt_chunk or max(1, min(1024, model.cfg.mem_len // 2))
+    check_sizes(model.cfg, device, len(prompt), chunk, n, args.length)
 
     out = sys.stdout.buffer  # raw bytes: the model's output need not be valid UTF-8
     steps = stream_batch(model, [prompt] * n, args.length, temperature=args.temperature, top_k=args.top_k,
@@ -222,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(bytes(step))
                 out.flush()
         else:
-            samples = list(zip(*steps)) if args.length else [()] * n
+            samples = [bytearray() for _ in range(n)]  # a byte per byte sampled, until all are done
+            for step in steps:
+                for sample, byte in zip(samples, step):
+                    sample.append(byte)
             for k, sample in enumerate(samples):
                 out.write(f"==> sample {k} (seed {seed + k}) <==\n".encode())
                 out.write((prompt if args.echo else b"") + bytes(sample) + b"\n")
@@ -232,6 +265,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def read_prompt_file(path: Path, limit: int = PROMPT_LIMIT) -> bytes:
+    """The bytes of --prompt_file, read in pieces up to `limit` (SystemExit beyond it: a file that long, or
+    one without an end such as /dev/zero, is not a prompt)."""
+    pieces, total = [], 0
+    with open(path, "rb", buffering=0) as f:
+        while piece := f.read(min(1 << 20, limit + 1 - total)):
+            pieces.append(piece)
+            total += len(piece)
+            if total > limit:
+                raise SystemExit(f"error: --prompt_file {path} holds more than {limit:,} bytes (or has no "
+                                 "end, as a device or an open pipe); give a shorter prompt")
+    return b"".join(pieces)
+
+
+def check_sizes(cfg, device: torch.device, prompt_len: int, chunk: int, n_streams: int, n_bytes: int) -> None:
+    """--prompt_chunk, --mem_len, --num_samples and --length bounded by the memory they make generation
+    take (`generation_bytes`): one error line naming the option, before anything is allocated."""
+    from sharnn.attention import check_fits
+
+    need = generation_bytes(cfg, prompt_len, chunk, n_streams, n_bytes)
+    T = min(chunk, prompt_len)
+    checks = [(need["prompt"], f"--prompt_chunk {chunk}: reading the prompt in pieces of {T:,} bytes",
+               "give a smaller --prompt_chunk (the default is min(1024, mem_len / 2))"),
+              (need["steps"], f"--num_samples {n_streams}: stepping {n_streams} stream(s) with a memory of "
+                              f"{decode_window(cfg.mem_len, None, prompt_len, n_bytes):,} positions",
+               "lower --num_samples or --mem_len"),
+              (need["samples"] + need["steps"], f"--length {n_bytes:,} x --num_samples {n_streams}: keeping "
+                                                "the samples until all are done",
+               "lower --length or --num_samples (one sample is streamed as it is drawn)")]
+    try:
+        for n, what, fix in checks:
+            check_fits(n, device, what, fix)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ class ModelSource:
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_NAME
 
+    def inputs(self) -> list[tuple[str, Path]]:
+        """What reading this model reads, as sharnn.atomic.check_output's `inputs` (no output may be, hold or
+        lie in them): the directory of its weights and, for a checkpoint in a run, the run directory."""
+        found = [("model", self.path)]
+        if self.kind == "checkpoint" and self.path.parent.name == rundir.CHECKPOINTS_DIR:
+            found.append(("model's run directory", self.path.parent.parent))
+        return found
+
     def describe(self) -> str:
         where = f"{self.repo_id} on the Hub" if self.repo_id else str(self.path)
         return f"{where} ({self.kind}{'' if self.step is None else f', step {self.step}'})"
@@ -231,17 +239,23 @@ def load_model(path: str | Path | ModelSource, device: str | torch.device = "cpu
 
 # ----------------------------------------------------------------------------------------------- saving
 def write_dir_atomic(out: str | Path, write: Callable[[Path], None], overwrite: bool = False,
-                     allowed: tuple[str, ...] = EXPORT_FILES) -> Path:
+                     allowed: tuple[str, ...] = EXPORT_FILES, need: int | None = None) -> Path:
     """Call write(tmp_dir), then rename tmp_dir to `out` (sharnn.atomic.build_dir). A failure leaves `out` as
     it was.
 
     An existing non-empty `out` is replaced only with overwrite=True and only if it holds nothing but
-    `allowed` files (never a directory of other things).
+    `allowed` files (never a directory of other things). `need`: about the bytes it will hold; less free on
+    the disk is refused before writing, and a disk that fills anyway is a ModelError naming it.
     """
     out = Path(out)
     check_output_dir(out, overwrite, allowed)
-    with atomic.build_dir(out) as tmp:
-        write(tmp)
+    try:
+        if need is not None:
+            atomic.require_space(out.absolute().parent, need, "the exported model")
+        with atomic.build_dir(out, need) as tmp:
+            write(tmp)
+    except atomic.DiskFull as e:
+        raise ModelError(str(e)) from None
     return out
 
 
@@ -249,12 +263,12 @@ def check_output_dir(out: str | Path, overwrite: bool, allowed: tuple[str, ...] 
     """Refuse an output that exists (unless overwrite and it holds only `allowed` files) or is a file."""
     out = Path(out)
     if not out.exists():
-        return
+        return _check_output_place(out, allowed)
     if not out.is_dir():
         raise ModelError(f"--out {out} is a file; choose a directory path")
     present = sorted(p.name for p in out.iterdir())
     if not present:
-        return
+        return _check_output_place(out, allowed)
     if not overwrite:
         raise ModelError(f"--out {out} already exists and is not empty; choose another directory or pass "
                          "--overwrite to replace the model in it")
@@ -262,6 +276,17 @@ def check_output_dir(out: str | Path, overwrite: bool, allowed: tuple[str, ...] 
     if foreign:
         raise ModelError(f"--out {out} holds files that are not part of an exported model "
                          f"({_first(foreign)}); refusing to replace it: choose another directory")
+    _check_output_place(out, allowed)
+
+
+def _check_output_place(out: Path, allowed: tuple[str, ...]) -> None:
+    """The rule every command's output follows (sharnn.atomic.check_output): never a symbolic link, a mount
+    point, the current or home directory or one holding them."""
+    try:
+        atomic.check_output(out, "--out", kind="dir", what="exported model",
+                            is_ours=atomic.holds_only(allowed))
+    except atomic.OutputRefused as e:
+        raise ModelError(str(e)) from None
 
 
 def write_export_files(directory: Path, state_dict: dict[str, Tensor], config: ModelConfig,
@@ -296,7 +321,8 @@ def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, out: str
             extra(tmp)
         atomic.apply_umask(tmp)  # safetensors writes its file 0600
 
-    return write_dir_atomic(out, write, overwrite)
+    need = sum(v.numel() * v.element_size() for v in state_dict.values())  # the weights: most of it
+    return write_dir_atomic(out, write, overwrite, need=need)
 
 
 def save_model(model: SHARNN, out: str | Path, overwrite: bool = False,

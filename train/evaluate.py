@@ -124,11 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: --streams {n_streams}: {e}") from None
     if args.json is not None:
-        if args.json.is_dir():
-            raise SystemExit(f"error: --json {args.json} is a directory; give a file path")
-        if problem := atomic.cannot_write_into(args.json.parent):
-            raise SystemExit(f"error: --json {args.json}: cannot write there ({problem}); choose another "
-                             "path")
+        check_json_output(args.json, [*source.inputs(), ("corpus", args.data)])
 
     # The training loop's Accelerator (process group, device, precision, world-size guard).
     accelerator = build_accelerator(args.precision, timeout_s=args.timeout_s)
@@ -138,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
                          "config instead (e.g. launch/cpu_ddp.yaml, or accelerate launch --multi_gpu)")
     say = accelerator.print
     check_precision(args.precision, accelerator.device)
+    # --bptt, --mem_len and --streams bounded by what they need: the attention's (B, T, K) scores above all
+    B = -(-n_streams // accelerator.num_processes)
+    T, M = min(bptt, layout.stream_len - 1), min(max(mem_lens), layout.stream_len)
+    try:
+        attention.check_fits(attention.forward_bytes(source.config, T, M + T, B), accelerator.device,
+                             f"scoring {B} streams in segments of {T:,} bytes with a memory of {M:,}",
+                             "lower --bptt, --mem_len or --streams (or launch more processes)")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     world = accelerator.num_processes
     n_predicted = predicted_bytes(layout, args.max_segments)
     n_params = sum(v.numel() for v in state_dict.values())
@@ -166,34 +171,70 @@ def main(argv: list[str] | None = None) -> int:
         if len(results) == 1:
             record["bpc"] = results[0]["bpc"]
         try:
+            check_json_output(args.json, [])  # checked at the start: still so?
             args.json.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_json(args.json, record)
-        except OSError as e:  # checked at the start; the directory changed since
+        except OSError as e:  # the directory changed since, or the disk is full (one line naming it)
             raise SystemExit(f"error: --json {args.json}: {e}") from None
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
 
 
+JSON_KEYS = ("model", "split", "results", "precision")
+"""What marks a JSON file as an evaluation record of this command (one that --json may replace)."""
+
+
+def check_json_output(path: Path, inputs: list) -> None:
+    """--json: a file that is not an earlier evaluation record, or one among the inputs, is refused."""
+    try:
+        atomic.check_output(path, "--json", kind="file", what="evaluation record (sharnn-eval --json)",
+                            is_ours=atomic.json_with_keys(*JSON_KEYS), inputs=inputs)
+    except atomic.OutputRefused as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def read_head(path: Path, n_bytes: int, chunk: int = 1 << 20) -> bytes:
+    """The first `n_bytes` of a file, pipe or device, read in pieces: never more than is used (an endless
+    input such as /dev/urandom or a pipe left open is read only that far)."""
+    pieces, total = [], 0
+    with open(path, "rb", buffering=0) as f:
+        while total < n_bytes:
+            piece = f.read(min(chunk, n_bytes - total))
+            if not piece:
+                break
+            pieces.append(piece)
+            total += len(piece)
+    return b"".join(pieces)
+
+
 def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
     """`--attention_report DIR`: sharnn.attention's report on one window of --text (or of the --split of
     --data), read in segments of --bptt after warming the memory, written atomically to DIR. One process; a
-    GPU when there is one."""
+    GPU when there is one. DIR may be new, empty or an earlier report (sharnn.atomic.check_output)."""
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: --attention_report reads --text FILE or --data CORPUS (its --split); give "
                          "one of them")
     if args.mem_len is not None and len(args.mem_len) > 1:
         raise SystemExit("error: --attention_report takes one --mem_len")
-    if problem := atomic.cannot_write_into(args.attention_report.parent):
-        raise SystemExit(f"error: --attention_report {args.attention_report}: cannot write there "
-                         f"({problem}); choose another directory")
+    inputs = [*source.inputs(), ("corpus", args.data), ("text", args.text)]
+    try:
+        atomic.check_output(args.attention_report, "--attention_report", kind="dir", what="attention report",
+                            is_ours=attention.is_report_dir, inputs=inputs)
+    except atomic.OutputRefused as e:
+        raise SystemExit(f"error: {e}") from None
     config = source.config
     if args.mem_len is not None:
         config = dataclasses.replace(config, mem_len=args.mem_len[0])
     bptt = args.bptt or _default_bptt(source)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n_wanted = config.mem_len + bptt  # the window lies within these
     if args.text is not None:
         try:
-            data = args.text.read_bytes()[:config.mem_len + bptt]  # the window lies within these
+            if args.text.is_file():
+                n_wanted = min(n_wanted, args.text.stat().st_size)
+            check_window_fits(config, bptt, n_wanted, device)
+            data = read_head(args.text, n_wanted)
         except OSError as e:
             raise SystemExit(f"error: --text {args.text}: cannot read it ({e.strerror})") from None
     else:
@@ -201,21 +242,38 @@ def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
             split = open_split(args.data, args.split)
         except CorpusError as e:
             raise SystemExit(f"error: --data: {e}") from None
-        data = bytes(split.read(0, min(len(split), config.mem_len + bptt)))
+        n_wanted = min(len(split), n_wanted)
+        check_window_fits(config, bptt, n_wanted, device)
+        data = bytes(split.read(0, n_wanted))
     if not data:
         raise SystemExit(f"error: --text {args.text} is empty; give a file with text to read")
-    model = build_model(config, state_dict, "cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(config, state_dict, device)
     try:
         window = attention.read_window(model, data, bptt)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     report = attention.summarize(window)
-    attention.write_report_dir(window, report, args.attention_report)
+    try:
+        attention.write_report_dir(window, report, args.attention_report, inputs)
+    except (atomic.OutputRefused, OSError) as e:  # changed since the check; a full disk: one line naming it
+        raise SystemExit(f"error: --attention_report {args.attention_report}: {e}") from None
     layers = ", ".join(f"block {i}: {layer['entropy_bits']:.2f} bits, mean distance "
                        f"{layer['mean_distance']:.0f} bytes" for i, layer in report.layers.items())
     print(f"attention report: {args.attention_report} (bytes {window.start - window.n_memory}.."
           f"{window.start + window.segment_len - 1}; {layers})")
     return 0
+
+
+def check_window_fits(config, bptt: int, n_bytes: int, device: str) -> None:
+    """--bptt and --mem_len bounded by the memory of the window's forward (T = bptt, keys up to the memory
+    and the segment, of at most the `n_bytes` read)."""
+    T = max(1, min(bptt, n_bytes))
+    try:
+        attention.check_fits(attention.forward_bytes(config, T, min(config.mem_len + T, max(n_bytes, T))),
+                             device, f"the attention report's window (a segment of {T:,} bytes, a memory of "
+                                     f"{config.mem_len:,})", "lower --bptt or --mem_len")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

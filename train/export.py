@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sharnn import atomic, cli, hub, signals
+from sharnn import atomic, attention, cli, hub, signals
 from sharnn.pretrained import (
     WEIGHTS_NAME,
     ModelError,
@@ -40,6 +40,7 @@ from sharnn.pretrained import (
     read_state_dict,
     save_state_dict,
 )
+from sharnn.rundir import EXPORT_FILES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -244,11 +245,25 @@ def export(args, out: Path, keep: bool) -> int:
         if problem := atomic.cannot_write_into(Path(out).parent):
             raise ModelError(f"--out {out}: cannot write there ({problem}); choose another directory")
         source = find_model(args.source)
+        if keep:  # the rule of every output (sharnn.atomic.check_output), with what the export reads
+            try:
+                atomic.check_output(out, "--out", kind="dir", what="exported model",
+                                    is_ours=atomic.holds_only(EXPORT_FILES),
+                                    inputs=source.inputs())
+            except atomic.OutputRefused as e:
+                raise ModelError(str(e)) from None
         state_dict, origin = source_weights(source, args.from_zero)
         config = source.config
         if args.mem_len is not None:
             config = dataclasses.replace(config, mem_len=args.mem_len)
         check_state_dict(config, state_dict, where=origin)
+        if args.onnx:  # the check runs one step over a memory of mem_len: --mem_len and --onnx_batch bounded
+            need = 4 * attention.forward_bytes(config, 1, config.mem_len + 1, args.onnx_batch)  # in and out
+            try:
+                attention.check_fits(need, "cpu", f"checking the ONNX step at a memory of {config.mem_len:,} "
+                                     f"for {args.onnx_batch} stream(s)", "lower --mem_len or --onnx_batch")
+            except ValueError as e:
+                raise ModelError(str(e)) from None
         dtype = DTYPES[args.dtype]
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         notes = []

@@ -1,0 +1,281 @@
+"""Nothing of the user's is destroyed by an output path (issue 26): every command that writes to a path the
+user names refuses what it did not write there itself (sharnn.atomic.check_output), reads only what it uses,
+bounds its size options by the memory they need, and meets a full disk with one line.
+
+One test per command, each calling the real command (its `main` in-process, or a subprocess where it would
+otherwise hang or allocate without bound). The full-disk and mount-point cases mount a small tmpfs: they need
+root (CAP_SYS_ADMIN) and are skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO, exits_with, subprocess_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (hidden ones included) with its bytes: what must survive a refusal."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A mount point (a tmpfs of a few MB) under tmp_path; the test is skipped where mounting is refused."""
+    made = []
+
+    def mount(size: str = "4m") -> Path:
+        point = tmp_path / f"disk{len(made)}"
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        made.append(point)
+        return point
+
+    yield mount
+    for point in made:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """A tiny untrained model (d_model 16, memory 64) saved with save_model."""
+    from sharnn import SHARNN, ModelConfig
+    from sharnn.pretrained import save_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("small") / "model"
+    save_model(SHARNN(ModelConfig(d_model=16, d_ff=64, n_layer=2, mem_len=64)), out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- sharnn-eval
+def test_eval_refuses_every_output_it_did_not_write(random_model, text_corpus, tmp_path, monkeypatch,
+                                                     tmpfs):
+    """--attention_report replaced a file, a folder of notes, the model's own directory, the corpus, the
+    current directory and a mount point (issue 26, item 1); --json wrote into the corpus. Each is refused
+    with nothing touched; a previous report is replaced, a previous report with a note added is not."""
+    from train.evaluate import main
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"The single head reads the memory. " * 40)
+    model = str(random_model)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me too")
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "work.txt").write_text("the current directory's")
+    mounted = tmpfs("1m")
+    kept = {p: snapshot(p) for p in (notes, random_model, text_corpus, here, mounted)}
+    kept_file = a_file.read_bytes()
+
+    def report(out, *more) -> list[str]:
+        return [model, "--attention_report", str(out), "--text", str(text), *more]
+
+    exits_with(main, report(a_file), "--attention_report", "is a file")
+    exits_with(main, report(notes), "already exists", "todo.txt")
+    exits_with(main, report(random_model), "is the model")
+    exits_with(main, report(random_model / "report"), "inside the model")
+    exits_with(main, [model, "--attention_report", str(text_corpus), "--data", str(text_corpus)],
+               "is the corpus")
+    exits_with(main, [model, "--attention_report", str(text_corpus.parent), "--data", str(text_corpus)],
+               "holds the corpus")
+    exits_with(main, report(mounted), "mount point")
+    monkeypatch.chdir(here)
+    exits_with(main, report("."), "current directory")
+    exits_with(main, report(here), "current directory")
+    exits_with(main, report(here.parent), "holds the current directory")
+    # --json: a file of the corpus, the corpus itself, a file that is not an evaluation record
+    scores = [model, "--data", str(text_corpus), "--max_segments", "1", "--streams", "2"]
+    exits_with(main, [*scores, "--json", str(text_corpus / "manifest.json")], "--json", "inside the corpus")
+    exits_with(main, [*scores, "--json", str(a_file)], "--json", "not a", "evaluation")
+    assert {p: snapshot(p) for p in kept} == kept and a_file.read_bytes() == kept_file
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries, no .old-*
+
+    out = tmp_path / "report"
+    assert main(report(out)) == 0
+    first = json.loads((out / "report.json").read_text())
+    assert first["format"] == "sharnn-attention-report"
+    assert main(report(out, "--bptt", "32")) == 0  # its own earlier report: replaced as a whole
+    assert json.loads((out / "report.json").read_text())["segment_len"] == 32
+    (out / "mine.txt").write_text("a note")
+    exits_with(main, report(out), "already exists", "mine.txt")
+    assert (out / "mine.txt").read_text() == "a note"
+
+
+def test_eval_reads_only_the_window_of_an_endless_input(small_model, tmp_path):
+    """--text /dev/urandom read the whole input before keeping mem_len + bptt bytes (issue 26, item 4): a
+    pipe that never ends (a FIFO whose writer stays open) must give a report from the bytes it needs."""
+    fifo = tmp_path / "endless"
+    os.mkfifo(fifo)
+    stop = threading.Event()
+
+    def writer():
+        with open(fifo, "wb") as f:
+            try:
+                f.write(b"bytes from a pipe " * 1000)  # 18 kB: more than mem_len 64 + bptt 32
+                f.flush()
+                stop.wait(300)  # open until the reader is done: no end of input
+            except BrokenPipeError:
+                pass
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "train.evaluate", str(small_model), "--attention_report", str(out), "--text",
+           str(fifo), "--bptt", "32"]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("sharnn-eval --text PIPE waited for the end of an endless input")
+    finally:
+        stop.set()
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "report.json").read_text())["segment_len"] == 32
+
+
+# --------------------------------------------------------------------------------------- sharnn-export
+def test_export_refuses_the_current_directory_a_mount_point_and_its_input(random_model, tmp_path,
+                                                                          monkeypatch, tmpfs):
+    """`--out .` in an empty current directory and `--out MOUNT` ended in a traceback from the rename (or
+    replaced the directory); an --out inside the model's directory mixed the export into it."""
+    from train.export import main
+
+    here = tmp_path / "here"
+    here.mkdir()
+    mounted = tmpfs("1m")
+    before = snapshot(random_model)
+    monkeypatch.chdir(here)
+    exits_with(main, [str(random_model), "--out", "."], "--out", "current directory")
+    exits_with(main, [str(random_model), "--out", str(mounted)], "--out", "mount point")
+    exits_with(main, [str(random_model), "--out", str(random_model / "again")], "--out", "inside the model")
+    exits_with(main, [str(random_model), "--out", str(random_model), "--overwrite"], "--out", "is the model")
+    assert snapshot(random_model) == before and not list(here.iterdir()) and not list(mounted.iterdir())
+    out = tmp_path / "exported"
+    assert main([str(random_model), "--out", str(out)]) == 0
+    exits_with(main, [str(random_model), "--out", str(out)], "--overwrite")
+    assert main([str(random_model), "--out", str(out), "--overwrite"]) == 0  # an export: replaced
+
+
+def test_export_on_a_full_disk_says_so_and_leaves_nothing(random_model, tmpfs, capsys):
+    """A full disk: a SafetensorError traceback, a half-written temporary left (issue 26, item 6). Now one
+    line naming the disk and the space needed, and nothing left on it."""
+    from train.export import main
+
+    disk = tmpfs("1m")  # the model's weights are about 3 MB
+    message = exits_with(main, [str(random_model), "--out", str(disk / "model")], "no space left",
+                         str(disk), "needs")
+    assert "\n" not in message
+    assert list(disk.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------- sharnn-import
+def test_import_refuses_the_current_directory_and_a_mount_point(tmp_path, monkeypatch, tmpfs):
+    """sharnn-import --out has the same rule as sharnn-export."""
+    from sharnn.convert import main
+    from tests.test_fidelity import FIXTURE
+
+    ref = [str(FIXTURE), "--prefix", "penultimate.weights.", "--mem_len", "40"]
+    here = tmp_path / "here"
+    here.mkdir()
+    mounted = tmpfs("1m")
+    monkeypatch.chdir(here)
+    exits_with(main, [*ref, "--out", "."], "--out", "current directory")
+    exits_with(main, [*ref, "--out", str(mounted)], "--out", "mount point")
+    assert not list(here.iterdir()) and not list(mounted.iterdir())
+    assert main([*ref, "--out", str(tmp_path / "imported")]) == 0
+
+
+# -------------------------------------------------------------------------------------- sharnn-prepare
+@pytest.mark.xfail(strict=True, reason="sharnn/prepare.py's _check_out does not call "
+                   "sharnn.atomic.check_output yet (another change wires it; then remove this mark)")
+@pytest.mark.parametrize("where", ["current directory", "mount point"])
+def test_prepare_refuses_the_current_directory_and_a_mount_point(where, tmp_path, monkeypatch, tmpfs):
+    """`sharnn-prepare files X --out .` (an empty current directory) or --out MOUNT: a traceback from the
+    rename and a `.old-*` folder left (issue 26, item 1)."""
+    from sharnn.prepare import main
+
+    src = tmp_path / "text.txt"
+    src.write_bytes(b"some text to prepare\n" * 5000)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    out = "." if where == "current directory" else str(tmpfs("4m"))
+    exits_with(main, ["files", str(src), "--out", out], "--out", where)
+    assert not list(Path(out).iterdir())
+
+
+# ------------------------------------------------------------------------------------- sharnn-generate
+def test_generate_bounds_its_size_options(small_model, tmp_path):
+    """--prompt_chunk 100000 allocated 40 GB (issue 26, item 5): a chunk whose attention cannot fit is one
+    error line, before anything is allocated; a memory longer than anything generation can hold
+    (--mem_len 10**12) is not allocated; an endless --prompt_file is refused after its limit."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"a long prompt " * 80_000)  # 1.1 MB: in one piece, (T x T) scores of 4.5 TB
+
+    def generate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        # a limit on the address space: an unbounded allocation fails here instead of reaching the OOM killer
+        limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
+        cmd = [sys.executable, "-c", limit + "sys.argv = sys.argv[1:]; runpy.run_module('sharnn.generate', "
+               "run_name='__main__')", "sharnn-generate", str(small_model), *args]
+        return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, timeout=timeout)
+
+    proc = generate("--prompt_file", str(prompt), "--prompt_chunk", "2000000", "--length", "4", "--seed", "1")
+    stderr = proc.stderr.decode()
+    assert proc.returncode != 0 and stderr.strip().count("\n") == 0, stderr
+    assert stderr.startswith("error: --prompt_chunk 2000000") and "memory" in stderr, stderr
+
+    proc = generate("--prompt", "hello", "--mem_len", str(10**12), "--length", "20", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(proc.stdout) == 20
+    same = generate("--prompt", "hello", "--length", "20", "--seed", "1")  # memory 64 > 5 + 20 positions
+    assert same.stdout == proc.stdout
+
+    proc = generate("--prompt_file", "/dev/zero", "--length", "1", timeout=120)
+    stderr = proc.stderr.decode()
+    assert proc.returncode != 0 and stderr.startswith("error: --prompt_file /dev/zero") and \
+        stderr.strip().count("\n") == 0, stderr
+
+
+# --------------------------------------------------------------------------------------------- bench
+BENCH = [("bench", ["--scenario", "no-such-scenario"]),
+         ("bench.loader", ["--size_gb", "0.0001", "--compare_gb", "0", "--max_seconds", "1"]),
+         ("bench.quality", ["--data", "no-such-corpus"]),
+         ("bench.recipe", ["--data", "no-such-corpus"]),
+         ("bench.scaling", ["--data", "no-such-corpus"]),
+         ("bench.original", ["--original", "{tmp}/sha-rnn", "--lamb", "{tmp}/pytorch-lamb"])]
+
+
+@pytest.mark.parametrize(("module", "args"), BENCH, ids=[m for m, _ in BENCH])
+def test_bench_json_refuses_what_it_did_not_write(module, args, tmp_path):
+    """Every bench command's --json replaced any file at the path at its end (after minutes or hours of
+    measuring): now a file that is not that command's record is refused before any work."""
+    import importlib
+
+    from tests.test_bench_original import fake_checkouts
+
+    main = importlib.import_module(module if module != "bench" else "bench.__main__").main
+    fake_checkouts(tmp_path)  # bench.original checks its inputs first
+    args = [a.format(tmp=tmp_path) for a in args]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    exits_with(main, [*args, "--json", str(notes)], "--json", "not a")
+    (tmp_path / "a_dir").mkdir()
+    exits_with(main, [*args, "--json", str(tmp_path / "a_dir")], "--json", "is a directory")
+    assert notes.read_text() == '{"mine": true}\n'
