@@ -25,6 +25,13 @@ Its embedding, tied output and output bias have one row per id, none for bytes t
 (`corpus.<md5>.data`, a pickled `Corpus`, read with the same restricted unpickler) or the raw training bytes
 (a file, or enwik8.zip split as the original's prep_enwik8.py does), and `to_byte_order` puts the rows in byte
 order: 256 rows, zero embeddings for the bytes never seen and an output bias of UNSEEN_BYTE_BIAS for them.
+
+A vocabulary of the right size may still be another text's numbering. Before anything is written,
+`check_vocab` scores the imported model on the vocabulary's own text (a corpus cache's test split, the start
+of train.txt or of the raw bytes) and refuses it when the model does worse than that text's byte frequencies,
+which any model trained on such text beats. What could not be checked (no text, `--score_bytes 0`) is said
+in the output and in the model card as "taken on trust". The cache's `<md5>` name is of the original's
+`--data` string, not of the text, so it checks nothing.
 """
 
 from __future__ import annotations
@@ -440,7 +447,7 @@ tells; at the paper's size it takes seconds on a GPU (used when there is one), a
 SCORE_STREAMS, SCORE_BPTT = 8, 64
 """How that text is scored: as the original's test evaluation (8 streams; segments of its bptt, 64 in the
 fixture's run), state carried."""
-TRUST_SIGN = 0.8
+FREQUENCY_NUMBERED_SPEARMAN = 0.8
 """A 256-row checkpoint imported without --vocab whose output bias falls with the row number at least this
 closely (Spearman) looks numbered by frequency, as the original numbers its symbols: a warning says so."""
 
@@ -578,7 +585,7 @@ def check_byte_rows(bias: Tensor) -> VocabCheck:
     falls with the row number (as the original's frequency numbering makes it fall) gets a warning."""
     falls = _spearman(bias.numpy(), -np.arange(len(bias)))
     detail = "its 256 rows taken as bytes 0-255 by value"
-    if falls < TRUST_SIGN:
+    if falls < FREQUENCY_NUMBERED_SPEARMAN:
         return VocabCheck("bytes by value", detail)
     return VocabCheck("bytes by value", f"{detail}, although its output bias falls with the row number "
                       f"(Spearman {falls:+.2f}) as in a model the original code trained, which numbers its "
