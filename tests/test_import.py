@@ -401,3 +401,20 @@ def test_import_train_bytes_takes_size_suffixes(tmp_path):
                "197,320 bytes", "10,000,000,000", "--train_bytes")
     assert main([ckpt, "--vocab", str(ORIGINAL / "train.bytes"), "--train_bytes", "197.32K", "--out",
                  out]) == 0
+
+
+def test_256_rows_numbered_by_frequency_get_a_warning(tmp_path, capsys):
+    """A checkpoint the original trained on a text holding all 256 bytes has 256 rows, numbered by frequency
+    rather than by value: taken as bytes without --vocab, it now gets a warning (its output bias falls with
+    the row number, as frequency numbering makes it fall); random weights do not."""
+    from sharnn.convert import main
+
+    _, weights, _, _ = fixture("penultimate")
+    weights["decoder.bias"] = torch.linspace(2.0, -6.0, 256) + 0.3 * torch.randn(256)
+    torch.save(weights, tmp_path / "by_frequency.pt")
+    assert main([str(tmp_path / "by_frequency.pt"), "--out", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: bytes by value" in err and "falls with the row number" in err and "--vocab" in err, err
+    assert main([str(FIXTURE), "--prefix", "penultimate.weights.", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "vocabulary: bytes by value: its 256 rows taken as bytes 0-255 by value\n" in err, err
