@@ -273,14 +273,15 @@ def size_text(n: int) -> str:
 
 
 NEARLY_FULL_BYTES = 16 << 20
-"""A writer's error with no errno (torch's zip writer: 'unexpected pos', 'file write failed') counts as a full
-disk when less than this is free where it wrote."""
+"""A writer's error with no errno (torch's zip writer: 'unexpected pos', 'file write failed',
+'basic_ios::clear: iostream error') counts as a full disk when less than this is free where it wrote."""
+WRITER_FAILURES = ("unexpected pos", "file write failed", "iostream error")
 
 
 def out_of_space(e: BaseException, where: str | Path | None = None) -> bool:
     """Whether `e` (or an exception it was raised from) is a write that failed for lack of space: ENOSPC or
     EDQUOT, safetensors' "No space left" / "os error 28", or torch's zip writer failing (no errno) with less
-    than NEARLY_FULL_BYTES free at `where`."""
+    than NEARLY_FULL_BYTES free at `where` (measured while the failed write's temporary is still there)."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -289,7 +290,7 @@ def out_of_space(e: BaseException, where: str | Path | None = None) -> bool:
         text = str(e)
         if "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text:
             return True
-        if where is not None and ("unexpected pos" in text or "file write failed" in text):
+        if where is not None and any(failure in text for failure in WRITER_FAILURES):
             with contextlib.suppress(OSError):
                 if free_bytes(where) < NEARLY_FULL_BYTES:
                     return True

@@ -279,3 +279,45 @@ def test_bench_json_refuses_what_it_did_not_write(module, args, tmp_path):
     (tmp_path / "a_dir").mkdir()
     exits_with(main, [*args, "--json", str(tmp_path / "a_dir")], "--json", "is a directory")
     assert notes.read_text() == '{"mine": true}\n'
+
+
+# ------------------------------------------------------------------------------ the trainer's checkpoints
+TINY = ["--preset", "tiny", "--max_steps", "4", "--warmup_steps", "1", "--eval_every", "2", "--save_every",
+        "2", "--eval_max_segments", "2", "--sample_bytes", "0", "--log_every", "1", "--bptt", "32",
+        "--test_streams", "2", "--model.d_model", "32", "--model.d_ff", "64", "--model.n_layer", "2",
+        "--model.mem_len", "64"]
+"""About 0.5 MB a checkpoint."""
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The run stopped with exit status 1 and exactly one 'error:' line, and no traceback."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow  # three short training runs
+def test_a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint(text_corpus, tmpfs):
+    """A full disk while writing a checkpoint: a traceback and a `.tmp-step-*` left (issue 26, item 6). Now
+    one line naming the disk and the space needed, nothing incomplete left, the last complete checkpoint
+    intact and the run continues from it once there is space."""
+    from tests.helpers import run, train_cmd
+
+    small = tmpfs("256k")  # the run's records fit, its first checkpoint does not: it fails while writing
+    proc = run(train_cmd(*TINY, "--data", str(text_corpus), "--out", str(small / "run")), check=False)
+    line = one_error_line(proc)
+    assert "no space left" in line and str(small) in line and "checkpoint step 2" in line, line
+    assert "no checkpoint of this run is complete yet" in line, line
+    assert not list((small / "run" / "checkpoints").iterdir())  # the incomplete checkpoint removed
+
+    disk = tmpfs("800k")  # one checkpoint fits, a second does not: refused before writing it
+    out = disk / "run"
+    proc = run(train_cmd(*TINY, "--data", str(text_corpus), "--out", str(out)), check=False)
+    line = one_error_line(proc)
+    step2 = out / "checkpoints" / "step-00000002"
+    assert "checkpoint step 4 needs" in line and f"the last complete checkpoint, {step2}, is intact" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "step-00000002"]
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+    run(train_cmd(*TINY, "--data", str(text_corpus), "--out", str(out), "--resume", "auto"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["exit"] == "finished"

@@ -131,36 +131,105 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 def save(accelerator, model, run_dir: Path, state: TrainState, carry: CarryState, config_yaml: str,
          keep_last: int) -> Path:
-    """Every rank calls this. Returns the final checkpoint directory."""
+    """Every rank calls this. Returns the final checkpoint directory.
+
+    A full disk, on any rank (`sharnn.atomic.out_of_space`), or less free space than the latest checkpoint
+    took: every rank stops with SystemExit, the main process with one line naming the disk and the space
+    needed; the incomplete checkpoint is removed and the complete ones are left as they were (the run
+    continues with --resume auto once there is space). The ranks agree through an all-reduce at each of the
+    save's synchronisation points (a rank whose DeepSpeed engine fails inside its own collectives cannot
+    be reached this way)."""
     final = rundir.checkpoint_dir(run_dir, state.step)
     tmp = rundir.tmp_checkpoint_dir(run_dir, state.step)
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    need = _latest_size(run_dir) if main else None  # what the next checkpoint takes
+    full: BaseException | str | None = None
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed stores weights in its own (pickled) format; every checkpoint also carries plain weights.
-        weights = fp32_state_dict(accelerator, model)  # fp16/bf16: the fp32 masters, gathered
-        if accelerator.is_main_process:
-            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_NAME)
-    carry_file = tmp / rundir.carry_name(accelerator.process_index)
-    on_gpu = accelerator.device.type == "cuda"  # which GPU's random state is this rank's (own_cuda_rng_state)
-    save_file(carry.to(torch.float32).to("cpu").to_tensors(), carry_file,
-              metadata={"cuda_rng_device": str(torch.cuda.current_device())} if on_gpu else None)
-    accelerator.wait_for_everyone()  # save_state does not wait when automatic naming is off
-    if accelerator.is_main_process:
-        meta = {"format_version": FORMAT_VERSION, "world_size": accelerator.num_processes,
-                "distributed_type": str(accelerator.distributed_type), "torch": torch.__version__}
-        (tmp / rundir.META_NAME).write_text(json.dumps(meta, indent=1))
-        (tmp / rundir.CKPT_CONFIG_NAME).write_text(config_yaml)
-        (tmp / rundir.TRAIN_STATE_NAME).write_text(state.to_json())  # last: marks the checkpoint complete
-        atomic.replace_dir(tmp, final)  # replaces a checkpoint of the same step (a resumed run's)
-        if state.best_step is not None:
-            rundir.write_best(run_dir, state.best_step, state.best_val_bpc)
-        _prune(run_dir, keep_last, state.best_step)
-    accelerator.wait_for_everyone()
+        try:
+            tmp.mkdir(parents=True)
+            if need is not None and atomic.free_bytes(tmp) < need:
+                full = "checked before writing"
+        except OSError as e:
+            if not atomic.out_of_space(e, run_dir):
+                raise
+            full = e
+    _stop_if_full(accelerator, full, tmp, run_dir, state.step, need)
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed stores weights in its own (pickled) format; every checkpoint also carries plain
+            # weights.
+            weights = fp32_state_dict(accelerator, model)  # fp16/bf16: the fp32 masters, gathered
+            if main:
+                save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_NAME)
+        carry_file = tmp / rundir.carry_name(accelerator.process_index)
+        on_gpu = accelerator.device.type == "cuda"  # which GPU's random state is this rank's
+        save_file(carry.to(torch.float32).to("cpu").to_tensors(), carry_file,
+                  metadata={"cuda_rng_device": str(torch.cuda.current_device())} if on_gpu else None)
+    except Exception as e:  # torch's writer on a full disk: RuntimeError 'unexpected pos'; safetensors' own
+        if not atomic.out_of_space(e, tmp):
+            raise
+        full = e
+    # also the wait save_state does not do when automatic naming is off
+    _stop_if_full(accelerator, full, tmp, run_dir, state.step, need)
+    if main:
+        try:
+            meta = {"format_version": FORMAT_VERSION, "world_size": accelerator.num_processes,
+                    "distributed_type": str(accelerator.distributed_type), "torch": torch.__version__}
+            (tmp / rundir.META_NAME).write_text(json.dumps(meta, indent=1))
+            (tmp / rundir.CKPT_CONFIG_NAME).write_text(config_yaml)
+            (tmp / rundir.TRAIN_STATE_NAME).write_text(state.to_json())  # last: marks the checkpoint complete
+            atomic.replace_dir(tmp, final)  # replaces a checkpoint of the same step (a resumed run's)
+            if state.best_step is not None:
+                rundir.write_best(run_dir, state.best_step, state.best_val_bpc)
+            _prune(run_dir, keep_last, state.best_step)
+        except OSError as e:
+            if not atomic.out_of_space(e, run_dir):
+                raise
+            full = e
+    _stop_if_full(accelerator, full, tmp, run_dir, state.step, need)
     return final
+
+
+def _latest_size(run_dir: Path) -> int | None:
+    """Bytes of the latest complete checkpoint (None without one)."""
+    try:
+        latest = rundir.latest_checkpoint(run_dir)
+    except ModelError:  # an unreadable train_state.json: no estimate
+        return None
+    return atomic.tree_bytes(latest) if latest is not None else None
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """Whether `flag` is set on any rank (an all-reduce: every rank calls it at the same point)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item() > 0
+
+
+def _stop_if_full(accelerator, full: BaseException | str | None, tmp: Path, run_dir: Path, step: int,
+                  need: int | None) -> None:
+    """Every rank: if any rank ran out of space, the main process removes the incomplete checkpoint and
+    every rank stops (the main process's SystemExit names the disk, the space needed and the checkpoint
+    to continue from)."""
+    if not _any_rank(accelerator, full is not None):
+        return
+    message = None
+    if accelerator.is_main_process:
+        written = atomic.tree_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = atomic.disk_full(checkpoints_root(run_dir), need=need, written=written,
+                                 what=f"checkpoint step {step}")
+        try:
+            last = rundir.latest_checkpoint(run_dir)
+        except ModelError:
+            last = None
+        kept = (f"the last complete checkpoint, {last}, is intact: free space and continue with --resume auto"
+                if last is not None else "no checkpoint of this run is complete yet")
+        message = f"error: {error} ({kept})"
+    accelerator.wait_for_everyone()  # the incomplete checkpoint is gone before any rank exits
+    raise SystemExit(message if message is not None else 1)
 
 
 def _prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:
