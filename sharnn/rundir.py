@@ -171,7 +171,8 @@ def run_checkpoint(run_dir: str | Path) -> Path:
 def looks_like_checkpoint(path: str | Path) -> bool:
     """A directory train/checkpoint.py writes (or was writing when it stopped), complete or not."""
     path = Path(path)
-    markers = (CKPT_CONFIG_NAME, META_NAME, "optimizer.bin", "random_states_0.pkl", carry_name(0), "latest")
+    # not config.yaml alone: a run directory holds one from its start
+    markers = (META_NAME, "optimizer.bin", "random_states_0.pkl", carry_name(0), "latest")
     return path.name.startswith((TMP_PREFIX + STEP_PREFIX, STEP_PREFIX)) or any((path / m).exists()
                                                                                  for m in markers)
 
@@ -241,6 +242,10 @@ def locate(path: str | Path) -> Located:
     elif (path / BEST_NAME).is_file() or any(path.glob(STEP_PREFIX + "*")):
         hint = (f" (it is a run's checkpoints folder: give the run directory {path.parent}, or one "
                 "checkpoint in it)")
+    elif (path / CKPT_CONFIG_NAME).is_file():
+        hint = (f" (it holds a run's {CKPT_CONFIG_NAME} but no {CHECKPOINTS_DIR}/ and no weights: a run that "
+                "has saved no checkpoint yet, or a folder holding only a config; let the run save one "
+                "(--save_every) and give the run)")
     raise ModelError(f"{path} is not a sharnn model{hint}; give {WHAT_LOADS}")
 
 

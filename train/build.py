@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from sharnn import SHARNN, ModelConfig, hub
 from sharnn.data import ByteSplit
 from sharnn.optim import LAMB
+from sharnn.pretrained import check_state_dict
 from sharnn.rundir import WEIGHTS_NAME, ModelError
 from train import checkpoint
 from train.config import TrainConfig
@@ -49,11 +50,13 @@ def _build_model(cfg: TrainConfig, train_split: ByteSplit, fresh: bool) -> tuple
         return model, "weights: from the checkpoint"
     if cfg.init_from:  # weights only: a new optimizer, schedule and data position (the paper's second stage)
         weights = init_weights_file(cfg.init_from)
+        state = load_file(weights)
         try:
-            model.load_state_dict(load_file(weights))
-        except RuntimeError as e:
-            raise SystemExit(f"error: --init_from {cfg.init_from}: the weights do not fit the model config "
-                             f"({str(e).splitlines()[0]} ...); set the same --model.* fields") from None
+            check_state_dict(cfg.model, state, where=f"--init_from {cfg.init_from} ({weights})",
+                             flags="--model.")
+        except ModelError as e:
+            raise SystemExit(f"error: {e}") from None
+        model.load_state_dict(state)
         return model, f"initialised weights from {weights}"
     if cfg.output_bias_init == "unigram":
         with torch.no_grad():
