@@ -23,6 +23,7 @@ dropout seeds on the host, where on a CPU there is no device to wait for."""
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -33,8 +34,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
+from tests.helpers import run as run_command
 
+TORCH = Path(torch.__file__).parent
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,6 +60,8 @@ class Sync:
     """`step` inside train_step, else None (elsewhere in the iteration)."""
     where: str
     """The innermost frame of this repository's code (not tests) that led to it."""
+    origin: str
+    """The innermost frame outside torch: where the sync was asked for (this repository or a library)."""
 
 
 @dataclass
@@ -79,7 +84,7 @@ class SyncCounter:
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
         if tensors and all(self.on_the_host(t) for t in tensors):
             return
-        self.syncs.append(Sync(what, self.iteration, self.phase, caller()))
+        self.syncs.append(Sync(what, self.iteration, self.phase, *callers()))
 
     def on_the_host(self, tensor: torch.Tensor) -> bool:
         """A tensor that lives on the host on a GPU too: a loader batch, or the step count of a torch.optim
@@ -91,13 +96,15 @@ class SyncCounter:
                    for state in (optimizer.state.get(p, {}) for p in group["params"]))
 
 
-def caller() -> str:
-    """file:line of the innermost frame in sharnn/, train/ or bench/ (else the innermost outside torch)."""
-    frames = traceback.extract_stack()[:-3]
-    for frame in reversed(frames):
-        if repo_code(frame.filename):
-            return f"{Path(frame.filename).relative_to(REPO)}:{frame.lineno} ({frame.name})"
-    return f"{frames[-1].filename}:{frames[-1].lineno}"
+def callers() -> tuple[str, str]:
+    """(where, origin): file:line of the innermost frame in sharnn/, train/ or bench/, and of the innermost
+    frame outside torch and this file (a library's own sync names the library there)."""
+    frames = [f for f in traceback.extract_stack() if f.filename != __file__]
+    where = next((f"{Path(f.filename).relative_to(REPO)}:{f.lineno} ({f.name})" for f in reversed(frames)
+                  if repo_code(f.filename)), "?")
+    origin = next((f"{f.filename}:{f.lineno}" for f in reversed(frames)
+                   if not Path(f.filename).is_relative_to(TORCH)), "?")
+    return where, origin
 
 
 def repo_code(filename: str) -> bool:
@@ -200,9 +207,11 @@ class LoopRun:
         return named
 
 
-def run_loop(monkeypatch, corpus: Path, out: Path, device: str, extra: tuple[str, ...] = ()) -> LoopRun:
+def run_loop(monkeypatch, corpus: Path, out: Path, device: str, extra: tuple[str, ...] = (),
+             env: dict[str, str] | None = None) -> LoopRun:
     """train.loop.main on `corpus`, with every sync recorded by the loop iteration it happened in: an
-    iteration starts where the loop asks `finished()` and ends at the next ask."""
+    iteration starts where the loop asks `finished()` and ends at the next ask. `env`: the launcher's
+    variables (DeepSpeed's), else one process on `device`."""
     import train.checkpoint
     import train.loop
     from sharnn.data import StreamLoader
@@ -258,12 +267,13 @@ def run_loop(monkeypatch, corpus: Path, out: Path, device: str, extra: tuple[str
     monkeypatch.setattr(train.checkpoint, "save", save)
     monkeypatch.setattr(StreamLoader, "__next__", next_batch)
     monkeypatch.setattr("signal.signal", lambda *args: None)  # not this test process's handlers
-    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "WORLD_SIZE",
+                "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    if device == "cpu":
-        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    else:
-        monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    if env is None:
+        env = {"ACCELERATE_USE_CPU": "1"} if device == "cpu" else {}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     with _DispatchSyncs(counter), _FunctionSyncs(counter):
         code = train.loop.main([*LOOP, *extra, "--data", str(corpus), "--out", str(out)])
     assert code == 0
@@ -271,16 +281,17 @@ def run_loop(monkeypatch, corpus: Path, out: Path, device: str, extra: tuple[str
     return result
 
 
-def assert_no_sync_between_boundaries(run: LoopRun) -> None:
+def assert_no_sync_between_boundaries(run: LoopRun, allowed=lambda sync: False) -> None:
     """No sync inside train_step in any iteration, and none at all in an iteration that is not a log
-    interval, validation or save step."""
+    interval, validation or save step; except those `allowed` says are."""
     boundaries = run.boundaries()
-    in_step = [s for s in run.counter.syncs if s.phase == "step"]
+    syncs = [s for s in run.counter.syncs if not allowed(s)]
+    in_step = [s for s in syncs if s.phase == "step"]
     assert not in_step, "host syncs inside train_step:\n" + "\n".join(
-        f"  iteration {s.iteration}: {s.what} at {s.where}" for s in in_step)
-    elsewhere = [s for s in run.counter.syncs if s.iteration not in boundaries]
+        f"  iteration {s.iteration}: {s.what} at {s.where} from {s.origin}" for s in in_step)
+    elsewhere = [s for s in syncs if s.iteration not in boundaries]
     assert not elsewhere, "host syncs in iterations that are not a log, validation or save step:\n" + \
-        "\n".join(f"  iteration {s.iteration}: {s.what} at {s.where}" for s in elsewhere)
+        "\n".join(f"  iteration {s.iteration}: {s.what} at {s.where} from {s.origin}" for s in elsewhere)
 
 
 @pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
@@ -356,3 +367,45 @@ def test_a_step_without_its_guard_fails_the_loop_test(epoch_corpus, tmp_path, mo
     per_iteration = {i: sum(s.what == "aten._local_scalar_dense" and s.phase == "step"
                             for s in run.counter.syncs if s.iteration == i) for i in run.iterations}
     assert per_iteration == {i: 1 for i in run.iterations}, per_iteration
+
+
+# ------------------------------------------------------------------------------------ under DeepSpeed
+def deepspeed_loop(corpus: str, out: str, ds_config: str, optimizer: str) -> None:
+    """Run in a process of its own (DeepSpeed keeps its process groups for the life of a process): the loop
+    under DeepSpeed, world size 1 on the CPU, its run printed as one JSON line."""
+    from dataclasses import asdict
+
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": ds_config, "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run = run_loop(monkeypatch, Path(corpus), Path(out), "cpu", ("--optimizer", optimizer), env)
+    print("RUN " + json.dumps({"syncs": [asdict(s) for s in run.counter.syncs], "iterations": run.iterations,
+                               "validated": sorted(run.validated), "saved": sorted(run.saved)}))
+
+
+def in_zero_optimizer(sync: Sync) -> bool:
+    return "/deepspeed/runtime/zero/" in sync.origin or "/deepspeed/runtime/utils.py" in sync.origin
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,optimizer", [(0, "lamb"), (2, "adamw")], ids=["zero0-lamb", "zero2-adamw"])
+def test_the_loop_under_deepspeed_adds_no_sync_of_its_own(stage, optimizer, epoch_corpus, tmp_path):
+    """The same count under DeepSpeed (fp32, world size 1): ZeRO 0 with LAMB, the paper's path, syncs only at
+    the boundaries. ZeRO 1 and 2 (DeepSpeedZeroOptimizer, 0.19.8) read the gradient norm on the host in
+    their own step: `is_invalid_grad_norm` (a `bool()` of a device tensor) for the overflow check and again
+    for clipping, and in bf16 also `has_overflow`'s `.item()`: 2-3 syncs per optimizer step that sharnn
+    cannot remove. Those, and only those, are allowed under ZeRO 2; the loop's own code adds none."""
+    cfg = json.loads((REPO / "ds_config.json").read_text())
+    cfg["zero_optimization"]["stage"] = stage
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps(cfg))
+    code = f"from tests.test_host_sync import deepspeed_loop; deepspeed_loop({str(epoch_corpus)!r}, " \
+           f"{str(tmp_path / 'run')!r}, {str(ds_config)!r}, {optimizer!r})"
+    proc = run_command([sys.executable, "-c", code])
+    record = json.loads(next(line[4:] for line in proc.stdout.splitlines() if line.startswith("RUN ")))
+    loop = LoopRun(SyncCounter(syncs=[Sync(**s) for s in record["syncs"]]), record["iterations"],
+                   set(record["validated"]), set(record["saved"]))
+    assert loop.iterations == list(range(1, MAX_STEPS + 1)) and loop.validated
+    assert_no_sync_between_boundaries(loop, allowed=in_zero_optimizer if stage > 0 else lambda sync: False)
+    assert {s.iteration for s in loop.counter.syncs if "train/log.py" in s.where} == loop.logged()
