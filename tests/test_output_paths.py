@@ -61,6 +61,56 @@ def small_model(tmp_path_factory) -> Path:
     return out
 
 
+# ------------------------------------------------------------------------------------ the rule itself
+def test_check_output_accepts_only_what_the_command_wrote(tmp_path):
+    """sharnn.atomic.check_output: a new path, an empty directory or file and the command's own earlier
+    output pass; anything else is refused with its reason."""
+    from sharnn import atomic
+
+    ours = atomic.json_with_keys("command")
+    record, other, empty = tmp_path / "record.json", tmp_path / "other.json", tmp_path / "empty.json"
+    record.write_text('{"command": "x"}')
+    other.write_text('{"mine": 1}')
+    empty.write_text("")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "link").symlink_to(record)
+    for path, kind in ((tmp_path / "new" / "out.json", "file"), (record, "file"), (empty, "file"),
+                       (tmp_path / "empty_dir", "dir"), (tmp_path / "new_dir", "dir")):
+        assert atomic.check_output(path, "--out", kind=kind, is_ours=ours) == path
+    refused = [(other, "file", "is not an output"), (tmp_path / "link", "file", "symbolic link"),
+               (Path("/dev/null"), "file", "not a regular file"), (Path("/"), "dir", "root directory"),
+               (tmp_path, "dir", "holds what is not"), (record, "dir", "is a file"),
+               (tmp_path / "empty_dir", "file", "is a directory")]
+    for path, kind, reason in refused:
+        with pytest.raises(atomic.OutputRefused, match=reason):
+            atomic.check_output(path, "--out", kind=kind, is_ours=ours)
+    with pytest.raises(atomic.OutputRefused, match="pass --overwrite"):
+        atomic.check_output(record, "--out", kind="file", is_ours=ours, overwrite=False)
+    with pytest.raises(atomic.OutputRefused, match="lies inside the corpus"):
+        atomic.check_output(tmp_path / "empty_dir" / "x.json", "--json", kind="file",
+                            inputs=[("corpus", tmp_path / "empty_dir")])
+    assert record.read_text() == '{"command": "x"}' and other.read_text() == '{"mine": 1}'
+
+
+def test_writers_on_a_full_disk_raise_one_message_and_leave_nothing(tmpfs):
+    """atomic.write_bytes, build_dir (what export, import and prepare write through) and safetensors inside
+    it on a full disk: DiskFull naming the filesystem and the space, no temporary left."""
+    from safetensors.torch import save_file
+
+    from sharnn import atomic
+
+    disk = tmpfs("256k")
+    with pytest.raises(atomic.DiskFull, match=f"no space left on the disk holding {disk}.*needs 1.0 MB"):
+        atomic.write_bytes(disk / "big.bin", bytes(1_000_000))
+    with pytest.raises(atomic.DiskFull, match=r"mounted at .*needs more than the .* written before"):
+        with atomic.build_dir(disk / "out") as tmp:
+            (tmp / "big.bin").write_bytes(bytes(1_000_000))
+    with pytest.raises(atomic.DiskFull, match="no space left"):
+        with atomic.build_dir(disk / "weights") as tmp:
+            save_file({"w": torch.zeros(250_000)}, tmp / "model.safetensors")
+    assert list(disk.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------- sharnn-eval
 def test_eval_refuses_every_output_it_did_not_write(random_model, text_corpus, tmp_path, monkeypatch,
                                                      tmpfs):
