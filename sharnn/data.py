@@ -42,6 +42,10 @@ BPTT_STD = 5
 MIN_SEQ_LEN = 5
 # Probability of using the full bptt as the base length (otherwise bptt / 2).
 P_FULL_BPTT = 0.95
+MIN_TRAIN_STREAM_BYTES = 3
+"""A training stream (StreamLoader) needs an input, its target and one byte more: its epoch ends at L - 2."""
+MIN_EVAL_STREAM_BYTES = 2
+"""An evaluation stream (EvalStreams) needs an input and its target."""
 
 
 class CorpusError(ValueError):
@@ -368,10 +372,10 @@ class StreamLoader:
         self.vary_bptt = bool(vary_bptt)
         self.n_streams = self.world_size * self.batch_size
         self.stream_len = len(split) // self.n_streams
-        if self.stream_len < 3:
+        if self.stream_len < MIN_TRAIN_STREAM_BYTES:
             raise ValueError(f"split of {len(split)} bytes is too small for {self.n_streams} streams "
                              f"(world_size {world_size} x batch_size {batch_size}): each stream needs at "
-                             f"least 3 bytes; use a larger split or fewer streams")
+                             f"least {MIN_TRAIN_STREAM_BYTES} bytes; use a larger split or fewer streams")
         # Split position of the first byte of each of this rank's streams.
         self._stream_starts = (self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)) \
             * self.stream_len
@@ -469,9 +473,9 @@ class EvalStreams:
         self.n_streams = int(n_streams)
         self.bptt = int(bptt)
         self.stream_len = len(split) // self.n_streams
-        if self.stream_len < 2:
+        if self.stream_len < MIN_EVAL_STREAM_BYTES:
             raise ValueError(f"split of {len(split)} bytes is too small for {n_streams} evaluation streams: "
-                             f"each stream needs at least 2 bytes")
+                             f"each stream needs at least {MIN_EVAL_STREAM_BYTES} bytes")
         n = self.n_streams
         self.rank_streams = range(rank * n // world_size, (rank + 1) * n // world_size)
         self._stream_starts = np.arange(self.rank_streams.start, self.rank_streams.stop, dtype=np.int64) \

@@ -11,6 +11,9 @@ from sharnn import attention
 from sharnn.data import ByteSplit, EvalStreams
 from sharnn.generate import generate
 
+SAMPLE_PROMPT_BYTES = 64
+"""The logged sample continues the validation split's first SAMPLE_PROMPT_BYTES bytes."""
+
 
 @torch.no_grad()
 def evaluate(accelerator, model, split: ByteSplit, n_streams: int, bptt: int,
@@ -41,9 +44,10 @@ def evaluate(accelerator, model, split: ByteSplit, n_streams: int, bptt: int,
 
 
 def sample_text(model, split: ByteSplit, n_bytes: int, seed: int, device: torch.device) -> str:
-    """What the model writes after the first 64 bytes of `split` (temperature 0.8), for the run's logs."""
+    """What the model writes after the first SAMPLE_PROMPT_BYTES bytes of `split` (temperature 0.8), for the
+    run's logs."""
     g = torch.Generator(device=device).manual_seed(seed)
-    prompt = bytes(split.read(0, 64))
+    prompt = bytes(split.read(0, SAMPLE_PROMPT_BYTES))
     text = generate(model, prompt, n_bytes, temperature=0.8, generator=g)
     return (prompt + b" >>> " + text).decode("utf-8", errors="replace")
 

@@ -8,15 +8,9 @@ failure would lose the training done). Each problem is one `error:` line naming 
 
 from __future__ import annotations
 
-from sharnn.data import ByteSplit
+from sharnn.data import MIN_EVAL_STREAM_BYTES, MIN_TRAIN_STREAM_BYTES, ByteSplit
 from train.config import TrainConfig
-
-MIN_TRAIN_STREAM_BYTES = 3
-"""sharnn.data.StreamLoader: a training stream needs an input, a target and one byte more."""
-MIN_EVAL_STREAM_BYTES = 2
-"""sharnn.data.EvalStreams: an evaluation stream needs an input and its target."""
-SAMPLE_PROMPT_BYTES = 64
-"""train.evaluation.sample_text: the logged sample continues the validation split's first 64 bytes."""
+from train.evaluation import SAMPLE_PROMPT_BYTES
 
 
 def corpus_problem(cfg: TrainConfig, world_size: int, train: ByteSplit, valid: ByteSplit,
