@@ -19,6 +19,7 @@ import yaml
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
 from sharnn.config import ModelConfig, deferred_checks, model_preset
+from sharnn.data import MIN_SEQ_LEN
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -78,11 +79,12 @@ class TrainConfig:
     clip: float = 0.25
     """Clip the global gradient norm to this (0: no clipping)."""
     state_reset_prob: float = 0.0
-    """After each step, forget LSTM state and (independently) memory with this probability. 0 as the reference
-    at 218d748 (an earlier commit of it used 0.025)."""
+    """After each step, forget LSTM state and (independently) memory with this probability. 0: never, as the
+    reference at 218d748 (its random reset is commented out)."""
     output_bias_init: Literal["zeros", "unigram"] = "zeros"
-    """Output bias at the start of a fresh run: zeros (the reference) or the log of the training split's
-    add-one smoothed byte frequencies (bytes that never occur start near zero probability)."""
+    """Output bias of random initial weights: zeros (the reference) or the log of the training split's
+    add-one smoothed byte frequencies (bytes that never occur start near zero probability). Not with
+    init_from, whose weights bring their own trained bias."""
     cpu_kernels: Literal["fast", "torch", "fast-masks", "fast-attention"] | None = None
     """On CPU, dropout and attention as sharnn.kernels' fast path, as torch's own ops (the CUDA code path), or
     one half of the fast path (see sharnn/kernels.py). None: sharnn.kernels' default ($SHARNN_CPU_KERNELS)."""
@@ -99,7 +101,7 @@ class TrainConfig:
     test_streams: int = 8
     """Test streams (the paper: 8)."""
     eval_bptt: int | None = None
-    """Evaluation segment length (None: bptt)."""
+    """Evaluation segment length (None: bptt). Read it as `eval_len`."""
     eval_max_segments: int | None = None
     """Cap the validation segments per evaluation (None: the whole split). For quick runs only."""
     test_at_end: bool = True
@@ -121,7 +123,8 @@ class TrainConfig:
     progress_interval_s: float = 60
     """When stdout is not a terminal: seconds between plain progress lines (0: none)."""
     profile_steps: str | None = None
-    """'A:B': a torch.profiler trace of optimizer steps A to B in RUN_DIR/profile/ (TensorBoard, Perfetto)."""
+    """'A:B': a torch.profiler trace of optimizer steps A to B in RUN_DIR/profile/ (TensorBoard, Perfetto);
+    B at most max_steps."""
     compile: bool = False
     """torch.compile the model (faster on GPUs; slower on CPUs: see the README)."""
     save_every: int = 1000
@@ -163,8 +166,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.bptt < 5:
-            raise ValueError(f"bptt must be >= 5 (the shortest random segment), got {self.bptt}")
+        if self.bptt < MIN_SEQ_LEN:
+            raise ValueError(f"bptt must be >= {MIN_SEQ_LEN} (the shortest random segment), got {self.bptt}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
@@ -201,7 +204,22 @@ class TrainConfig:
         if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
             raise ValueError(f"peak_flops must be > 0 (FLOP/s, e.g. 312e12), got {self.peak_flops}")
         if self.profile_steps is not None:
-            profile_range(self.profile_steps)
+            last = profile_range(self.profile_steps)[1]
+            if self.max_steps is not None and last > self.max_steps:
+                raise ValueError(f"profile_steps {self.profile_steps} ends after max_steps "
+                                 f"({self.max_steps}): the run would stop before the profile ends; need "
+                                 "B <= max_steps")
+        if self.init_from is not None and self.output_bias_init != "zeros":
+            raise ValueError(f"output_bias_init {self.output_bias_init} sets the output bias of random "
+                             "weights, but init_from loads trained weights with their own bias: give one of "
+                             "them")
+        for name in TEXT_FIELDS:
+            check_utf8(name, getattr(self, name))
+
+    @property
+    def eval_len(self) -> int:
+        """The segment length of validation and test (and the attention report): `eval_segment_len`."""
+        return eval_segment_len(self.eval_bptt, self.bptt)
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * world_size * self.grad_accum
@@ -213,6 +231,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+TEXT_FIELDS = ("data", "out", "init_from", "resume", "report_to", "profile_steps")
+"""String fields that the run records (config.yaml, TensorBoard's hparams, W&B) write as UTF-8."""
+
+
+def check_utf8(name: str, value: str | None) -> None:
+    """A path given as bytes that are not UTF-8 reaches Python with surrogate escapes, which no UTF-8 record
+    can hold (TensorBoard fails after the run directory was written): refused at parse time instead."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} {os.fsencode(value)!r} is not UTF-8 text, which the run's records "
+                         "(config.yaml, TensorBoard) need: choose a name in UTF-8") from None
+
+
+def eval_segment_len(eval_bptt: int | None, bptt: int) -> int:
+    """The segment length a model is scored in: eval_bptt when set, else the training bptt. The one place
+    this fallback is made (TrainConfig.eval_len; sharnn-eval on a run's saved config)."""
+    return eval_bptt or bptt
 
 
 def lr_at(step: int, peak_lr: float, cfg: TrainConfig) -> float:
@@ -408,7 +448,7 @@ def launcher_precision() -> str | None:
     """The precision `accelerate launch --mixed_precision bf16|fp16` (or its config file's mixed_precision)
     asks for, from the ACCELERATE_MIXED_PRECISION it gives the processes; None for "no" or no launcher. A run
     takes it when --precision is not given (flag or YAML), and refuses one that disagrees: the trainer builds
-    its own Accelerator from --precision, so the launcher's value was otherwise ignored."""
+    its own Accelerator from --precision, which would otherwise ignore the launcher's value."""
     value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
     if value in ("", "no", "fp32"):
         return None

@@ -184,7 +184,8 @@ class TrainMeter:
 # ---------------------------------------------------------------------------------------------- trackers
 def build_trackers(report_to: str, run_dir: Path, resuming: bool) -> list:
     """accelerate's `log_with` for --report_to (a comma list of accelerate's tracker names): TensorBoard in
-    RUN_DIR/tensorboard always, W&B with its files in RUN_DIR/wandb, any other by its name."""
+    RUN_DIR/tensorboard always, W&B with its files in RUN_DIR/wandb, any other by its name. Called before
+    anything is written: what would make a tracker fail to start is refused here, as one error line."""
     names = [n.strip() for n in report_to.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOGGER_TYPE_TO_CLASS]
     if unknown:
@@ -198,6 +199,7 @@ def build_trackers(report_to: str, run_dir: Path, resuming: bool) -> list:
     trackers: list = [TensorBoardTracker("tensorboard", str(run_dir))]
     for name in dict.fromkeys(names):
         if name == "wandb":
+            check_wandb_environment(os.environ)
             trackers.append(WandBRun(run_dir, resuming))
         elif name != "tensorboard":
             trackers.append(name)
@@ -230,6 +232,24 @@ class WandBRun(WandBTracker):
         write_trackers(self.run_dir, "wandb", {"id": self.run.id, "project": self.run_name, "mode": mode})
         status = "continued" if kept.get("id") else "new"
         print(f"W&B run {self.run.id} ({status}): {mode}, {why}", flush=True)
+
+
+def check_wandb_environment(environ) -> None:
+    """SystemExit naming the first WANDB_* variable that W&B's settings refuse (WANDB_MODE=bogus, a project
+    name with '/'). wandb.init checks them only when the run's trackers start, after config.yaml and the
+    TensorBoard file were written, and as a pydantic traceback."""
+    import wandb
+    from wandb.errors import UsageError
+
+    for name, value in sorted(environ.items()):
+        if not name.startswith("WANDB_"):
+            continue
+        try:
+            wandb.Settings().update_from_env_vars({name: value})
+        except (ValueError, UsageError) as e:  # pydantic's ValidationError is a ValueError
+            errors = e.errors() if hasattr(e, "errors") else []
+            why = errors[0]["msg"] if errors else (str(e).splitlines() or [type(e).__name__])[0]
+            raise SystemExit(f"error: --report_to wandb: {name}={value!r}: {why}") from None
 
 
 def read_trackers(run_dir: Path) -> dict:
