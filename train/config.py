@@ -239,7 +239,7 @@ TEXT_FIELDS = ("data", "out", "init_from", "resume", "report_to", "profile_steps
 
 def check_utf8(name: str, value: str | None) -> None:
     """A path given as bytes that are not UTF-8 reaches Python with surrogate escapes, which no UTF-8 record
-    can hold (TensorBoard fails after the run directory was written): refused at parse time instead."""
+    can hold: TensorBoard would fail after the run directory is written, so such a value is refused here."""
     if value is None:
         return
     try:

@@ -31,13 +31,15 @@ from sharnn.pretrained import (
     find_model,
     read_state_dict,
 )
+from train.config import eval_segment_len, paper
 from train.distributed import build_accelerator, check_precision
 from train.evaluation import evaluate
 
-PAPER_STREAMS = {"train": 16, "valid": 16, "test": 8}
-"""The reference evaluates validation on 16 streams and test on 8 (eval_batch_size, test_batch_size)."""
-PAPER_BPTT = 1024
-"""The reference evaluates in segments of bptt = 1024 bytes."""
+PAPER = paper()
+PAPER_STREAMS = {"train": PAPER.eval_streams, "valid": PAPER.eval_streams, "test": PAPER.test_streams}
+"""The paper preset's streams (train/config.py): validation on 16, test on 8, as the reference."""
+PAPER_BPTT = PAPER.eval_len
+"""The paper preset's evaluation segment length (1024 bytes, as the reference)."""
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -81,7 +83,7 @@ def build_parser() -> cli.ArgumentParser:
 
 def _default_bptt(source: ModelSource) -> int:
     train_config = source.train_config or {}
-    return int(train_config.get("eval_bptt") or train_config.get("bptt") or PAPER_BPTT)
+    return int(eval_segment_len(train_config.get("eval_bptt"), train_config.get("bptt") or PAPER_BPTT))
 
 
 def predicted_bytes(streams: EvalStreams, max_segments: int | None) -> int:
