@@ -20,6 +20,7 @@ import configparser
 import contextlib
 import functools
 import importlib
+import importlib.util
 import inspect
 import io
 import os
@@ -36,7 +37,7 @@ from tests.helpers import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = {"bash", "sh", "shell", "console"}
-OPTION = re.compile(r"--[A-Za-z][\w.-]*")
+OPTION = re.compile(r"--[A-Za-z][\w-]*(?:\.[\w-]+)*")
 # Shell scripts whose arguments go to `accelerate launch ... -m train`.
 TRAIN_SCRIPTS = {"launch/slurm.sh", "launch/node.sh"}
 
@@ -331,21 +332,26 @@ def test_pages_are_found():
     assert "README.md" in names and len(PAGES) > 1, names
 
 
+COMMAND_SPAN = re.compile(r"^([A-Z_][A-Z0-9_]*=\S* )*(\.venv/bin/)?"
+                          r"(sharnn-\w+|python3? -m |accelerate launch|make |sbatch |bash launch/|launch/)")
+"""An inline code span that is a command line (`sharnn-eval runs/tiny --streams 4`, `NGPU=8 launch/...`)."""
+
+
+def command_lines() -> list[tuple[str, list[str]]]:
+    """(page:line, words) of every simple command in the shell blocks and the inline command spans."""
+    found = []
+    for snippet in all_snippets():
+        if snippet.kind == "shell" or (snippet.kind == "inline" and COMMAND_SPAN.match(snippet.text)):
+            found += [(f"{snippet.page.relative_to(REPO)}:{snippet.line + offset}", words)
+                      for offset, words in shell_commands(snippet.text)]
+    return found
+
+
 def test_commands_and_options_exist():
     problems, calls = [], []
-    for snippet in all_snippets():
-        if snippet.kind not in ("shell", "inline"):
-            continue
-        if snippet.kind == "inline" and not re.match(
-                r"^(\.venv/bin/)?(sharnn-\w+|python3? -m |accelerate launch|make |sbatch |launch/)",
-                snippet.text):
-            continue
-        for offset, words in shell_commands(snippet.text):
-            where = f"{snippet.page.relative_to(REPO)}:{snippet.line + offset}"
-            for path in repo_paths(words):
-                if not (REPO / path).exists():
-                    problems.append(f"{where}: no file {path}")
-            calls += [(where, c) for c in calls_of(words, problems, where)]
+    for where, words in command_lines():
+        problems += [f"{where}: no file {path}" for path in repo_paths(words) if not (REPO / path).exists()]
+        calls += [(where, c) for c in calls_of(words, problems, where)]
     checked = set()
     for where, call in calls:
         for option in call.options:
@@ -410,6 +416,73 @@ def test_relative_links_resolve():
                     problems.append(f"{where}: link to {target}: outside the repository")
                 elif anchor and file.suffix == ".md" and anchor not in anchors(file):
                     problems.append(f"{where}: link to {target}: {file.name} has no heading #{anchor}")
+    assert not problems, "\n".join(problems)
+
+
+# Options of other programs that the pages name in prose: the reference's own flags, sbatch's, placeholders.
+FOREIGN = {"--accumulate", "--warmup", "--signal", "--requeue", "--cpus_per_task", "--gpus_per_node",
+           "--kill_on_bad_exit", "--field", "--model.field", "--model"}  # --model.*: the group
+
+
+def test_options_named_in_prose_exist():
+    """An option in an inline code span anywhere (`--save_every`) is an option of some command, or one of the
+    other programs' options listed in FOREIGN."""
+    keys = [("sharnn-train",), ("accelerate launch",), ("launch/multinode.sh",), ("sharnn-prepare", ANY)]
+    keys += [(name,) for name in console_scripts() if name not in ("sharnn-train", "sharnn-prepare")]
+    keys += [("python -m", m) for m in sorted({c.help_key[1] for c in documented_calls()
+                                               if c.help_key[0] == "python -m"})]
+    known = frozenset().union(*(accepted(k) for k in keys)) | {normal(o) for o in FOREIGN}
+    problems = []
+    for page in PAGES:
+        for n, span in inline_code(split_page(page)[1]):
+            problems += [f"{page.relative_to(REPO)}:{n}: no command has the option {o} (`{span}`)"
+                         for o in OPTION.findall(span) if normal(o) not in known]
+    assert not problems, "\n".join(problems)
+
+
+def documented_calls() -> list[Call]:
+    problems: list[str] = []
+    return [c for where, words in command_lines() for c in calls_of(words, problems, where)]
+
+
+FILE_SPAN = re.compile(r"(sharnn|train|bench|tests|launch|scripts|docs|\.ci)/([\w.-]+/)*"
+                       r"([\w-]+\.(py|yaml|sh|json|md|png|cfg|toml)|[\w.-]+/|[\w-]+)")
+
+
+def test_files_named_exist():
+    """An inline code span that is a path of the repository (`sharnn/model.py`, `tests/golden/`, `.ci/run`)
+    names a file or directory that exists (metric names such as `train/loss` are not paths: they have no
+    extension and no trailing slash, and are left out)."""
+    problems = []
+    for page in PAGES:
+        for n, span in inline_code(split_page(page)[1]):
+            if FILE_SPAN.fullmatch(span) and ("." in span.rsplit("/", 1)[-1] or span.endswith("/")
+                                              or span.startswith(".ci/")):
+                if not (REPO / span).exists():
+                    problems.append(f"{page.relative_to(REPO)}:{n}: no file or directory {span}")
+    assert not problems, "\n".join(problems)
+
+
+def test_python_blocks_import_what_exists():
+    """`from sharnn... import name` in the pages' Python blocks: the module and the names exist."""
+    problems = []
+    for snippet in all_snippets():
+        if snippet.kind != "python":
+            continue
+        for node in ast.walk(ast.parse(snippet.text)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sharnn":
+                where = f"{snippet.page.relative_to(REPO)}:{snippet.line + node.lineno - 1}"
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError as e:
+                    problems.append(f"{where}: {e}")
+                    continue
+                problems += [f"{where}: {node.module} has no {a.name}" for a in node.names
+                             if not hasattr(module, a.name)]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] == "sharnn" and importlib.util.find_spec(a.name) is None:
+                        problems.append(f"{snippet.page.relative_to(REPO)}: no module {a.name}")
     assert not problems, "\n".join(problems)
 
 
