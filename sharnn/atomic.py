@@ -165,16 +165,16 @@ def check_output(path: str | Path, option: str, *, kind: str = "dir", what: str 
     if resolved.exists() and os.path.ismount(resolved):
         raise OutputRefused(f"{where} is a mount point (the top of a filesystem), which cannot be replaced; "
                             f"name a new {_noun(kind)} inside it, e.g. {path / _example(kind)}")
-    for label, given in inputs:
-        if given is None:
-            continue
-        source = _resolved(given)
+    inputs = [(label, given, _resolved(given)) for label, given in inputs if given is not None]
+    for label, given, source in inputs:  # the most precise reason first: is, then holds, then lies in
         if resolved == source:
             raise OutputRefused(f"{where} is the {label} the command reads; writing the {what} there would "
                                 f"destroy it: name another {_noun(kind)}")
+    for label, given, source in inputs:
         if source.is_relative_to(resolved):
             raise OutputRefused(f"{where} holds the {label} {given}, which writing the {what} would "
                                 f"destroy; name another {_noun(kind)}")
+    for label, given, source in inputs:
         if resolved.is_relative_to(source):
             raise OutputRefused(f"{where} lies inside the {label} {given}; write the {what} outside it")
     if os.path.lexists(path):

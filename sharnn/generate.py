@@ -122,7 +122,13 @@ def generation_bytes(cfg, prompt_len: int, chunk: int, n_streams: int, n_bytes: 
     steps = (2 * len(cfg.attn_layers) * window * n_streams * cfg.d_model * 4
              + forward_bytes(cfg, 1, window + 1, n_streams))
     return {"prompt": prompt_len + forward_bytes(cfg, T, min(cfg.mem_len, prompt_len - T) + T),
-            "steps": steps, "samples": n_streams * n_bytes if n_streams > 1 else 0}
+            "steps": steps, "streams": n_streams * STREAM_HOST_BYTES,
+            "samples": n_streams * n_bytes if n_streams > 1 else 0}
+
+
+STREAM_HOST_BYTES = 4096
+"""Host memory per sampled stream besides the model's: its torch.Generator (2.7 kB measured for a CPU one,
+torch 2.13) and its entries in the per-stream lists."""
 
 
 def generate(model, prompt: bytes, n_bytes: int, **kwargs) -> bytes:
@@ -236,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     if seed + n - 1 >= SEED_LIMIT:
         raise SystemExit(f"error: --seed {seed} with --num_samples {n}: sample K draws from seed + K, "
                          f"which must stay below 2**64")
-    generators = [torch.Generator(device=device).manual_seed(seed + k) for k in range(n)]
     chunk = args.prompt_chunk or max(1, min(1024, model.cfg.mem_len // 2))
-    check_sizes(model.cfg, device, len(prompt), chunk, n, args.length)
+    check_sizes(model.cfg, device, len(prompt), chunk, n, args.length)  # before a generator per stream
+    generators = [torch.Generator(device=device).manual_seed(seed + k) for k in range(n)]
 
     out = sys.stdout.buffer  # raw bytes: the model's output need not be valid UTF-8
     steps = stream_batch(model, [prompt] * n, args.length, temperature=args.temperature, top_k=args.top_k,
@@ -296,9 +302,13 @@ def check_sizes(cfg, device: torch.device, prompt_len: int, chunk: int, n_stream
               (need["samples"] + need["steps"], f"--length {n_bytes:,} x --num_samples {n_streams}: keeping "
                                                 "the samples until all are done",
                "lower --length or --num_samples (one sample is streamed as it is drawn)")]
+    host = [(need["streams"] + need["samples"], f"--num_samples {n_streams}: a random generator per stream",
+             "lower --num_samples")]
     try:
         for n, what, fix in checks:
             check_fits(n, device, what, fix)
+        for n, what, fix in host:
+            check_fits(n, "cpu", what, fix)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

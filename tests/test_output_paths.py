@@ -274,8 +274,9 @@ def test_prepare_refuses_the_current_directory_and_a_mount_point(where, tmp_path
 # ------------------------------------------------------------------------------------- sharnn-generate
 def test_generate_bounds_its_size_options(small_model, tmp_path):
     """--prompt_chunk 100000 allocated 40 GB (issue 26, item 5): a chunk whose attention cannot fit is one
-    error line, before anything is allocated; a memory longer than anything generation can hold
-    (--mem_len 10**12) is not allocated; an endless --prompt_file is refused after its limit."""
+    error line, before anything is allocated; so are 10**8 streams (a random generator each: 2.7 kB); a
+    memory longer than anything generation can hold (--mem_len 10**12) is not allocated; an endless
+    --prompt_file is refused after its limit."""
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(b"a long prompt " * 80_000)  # 1.1 MB: in one piece, (T x T) scores of 4.5 TB
 
@@ -296,6 +297,11 @@ def test_generate_bounds_its_size_options(small_model, tmp_path):
     assert len(proc.stdout) == 20
     same = generate("--prompt", "hello", "--length", "20", "--seed", "1")  # memory 64 > 5 + 20 positions
     assert same.stdout == proc.stdout
+
+    proc = generate("--prompt", "hello", "--num_samples", str(10**8), "--length", "4", "--seed", "1")
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1 and stderr.startswith("error: --num_samples 100000000") and \
+        stderr.strip().count("\n") == 0, stderr
 
     proc = generate("--prompt_file", "/dev/zero", "--length", "1", timeout=120)
     stderr = proc.stderr.decode()
