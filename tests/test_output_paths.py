@@ -170,7 +170,8 @@ def test_eval_refuses_every_output_it_did_not_write(random_model, text_corpus, t
 
 def test_eval_reads_only_the_window_of_an_endless_input(small_model, tmp_path):
     """--text /dev/urandom read the whole input before keeping mem_len + bptt bytes (issue 26, item 4): a
-    pipe that never ends (a FIFO whose writer stays open) must give a report from the bytes it needs."""
+    pipe that never ends (a FIFO whose writer stays open) must give a report from the bytes it needs; a
+    --bptt whose attention cannot fit is one error line (item 5)."""
     fifo = tmp_path / "endless"
     os.mkfifo(fifo)
     stop = threading.Event()
@@ -198,6 +199,16 @@ def test_eval_reads_only_the_window_of_an_endless_input(small_model, tmp_path):
         stop.set()
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "report.json").read_text())["segment_len"] == 32
+    # a segment whose attention cannot fit (2 MB of text in one piece: 48 TB of scores): one line, at once
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"text " * 400_000)
+    limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
+    cmd = [sys.executable, "-c", limit + "sys.argv = sys.argv[1:]; runpy.run_module('train.evaluate', "
+           "run_name='__main__')", "sharnn-eval", str(small_model), "--attention_report",
+           str(tmp_path / "big"), "--text", str(text), "--bptt", "2000000"]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: the attention report's window") and \
+        "--bptt" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
 # --------------------------------------------------------------------------------------- sharnn-export
