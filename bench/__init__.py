@@ -1,5 +1,5 @@
 """Measurements (docs/architecture.md lists the modules). What their outputs share: `check_output`, the rule
-every command that writes follows (sharnn.atomic.check_output), for a bench command's --json record and
+every command that writes follows (sharnn.io.atomic.check_output), for a bench command's --json record and
 plots: a file at the path is replaced only when it is that command's own earlier output."""
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ def is_png(path: Path) -> bool:
 
 def check_output(path: Path | None, option: str, is_ours: Callable[[Path], bool], what: str,
                  inputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
-    """sharnn.atomic.check_output for a file a bench command writes (None: not asked for); SystemExit with
+    """sharnn.io.atomic.check_output for a file a bench command writes (None: not asked for); SystemExit with
     one "error: ..." line, before any measuring, when the path holds something else."""
-    from sharnn import atomic
+    from sharnn.io import atomic
 
     if path is None:
         return

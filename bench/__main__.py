@@ -274,7 +274,7 @@ def run_scaling(sc: Scenario, corpus: Path) -> dict:
 def _scaling_corpus() -> Path:
     import numpy as np
 
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.prepare import prepare_files
 
     root = Path(tempfile.mkdtemp(prefix="sharnn-bench-corpus-"))
     src = root / "random.bin"
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  {record['streams']} streams: {record['bytes_per_s_per_stream']:,.0f} bytes/s each"
                  if "streams" in record else ""), flush=True)
     if args.json:
-        from sharnn import atomic
+        from sharnn.io import atomic
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         stamp = {"date": time.strftime("%Y-%m-%d"),

@@ -454,7 +454,7 @@ def check_sync(ctx) -> Outcome:
     from accelerate import Accelerator
 
     from sharnn import SHARNN, CarryState
-    from sharnn.data import ByteSplit, StreamLoader
+    from sharnn.corpus.data import ByteSplit, StreamLoader
     from sharnn.optim import LAMB
     from train.config import preset
     from train.distributed import ACCEL_PRECISION
@@ -708,7 +708,7 @@ def resume_run(launch, data: Path, work: Path, device, timeout: float, preset: s
     torch = _torch()
     from safetensors.torch import load_file
 
-    from sharnn import rundir
+    from sharnn.io import rundir
 
     deadline = time.monotonic() + timeout
     common = ("--max_steps", "4", "--warmup_steps", "1", "--log_every", "1", *extra)
@@ -809,7 +809,7 @@ class Context:
         if self.data_dir is None:
             self.data_dir = self.work / "data"
             if not (self.data_dir / "manifest.json").is_file():
-                from sharnn.prepare import prepare_demo
+                from sharnn.corpus.prepare import prepare_demo
 
                 prepare_demo(self.data_dir, overwrite=True)
         return self.data_dir
@@ -956,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     if path is None and not missing_gpu:
         path = default_record_path(gpu_name, datetime.date.fromtimestamp(wall).isoformat())
     if path is not None:
-        from sharnn.atomic import write_json
+        from sharnn.io.atomic import write_json
 
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, _jsonable(record))

@@ -4,7 +4,8 @@
                            [--world_size 1] [--max_seconds 60] [--json PATH] [--dir DIR]
 
 For each corpus size (``--size_gb`` and, for comparison, ``--compare_gb``) this writes random bytes, prepares
-them with ``sharnn.prepare.prepare_files`` (the code behind ``sharnn-prepare files``), then runs every rank of
+them with ``sharnn.corpus.prepare.prepare_files`` (the code behind ``sharnn-prepare files``), then runs every
+rank of
 a ``--world_size`` layout as its own fresh process (all at once, as real ranks would) that streams one epoch
 of the train split (or ``--max_seconds``). Each is measured twice: "cold", after evicting the corpus files
 from the page cache (``posix_fadvise(DONTNEED)``, only these files), and "warm", with the files cached.
@@ -29,7 +30,8 @@ import time
 from pathlib import Path
 
 from bench import check_output
-from sharnn import atomic, cli
+from sharnn import cli
+from sharnn.io import atomic
 
 GIB = 2**30
 MIB = 2**20
@@ -69,7 +71,7 @@ def measure(corpus: Path, batch_size: int, bptt: int, rank: int, world_size: int
     """One rank: open the train split, stream until the epoch ends or time is up. Run in a fresh process."""
     import torch  # noqa: F401  (imported before the baseline so its memory is not counted as growth)
 
-    from sharnn.data import StreamLoader, open_split
+    from sharnn.corpus.data import StreamLoader, open_split
 
     start = _memory()
     t0 = time.perf_counter()
@@ -116,8 +118,8 @@ def _make_corpus(root: Path, n_bytes: int) -> tuple[Path, dict]:
     """Prepare (or reuse) a corpus of ``n_bytes`` random bytes under ``root``; returns it and some timings."""
     import numpy as np
 
-    from sharnn.data import CorpusError, read_manifest
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.data import CorpusError, read_manifest
+    from sharnn.corpus.prepare import prepare_files
 
     corpus = root / f"random-{n_bytes}"
     try:

@@ -203,7 +203,7 @@ def parse_log(lines: list[str], log_interval: int, warmup_batches: int) -> list[
 def expected_seq_len(bptt: int) -> float:
     """The mean segment length of the original's draw: bptt w.p. 0.95 else bptt / 2, int(N(that, 5)), at least
     5, at most bptt (its main.py train()). sharnn's loader draws the same distribution."""
-    from sharnn.data import _expected_seq_len
+    from sharnn.corpus.data import _expected_seq_len
 
     return _expected_seq_len(bptt)
 
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 if ran is not None and ran != threads:
                     print(f"note: {name} ran with {ran} threads, not {threads}")
             if args.json:  # after every round: an interrupted measurement keeps its finished rounds
-                from sharnn import atomic
+                from sharnn.io import atomic
 
                 atomic.write_json(args.json, record)
     finally:

@@ -35,7 +35,7 @@ import yaml
 
 from bench import check_output, written_by
 from bench.seeds import describe, fmt, paired
-from sharnn import atomic
+from sharnn.io import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from bench import check_output, is_png, written_by
 from bench.seeds import describe, fmt
-from sharnn import atomic
+from sharnn.io import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_BATCH = 16  # the paper's global batch: 16 streams on one GPU

@@ -77,7 +77,7 @@ echo "gpu_smoke.sh: ${gpu% *}, $STEPS steps of the paper preset per case, runs u
 mkdir -p "$WORK"
 if [[ ! -f $DATA/manifest.json ]]; then
     echo "gpu_smoke.sh: no corpus at $DATA: preparing the demo corpus"
-    "$PYTHON" -m sharnn.prepare demo --out "$DATA"
+    "$PYTHON" -m sharnn.corpus.prepare demo --out "$DATA"
 fi
 
 report() {  # run directory -> "bytes/s  memory  loss" from metrics.jsonl

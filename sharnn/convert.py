@@ -10,10 +10,11 @@ Ignored (held by the reference, never read by its forward): lnout, attn.qkvs, at
 lnmem/lnmid of blocks without attention.
 
 `sharnn-import` (`main` below) turns a file written by the reference code into an exported sharnn model
-(model.safetensors + config.json) that `sharnn-eval`, `sharnn-generate` and `sharnn.pretrained.load_model`
+(model.safetensors + config.json) that `sharnn-eval`, `sharnn-generate` and `sharnn.io.pretrained.load_model`
 take. It reads a state dict in the reference's naming (safetensors, or torch.save'd) or the reference's own
 checkpoint, a pickled `[model, criterion]` list (its `model_save`). Pickles are read with the restricted
-unpickler of `sharnn.safe_pickle`: tensors and containers only, every other class the file names an inert stub
+unpickler of `sharnn.io.safe_pickle`: tensors and containers only, every other class the file names an inert
+stub
 that records the pickled `_parameters`, `_buffers` and `_modules`; nothing from the file is executed.
 
 A model the original code trained does not number bytes 0..255: its `data.Corpus` reads `train.txt` (every
@@ -50,9 +51,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharnn import cli, signals
+from sharnn import cli
 from sharnn.config import ModelConfig
-from sharnn.safe_pickle import PickledObject, safe_torch_load
+from sharnn.io import signals
+from sharnn.io.safe_pickle import PickledObject, safe_torch_load
 
 _BLOCK_RENAMES = {
     "lnstart": "ln_start", "lnmem": "ln_mem", "lnmid": "ln_mid", "lnff": "ln_ff", "lnxff": "ln_xff",
@@ -205,7 +207,7 @@ def read_reference(path: str | Path, prefix: str = "") -> tuple[dict[str, Tensor
         names = sorted(tensors)
         tops = sorted({k.split(".")[0] for k in names})
         if "embed.weight" in tensors:
-            hint = ("it is already in sharnn's naming: load it with sharnn.pretrained (it needs its "
+            hint = ("it is already in sharnn's naming: load it with sharnn.io.pretrained (it needs its "
                     "config.json beside it) rather than importing it")
         else:
             hint = (f"its top-level names are {tops[:10]}; if the weights sit under a prefix, pass --prefix "
@@ -511,7 +513,7 @@ def score_bpc(model: torch.nn.Module, data: np.ndarray) -> float:
     stream's first byte unpredicted (as sharnn-eval)."""
     import math
 
-    from sharnn.data import ByteSplit, EvalStreams
+    from sharnn.corpus.data import ByteSplit, EvalStreams
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
@@ -613,8 +615,8 @@ def import_reference(path: str | Path, out: str | Path, mem_len: int = 5000, pre
     `vocab` (the original's ids as bytes, see `read_original_vocab`) or a vocabulary the checkpoint carries,
     the vocabulary rows are put in byte order and the model is scored on up to `score_bytes` of the
     vocabulary's own text (`check_vocab`) before anything is written."""
-    from sharnn import hub
-    from sharnn.pretrained import build_model, check_output_dir, check_state_dict, save_state_dict
+    from sharnn.io import hub
+    from sharnn.io.pretrained import build_model, check_output_dir, check_state_dict, save_state_dict
 
     check_output_dir(out, overwrite)
     ref, carried = read_reference(path, prefix)
@@ -675,7 +677,7 @@ def _renamed(key: str) -> str:
 
 def _byte_count(text: str) -> int:
     """argparse type: a byte count as sharnn-prepare takes them (5000000, 5M, 64KiB)."""
-    from sharnn.prepare import _byte_count as prepare_byte_count  # imports datasets: only when given
+    from sharnn.corpus.prepare import _byte_count as prepare_byte_count  # imports datasets: only when given
 
     return prepare_byte_count(text)
 
@@ -726,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab = None if args.vocab is None else read_original_vocab(args.vocab, args.train_bytes)
         done = import_reference(args.source, args.out, args.mem_len, args.prefix, args.overwrite, vocab,
                                 args.score_bytes)
-    except ValueError as e:  # includes sharnn.pretrained.ModelError
+    except ValueError as e:  # includes sharnn.io.pretrained.ModelError
         raise SystemExit(f"error: {e}") from None
     arch = ", ".join(f"{k}={getattr(done.config, k)}"
                      for k in ("d_model", "d_ff", "n_layer", "attn", "mem_len"))

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sharnn import cli, signals
+from sharnn import cli
+from sharnn.io import signals
 from sharnn.state import CarryState, DecodeState
 
 
@@ -115,7 +116,7 @@ def generation_bytes(cfg, prompt_len: int, chunk: int, n_streams: int, n_bytes: 
     (the attention over chunk x (memory + chunk) keys), then n_streams streams stepping with a memory window
     (sharnn.state.MemoryWindow: 2 x window positions per attention block) and, with several streams, the
     samples kept until all are done."""
-    from sharnn.attention import forward_bytes
+    from sharnn.attention_report import forward_bytes
 
     T = min(chunk, prompt_len)
     window = decode_window(cfg.mem_len, None, prompt_len, n_bytes)
@@ -211,7 +212,7 @@ def build_parser() -> cli.ArgumentParser:
 @signals.command
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sharnn-generate` and `python -m sharnn.generate`; returns the exit code."""
-    from sharnn.pretrained import ModelError, load_model
+    from sharnn.io.pretrained import ModelError, load_model
 
     args = build_parser().parse_args(argv)
     if args.prompt_file is not None:
@@ -290,7 +291,7 @@ def read_prompt_file(path: Path, limit: int = PROMPT_LIMIT) -> bytes:
 def check_sizes(cfg, device: torch.device, prompt_len: int, chunk: int, n_streams: int, n_bytes: int) -> None:
     """--prompt_chunk, --mem_len, --num_samples and --length bounded by the memory they make generation
     take (`generation_bytes`): one error line naming the option, before anything is allocated."""
-    from sharnn.attention import check_fits
+    from sharnn.attention_report import check_fits
 
     need = generation_bytes(cfg, prompt_len, chunk, n_streams, n_bytes)
     T = min(chunk, prompt_len)

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharnn.config import ModelConfig
-from sharnn.hub import HubMixin
 from sharnn.kernels import (
     Dropout,
     attend,
@@ -178,7 +177,7 @@ class SingleHeadAttention(nn.Module):
 
     def queries(self, h: Tensor, drop: float = 0.0) -> Tensor:
         """(T, B, C) float32: the segment's queries with the key gate folded in, q * sigmoid(k_gate), so that
-        the attention scores are queries(h) @ keys^T / sqrt(C) (also read by sharnn.attention)."""
+        the attention scores are queries(h) @ keys^T / sqrt(C) (also read by sharnn.attention_report)."""
         C = h.shape[-1]
         # The reference computes this LayerNorm in float32 (it casts before qln), also under mixed precision.
         q = F.layer_norm(self.query(h).float(), (C,), self.query_ln.weight.float(),
@@ -268,7 +267,7 @@ class Block(nn.Module):
         return h + self.drop(self.boom(x))
 
 
-class SHARNN(nn.Module, HubMixin):  # HubMixin: from_pretrained, save_pretrained, push_to_hub
+class SHARNN(nn.Module):
     """The SHA-RNN language model over bytes. Time-major: inputs (T, B) int64, logits (T, B, vocab)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -280,6 +279,29 @@ class SHARNN(nn.Module, HubMixin):  # HubMixin: from_pretrained, save_pretrained
         self.drop_in = Dropout(cfg.dropouti)
         self.drop_out = Dropout(cfg.dropout)
         self.apply(self._init_weights)
+
+    # The Hugging Face Hub (huggingface_hub's mixin, in sharnn's file format) is model I/O:
+    # sharnn.io.pretrained, imported
+    # only when one of these is called, so the model itself never loads the Hub's client.
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> "SHARNN":
+        """A model from an exported model, checkpoint or run directory, or a Hub repo id `owner/name[@rev]`
+        (sharnn.io.pretrained.HubModel.from_pretrained: huggingface_hub's keyword arguments); in eval mode."""
+        from sharnn.io.pretrained import HubModel
+
+        return HubModel.from_pretrained(name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Write this model as an exported model (weights, config.json, model card) to `save_directory`."""
+        from sharnn.io.pretrained import HubModel
+
+        return HubModel(self).save_pretrained(save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload this model as an exported model to the Hub repo `repo_id` (huggingface_hub's arguments)."""
+        from sharnn.io.pretrained import HubModel
+
+        return HubModel(self).push_to_hub(repo_id, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # As the reference: N(0, (0.1/sqrt(d))^2) for Linear and Embedding weights, zero Linear biases.

@@ -14,7 +14,7 @@ from tests.helpers import run, train_cmd
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory) -> Path:
     """A prepared corpus of ~700 KB of real text (Python standard library sources): train/valid/test."""
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.prepare import prepare_files
 
     src = tmp_path_factory.mktemp("src") / "stdlib.txt"
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -91,7 +91,7 @@ def random_model(tmp_path_factory) -> Path:
     import torch
 
     from sharnn import SHARNN, ModelConfig
-    from sharnn.pretrained import save_model
+    from sharnn.io.pretrained import save_model
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("use") / "random"

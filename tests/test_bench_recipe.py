@@ -21,7 +21,7 @@ def _head() -> str | None:
 @pytest.fixture
 def small_corpus(tmp_path) -> Path:
     """~40 KB of real text (standard library sources): 4 KB valid, 4 KB test."""
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.prepare import prepare_files
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     src = tmp_path / "src.txt"

@@ -67,7 +67,7 @@ def test_analysis_of_merged_parts_targets_the_reference_batch_and_picks_the_best
 
 @pytest.mark.slow
 def test_study_trains_writes_json_resumes_and_plots(tmp_path, capsys):
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.prepare import prepare_files
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     src = tmp_path / "src.txt"

@@ -36,12 +36,13 @@ def test_console_scripts_point_at_entry_points():
         assert callable(getattr(importlib.import_module(module), func)), name
 
 
-@pytest.mark.parametrize("module, flag", [("train.evaluate", "--streams"), ("sharnn.generate", "--mem-len")])
+@pytest.mark.parametrize("module, flag", [("train.eval_command", "--streams"),
+                                          ("sharnn.generate", "--mem-len")])
 @pytest.mark.parametrize("value, message", [("x", "expected a whole number, got 'x'"),
                                             ("0", "must be >= 1, got 0")])
 def test_count_arguments_are_checked_by_both_clis(module, flag, value, message, capsys):
     parser = importlib.import_module(module).build_parser()
-    args = ["model", "--data", "d"] if module == "train.evaluate" else ["model", "--prompt", "a"]
+    args = ["model", "--data", "d"] if module == "train.eval_command" else ["model", "--prompt", "a"]
     with pytest.raises(SystemExit) as e:
         parser.parse_args([*args, flag, value])
     assert e.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
@@ -50,7 +51,7 @@ def test_count_arguments_are_checked_by_both_clis(module, flag, value, message, 
 # -------------------------------------------------------------------------------- option spellings
 # Underscores are the canonical spelling (as sharnn-train's); the hyphenated (and older) ones stay aliases.
 SPELLINGS = [
-    ("train.evaluate", ["m", "--data", "d", "--bptt", "64", "--mem_len", "8", "40", "--max_segments", "3",
+    ("train.eval_command", ["m", "--data", "d", "--bptt", "64", "--mem_len", "8", "40", "--max_segments", "3",
                         "--timeout_s", "5"],
      [["m", "--data", "d", "--seg-len", "64", "--mem-len", "8", "40", "--max-segments", "3",
        "--timeout-s", "5"],
@@ -63,9 +64,9 @@ SPELLINGS = [
      [["m", "--prompt-file", "p", "--top-k", "5", "--top-p", "0.9", "--mem-len", "8",
        "--prompt-chunk", "4"]]),
     ("sharnn.convert", ["f", "--out", "o", "--mem_len", "40"], [["f", "--out", "o", "--mem-len", "40"]]),
-    ("sharnn.prepare", ["files", "a", "--out", "o", "--valid_bytes", "2000", "--test_bytes", "3000"],
+    ("sharnn.corpus.prepare", ["files", "a", "--out", "o", "--valid_bytes", "2000", "--test_bytes", "3000"],
      [["files", "a", "--out", "o", "--valid-bytes", "2000", "--test-bytes", "3000"]]),
-    ("sharnn.prepare", ["enwik8", "--out", "o", "--no_checksum"],
+    ("sharnn.corpus.prepare", ["enwik8", "--out", "o", "--no_checksum"],
      [["enwik8", "--out", "o", "--no-checksum"]]),
 ]
 
@@ -78,7 +79,7 @@ def test_old_and_canonical_spellings_parse_the_same(module, canonical, olds, cap
     assert all(want[k] not in (None, False) for k in seen if k in want)  # the options were taken
     for old in olds:
         assert vars(parser.parse_args(old)) == want
-    sub = [canonical[0]] if module == "sharnn.prepare" else []
+    sub = [canonical[0]] if module == "sharnn.corpus.prepare" else []
     with pytest.raises(SystemExit):
         parser.parse_args([*sub, "--help"])
     shown = capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""sharnn.data: byte splits, the per-rank training stream layout, resume, evaluation layout, memory mapping.
+"""sharnn.corpus.data: byte splits, the per-rank training stream layout, resume, evaluation layout, memory
+mapping.
 
 The reference for the layout is Smerity/sha-rnn: ``utils.batchify``, ``utils.get_batch`` and the ``train()``
 and ``evaluate()`` loops of ``main.py``, re-implemented below as plainly as possible.
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sharnn.data import (
+from sharnn.corpus.data import (
     ByteSplit,
     CorpusError,
     EvalStreams,
@@ -24,7 +25,7 @@ from sharnn.data import (
     open_split,
     read_manifest,
 )
-from sharnn.prepare import prepare_files
+from sharnn.corpus.prepare import prepare_files
 from tests.helpers import random_array, random_bytes
 
 # --- the reference, written out -----------------------------------------------------------------------------

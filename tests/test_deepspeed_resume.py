@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from sharnn import rundir
+from sharnn.io import rundir
 from tests.helpers import deepspeed, metrics, run, series, train_cmd, weights
 
 pytestmark = pytest.mark.slow

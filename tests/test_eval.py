@@ -1,4 +1,4 @@
-"""sharnn-eval (train/evaluate.py) on the tiny trained run and its export (fixtures in tests/conftest.py):
+"""sharnn-eval (train/eval_command.py) on the tiny trained run and its export (fixtures in tests/conftest.py):
 one process and two give the run's own test bpc, several memory lengths, bad inputs."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from sharnn.data import EvalStreams, open_split
-from sharnn.pretrained import load_model
+from sharnn.corpus.data import EvalStreams, open_split
+from sharnn.io.pretrained import load_model
 from tests.helpers import DDP, cli, exits_with, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_eval_one_process_matches_the_runs_test_bpc(trained, text_corpus, tmp_path):
     summary = json.loads((trained / "summary.json").read_text())
     out = tmp_path / "eval.json"
-    proc = run(cli("train.evaluate", str(trained), "--data", str(text_corpus), "--split", "test", "--streams",
-                   "4", "--json", str(out)))
+    proc = run(cli("train.eval_command", str(trained), "--data", str(text_corpus), "--split", "test",
+                   "--streams", "4", "--json", str(out)))
     result = json.loads(out.read_text())
     # --seg-len defaults to the run's evaluation length (bptt 64 for tiny), as the run's own test evaluation
     assert (result["seg_len"], result["n_streams"], result["world_size"]) == (64, 4, 1)
@@ -37,8 +37,8 @@ def test_eval_one_process_matches_the_runs_test_bpc(trained, text_corpus, tmp_pa
 def test_eval_two_processes_give_the_same_bpc(exported, trained, text_corpus, tmp_path):
     summary = json.loads((trained / "summary.json").read_text())
     out = tmp_path / "eval2.json"
-    run(cli("train.evaluate", str(exported), "--data", str(text_corpus), "--streams", "4", "--seg-len", "64",
-            "--json", str(out), launch=DDP))
+    run(cli("train.eval_command", str(exported), "--data", str(text_corpus), "--streams", "4", "--seg-len",
+            "64", "--json", str(out), launch=DDP))
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["model_kind"] == "exported"
     assert math.isclose(result["bpc"], summary["test_bpc"], rel_tol=1e-6), (result, summary)
@@ -60,7 +60,7 @@ def reference_bpc(model, split, n_streams: int, seg_len: int, max_segments: int)
 
 @pytest.mark.slow
 def test_eval_several_memory_lengths_print_a_table(exported, text_corpus, tmp_path, capsys):
-    from train.evaluate import main
+    from train.eval_command import main
 
     out = tmp_path / "mem.json"
     assert main([str(exported), "--data", str(text_corpus), "--split", "valid", "--streams", "4", "--seg-len",
@@ -78,7 +78,7 @@ def test_eval_several_memory_lengths_print_a_table(exported, text_corpus, tmp_pa
 
 @pytest.mark.slow
 def test_eval_bad_inputs_are_clear_errors(trained, ckpt, exported, tmp_path):
-    from train.evaluate import main
+    from train.eval_command import main
 
     corpus_args = ["--data", str(trained)]
     exits_with(main, [str(tmp_path / "nope"), *corpus_args], "does not exist")

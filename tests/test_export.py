@@ -1,4 +1,4 @@
-"""sharnn-export (train/export.py) and loading models (sharnn.pretrained): the exported model computes what
+"""sharnn-export (train/export.py) and loading models (sharnn.io.pretrained): the exported model computes what
 the checkpoint does, DeepSpeed ZeRO-2 checkpoints, ONNX, bad inputs that write nothing, loading errors."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sharnn import SHARNN, ModelConfig
-from sharnn.pretrained import ModelError, load_model
+from sharnn.io.pretrained import ModelError, load_model
 from tests.helpers import deepspeed, exits_with, run, train_cmd
 from tests.test_fidelity import run_segments
 

@@ -14,7 +14,7 @@ import torch
 
 from sharnn import SHARNN, ModelConfig
 from sharnn.generate import filter_logits, stream_batch, stream_bytes
-from sharnn.pretrained import load_model, save_model
+from sharnn.io.pretrained import load_model, save_model
 from sharnn.state import DecodeState, MemoryWindow
 from tests.helpers import REPO, cli, exits_with, sharnn_only, subprocess_env
 from tests.test_fidelity import FIXTURE

@@ -32,7 +32,7 @@ RTOL = 1e-4
 
 def train_curve(workdir: Path) -> dict:
     """Prepare the corpus and train; the logged train losses and validation bpc by step."""
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.prepare import prepare_files
 
     corpus = workdir / "corpus"
     prepare_files([TEXTS / "train.bytes", TEXTS / "valid.bytes", TEXTS / "test.bytes"], corpus,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sharnn import rundir
+from sharnn.io import rundir
 
 
 class FewerGPUs:

@@ -177,7 +177,7 @@ LOG_EVERY, SAVE_EVERY, MAX_STEPS = 4, 7, 15
 @pytest.fixture(scope="module")
 def epoch_corpus(tmp_path_factory) -> Path:
     """A training split of 8 streams of 10 segments of 16 bytes: an epoch every 5 steps of 2 micro-batches."""
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.prepare import prepare_files
 
     train_bytes = BATCH * (STEPS_PER_EPOCH * ACCUM * BPTT + 2)
     src = tmp_path_factory.mktemp("src") / "text.txt"
@@ -214,7 +214,7 @@ def run_loop(monkeypatch, corpus: Path, out: Path, device: str, extra: tuple[str
     variables (DeepSpeed's), else one process on `device`."""
     import train.checkpoint
     import train.loop
-    from sharnn.data import StreamLoader
+    from sharnn.corpus.data import StreamLoader
 
     counter = SyncCounter()
     result = LoopRun(counter)

@@ -1,4 +1,5 @@
-"""The Hugging Face Hub (sharnn/io/hub.py), without the network: `SHARNN.from_pretrained` loads what `load_model`
+"""The Hugging Face Hub (sharnn/io/hub.py), without the network: `SHARNN.from_pretrained` loads what
+`load_model`
 loads; repo ids from the Hub's cache (laid out as the Hub does, HF_HUB_OFFLINE) in load_model, sharnn-eval,
 sharnn-generate and --init_from; a missing repo is one `error:` line; the model card. Then against
 StandInHub, a stand-in of the Hub's HTTP API that answers as the Hub does (tokens, 409 for an existing repo,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sharnn.pretrained import load_model
+from sharnn.io.pretrained import load_model
 from tests.helpers import exits_with
 from tests.test_fidelity import FIXTURE, fixture, run_segments
 
@@ -189,7 +189,7 @@ def test_three_vocabulary_sources_give_the_same_map(vocab_sources, tmp_path):
     import zipfile
 
     from sharnn.convert import ENWIK8_HELD_OUT, read_original_vocab
-    from sharnn.safe_pickle import safe_torch_load
+    from sharnn.io.safe_pickle import safe_torch_load
 
     maps = {kind: read_original_vocab(path) for kind, path in vocab_sources.items()}
     assert {kind: v.kind for kind, v in maps.items()} == {kind: kind for kind in maps}
@@ -270,8 +270,8 @@ def test_imported_model_scores_what_the_original_printed(imported_original, tmp_
     scaled number matches the printed one to its rounding (0.0005)."""
     import json
 
-    from sharnn.prepare import prepare_files
-    from train.evaluate import main
+    from sharnn.corpus.prepare import prepare_files
+    from train.eval_command import main
 
     corpus = tmp_path / "corpus"
     prepare_files([ORIGINAL / "train.bytes", ORIGINAL / "valid.bytes", ORIGINAL / "test.bytes"], corpus,
@@ -325,7 +325,7 @@ class _FullCorpus:
 def renumbered_cache(vocab_sources, path: Path, order) -> Path:
     """A self-consistent corpus cache of the same texts whose ids follow `order` (a permutation of the right
     idx2word): what a cache of another corpus with as many symbols looks like to the checkpoint."""
-    from sharnn.safe_pickle import safe_torch_load
+    from sharnn.io.safe_pickle import safe_torch_load
 
     cache = safe_torch_load(vocab_sources["corpus cache"])
     words = [cache.dictionary.idx2word[i] for i in order]
@@ -377,7 +377,7 @@ def test_import_uses_and_checks_the_checkpoints_own_vocabulary(imported_original
     """A checkpoint that carries its vocabulary (here the dictionary saved beside the weights) needs no
     --vocab, and a --vocab that disagrees with it is refused."""
     from sharnn.convert import main, read_reference_file
-    from sharnn.safe_pickle import safe_torch_load
+    from sharnn.io.safe_pickle import safe_torch_load
 
     idx2word = list(safe_torch_load(vocab_sources["corpus cache"]).dictionary.idx2word)
     torch.save({"state_dict": read_reference_file(ORIGINAL / "ref.pt"), "dictionary": _Dictionary(idx2word)},

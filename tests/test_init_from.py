@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sharnn import SHARNN, ModelConfig
-from sharnn.pretrained import save_model
+from sharnn.io.pretrained import save_model
 from train.build import build_model
 from train.config import dump_yaml, preset
 

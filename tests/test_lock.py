@@ -1,4 +1,4 @@
-"""One trainer per run directory (sharnn/runlock.py): two real trainers started together on one --out, a
+"""One trainer per run directory (sharnn/io/runlock.py): two real trainers started together on one --out, a
 second launch beside a running multi-rank launch, and a SIGKILLed trainer's run resumed (the OS freed its
 lock)."""
 
@@ -33,7 +33,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-LOCK = ".lock"  # sharnn.rundir.LOCK_NAME
+LOCK = ".lock"  # sharnn.io.rundir.LOCK_NAME
 REFUSED = "is in use by another trainer"
 
 
@@ -115,7 +115,7 @@ def test_sigkilled_trainer_leaves_its_lock_and_the_run_resumes(text_corpus, tmp_
 
 
 HOLD = """import sys, time
-from sharnn.runlock import RunLock
+from sharnn.io.runlock import RunLock
 with RunLock() as lock:
     lock.acquire(sys.argv[1])
     print("held", flush=True)
@@ -154,7 +154,7 @@ def test_a_refused_multi_node_launch_ends_on_every_node(text_corpus, tmp_path):
 
 
 FORK_AND_HOLD = """import os, sys, time
-from sharnn.runlock import RunLock
+from sharnn.io.runlock import RunLock
 lock = RunLock()
 lock.acquire(sys.argv[1])
 if os.fork() == 0:  # a child (a data worker, say) that outlives the trainer

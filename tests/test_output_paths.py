@@ -1,5 +1,6 @@
 """Nothing of the user's is destroyed by an output path (issue 26): every command that writes to a path the
-user names refuses what it did not write there itself (sharnn.atomic.check_output), reads only what it uses,
+user names refuses what it did not write there itself (sharnn.io.atomic.check_output), reads only what it
+uses,
 bounds its size options by the memory they need, and meets a full disk with one line.
 
 One test per command, each calling the real command (its `main` in-process, or a subprocess where it would
@@ -53,7 +54,7 @@ def tmpfs(tmp_path):
 def small_model(tmp_path_factory) -> Path:
     """A tiny untrained model (d_model 16, memory 64) saved with save_model."""
     from sharnn import SHARNN, ModelConfig
-    from sharnn.pretrained import save_model
+    from sharnn.io.pretrained import save_model
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("small") / "model"
@@ -63,9 +64,9 @@ def small_model(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------ the rule itself
 def test_check_output_accepts_only_what_the_command_wrote(tmp_path):
-    """sharnn.atomic.check_output: a new path, an empty directory or file and the command's own earlier
+    """sharnn.io.atomic.check_output: a new path, an empty directory or file and the command's own earlier
     output pass; anything else is refused with its reason."""
-    from sharnn import atomic
+    from sharnn.io import atomic
 
     ours = atomic.json_with_keys("command")
     record, other, empty = tmp_path / "record.json", tmp_path / "other.json", tmp_path / "empty.json"
@@ -97,7 +98,7 @@ def test_writers_on_a_full_disk_raise_one_message_and_leave_nothing(tmpfs):
     it on a full disk: DiskFull naming the filesystem and the space, no temporary left."""
     from safetensors.torch import save_file
 
-    from sharnn import atomic
+    from sharnn.io import atomic
 
     disk = tmpfs("256k")
     with pytest.raises(atomic.DiskFull, match=f"no space left on the disk holding {disk}.*needs 1.0 MB"):
@@ -117,7 +118,7 @@ def test_eval_refuses_every_output_it_did_not_write(random_model, text_corpus, t
     """--attention_report replaced a file, a folder of notes, the model's own directory, the corpus, the
     current directory and a mount point (issue 26, item 1); --json wrote into the corpus. Each is refused
     with nothing touched; a previous report is replaced, a previous report with a note added is not."""
-    from train.evaluate import main
+    from train.eval_command import main
 
     text = tmp_path / "text.txt"
     text.write_bytes(b"The single head reads the memory. " * 40)
@@ -188,8 +189,8 @@ def test_eval_reads_only_the_window_of_an_endless_input(small_model, tmp_path):
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     out = tmp_path / "report"
-    cmd = [sys.executable, "-m", "train.evaluate", str(small_model), "--attention_report", str(out), "--text",
-           str(fifo), "--bptt", "32"]
+    cmd = [sys.executable, "-m", "train.eval_command", str(small_model), "--attention_report", str(out),
+           "--text", str(fifo), "--bptt", "32"]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                               timeout=120)
@@ -203,7 +204,7 @@ def test_eval_reads_only_the_window_of_an_endless_input(small_model, tmp_path):
     text = tmp_path / "text.txt"
     text.write_bytes(b"text " * 400_000)
     limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
-    cmd = [sys.executable, "-c", limit + "sys.argv = sys.argv[1:]; runpy.run_module('train.evaluate', "
+    cmd = [sys.executable, "-c", limit + "sys.argv = sys.argv[1:]; runpy.run_module('train.eval_command', "
            "run_name='__main__')", "sharnn-eval", str(small_model), "--attention_report",
            str(tmp_path / "big"), "--text", str(text), "--bptt", "2000000"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -264,13 +265,13 @@ def test_import_refuses_the_current_directory_and_a_mount_point(tmp_path, monkey
 
 
 # -------------------------------------------------------------------------------------- sharnn-prepare
-@pytest.mark.xfail(strict=True, reason="sharnn/prepare.py's _check_out does not call "
-                   "sharnn.atomic.check_output yet (another change wires it; then remove this mark)")
+@pytest.mark.xfail(strict=True, reason="sharnn/corpus/prepare.py's _check_out does not call "
+                   "sharnn.io.atomic.check_output yet (another change wires it; then remove this mark)")
 @pytest.mark.parametrize("where", ["current directory", "mount point"])
 def test_prepare_refuses_the_current_directory_and_a_mount_point(where, tmp_path, monkeypatch, tmpfs):
     """`sharnn-prepare files X --out .` (an empty current directory) or --out MOUNT: a traceback from the
     rename and a `.old-*` folder left (issue 26, item 1)."""
-    from sharnn.prepare import main
+    from sharnn.corpus.prepare import main
 
     src = tmp_path / "text.txt"
     src.write_bytes(b"some text to prepare\n" * 5000)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sharnn.data import ByteSplit, EvalStreams, StreamLoader
+from sharnn.corpus.data import ByteSplit, EvalStreams, StreamLoader
 from tests.helpers import exits_with, run, train_cmd
 from train.config import TrainConfig
 from train.loop import main
@@ -67,14 +67,15 @@ YAML_CASES = [  # typed exactly as flags are, the file and the field named
 def tiny_valid_corpus(tmp_path_factory) -> Path:
     """A corpus whose validation split holds 10 bytes (sharnn-prepare now refuses splits under 1 KiB; a
     corpus made otherwise, or by an earlier version, may have one)."""
-    import sharnn.prepare
+    import sharnn.corpus.prepare
+    import sharnn.corpus.writer
 
     src = tmp_path_factory.mktemp("src") / "bytes.bin"
     src.write_bytes(np.random.default_rng(0).integers(0, 256, 6000, dtype=np.uint8).tobytes())
     out = tmp_path_factory.mktemp("corpus") / "tiny-valid"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sharnn.prepare, "MIN_SPLIT_BYTES", 1)
-        sharnn.prepare.prepare_files([src], out, valid_bytes=10, test_bytes=1000)
+        mp.setattr(sharnn.corpus.writer, "MIN_SPLIT_BYTES", 1)
+        sharnn.corpus.prepare.prepare_files([src], out, valid_bytes=10, test_bytes=1000)
     return out
 
 

@@ -1,6 +1,7 @@
 """sharnn-prepare: the corpus contract, the enwik8 split, files/demo sources, and every kind of bad input.
 
-CLI tests call ``main([...])`` in-process; one test runs ``python -m sharnn.prepare`` for the exit code.
+CLI tests call ``main([...])`` in-process; one test runs ``python -m sharnn.corpus.prepare`` for the exit
+code.
 Nothing here touches the internet: downloads go to a closed local port or a local HTTP server.
 """
 
@@ -20,9 +21,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from sharnn import prepare
-from sharnn.data import SPLITS, open_split, read_manifest
-from sharnn.prepare import (
+from sharnn.corpus import prepare
+from sharnn.corpus.data import SPLITS, open_split, read_manifest
+from sharnn.corpus.prepare import (
     ENWIK8_BYTES,
     ROW_BYTES,
     demo_files,
@@ -423,7 +424,7 @@ def test_files_skip_message_reaches_stderr_of_the_command(tmp_path):
     (tmp_path / "d" / "a.txt").write_bytes(random_bytes(30_000))
     prepare_files([tmp_path / "d"], tmp_path / "d" / "c1")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "sharnn.prepare", "files", "d", "--out", "d/c2"],
+    proc = subprocess.run([sys.executable, "-m", "sharnn.corpus.prepare", "files", "d", "--out", "d/c2"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "skipped d/c1: a sharnn corpus (manifest.json), not text\n" in proc.stderr
@@ -573,7 +574,9 @@ def test_interrupted_write_leaves_nothing_behind(tmp_path, capsys, monkeypatch, 
     if existing:
         prepare_files([tmp_path / "a.txt"], out)
     before, original = listing(tmp_path), tree_digest(out) if existing else None
-    real_write_split = prepare.write_split
+    from sharnn.corpus import writer
+
+    real_write_split = writer.write_split
     calls = []
 
     def write_then_interrupt(*args, **kwargs):
@@ -581,7 +584,7 @@ def test_interrupted_write_leaves_nothing_behind(tmp_path, capsys, monkeypatch, 
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "write_split", write_then_interrupt)
+    monkeypatch.setattr(writer, "write_split", write_then_interrupt)
     code, err = run_main(capsys, "files", tmp_path / "b.txt", "--out", out, "--overwrite")
     assert code == 130 and len(calls) == 2
     assert_failed_cleanly(1, err, tmp_path, before, "interrupted")
@@ -591,7 +594,7 @@ def test_interrupted_write_leaves_nothing_behind(tmp_path, capsys, monkeypatch, 
 
 def test_python_dash_m_exit_code_and_message(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, "-m", "sharnn.prepare", "files", str(tmp_path / "missing"), "--out",
+    command = [sys.executable, "-m", "sharnn.corpus.prepare", "files", str(tmp_path / "missing"), "--out",
                str(tmp_path / "c")]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1

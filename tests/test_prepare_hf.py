@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sharnn.data import SPLITS, read_manifest
-from sharnn.hf_corpus import HFSource, prepare_hf
+from sharnn.corpus.data import SPLITS, read_manifest
+from sharnn.corpus.hf import HFSource, prepare_hf
 from tests.helpers import REPO, subprocess_env
 from tests.test_prepare import assert_failed_cleanly, listing, run_main, split_bytes_via_datasets
 
@@ -231,7 +231,7 @@ HEADROOM_BYTES = 128 * 2**20
 TEXT_BYTES = 320 * 10**6  # 2.4 x the headroom
 CHILD = """
 import resource, sys
-from sharnn.hf_corpus import HFSource, prepare_hf
+from sharnn.corpus.hf import HFSource, prepare_hf
 
 def vm_data():
     status = open("/proc/self/status").read().splitlines()
@@ -387,9 +387,10 @@ def test_a_separator_that_is_not_text_is_a_usage_error(tmp_path, capsys, jsonl_f
 
 
 def test_python_dash_m_prints_one_error_line(tmp_path):
-    """`python -m sharnn.prepare hf` bad input: the hf module's PrepareError was another class than the one
+    """`python -m sharnn.corpus.prepare hf` bad input: the hf module's PrepareError was another class than
+    the one
     __main__ catches, so every error was a traceback."""
-    proc = subprocess.run([sys.executable, "-m", "sharnn.prepare", "hf", "json", "--data_files",
+    proc = subprocess.run([sys.executable, "-m", "sharnn.corpus.prepare", "hf", "json", "--data_files",
                            str(tmp_path / "none*.jsonl"), "--out", str(tmp_path / "c")],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, \
@@ -405,7 +406,7 @@ def test_no_network_is_one_line_at_once(tmp_path):
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         env.pop(name, None)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "sharnn.prepare", "hf", "owner/name", "--out",
+    proc = subprocess.run([sys.executable, "-m", "sharnn.corpus.prepare", "hf", "owner/name", "--out",
                            str(tmp_path / "c")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     took = time.monotonic() - start

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from sharnn import SHARNN, CarryState, ModelConfig
-from sharnn.data import ByteSplit, StreamLoader, open_split
+from sharnn.corpus.data import ByteSplit, StreamLoader, open_split
 from tests.helpers import (
     DDP,
     REPO,
@@ -46,7 +46,7 @@ EPOCH = ["--preset", "tiny", "--batch_size", "8", "--bptt", "64", "--warmup_step
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> Path:
     """20 kB train, 4 kB valid and test of real text: epochs of tens of steps."""
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.prepare import prepare_files
 
     src = tmp_path_factory.mktemp("src") / "text.txt"
     src.write_bytes((REPO / "README.md").read_bytes()[:28_000])

@@ -13,11 +13,13 @@ import json
 import os
 import pickle
 import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from sharnn import rundir
+from sharnn.io import rundir
 from tests.conftest import TRAIN
 from tests.helpers import exits_with
 
@@ -63,8 +65,8 @@ def step10(run: Path) -> Path:
 def other_corpus(corpus: Path, out: Path, same_sizes: bool) -> Path:
     """A corpus with one byte of `corpus`'s training split changed, and with the same split sizes or with
     1,000 training bytes fewer."""
-    from sharnn.data import open_split
-    from sharnn.prepare import prepare_files
+    from sharnn.corpus.data import open_split
+    from sharnn.corpus.prepare import prepare_files
 
     splits = {name: bytearray(open_split(corpus, name).read(0, len(open_split(corpus, name))).tobytes())
               for name in ("train", "valid", "test")}
@@ -194,7 +196,7 @@ def test_a_changed_split_is_refused_by_training_and_evaluation(text_corpus, trai
                "split 'train'", "has changed since sharnn-prepare wrote it", "--skip_data_check")
     assert not (tmp_path / "new").exists()
     overwrite_in_arrow(corpus, "test")
-    from train.evaluate import main as evaluate
+    from train.eval_command import main as evaluate
 
     exits_with(evaluate, [str(trained), "--data", str(corpus)], "split 'test'", "has changed")
 
@@ -220,18 +222,52 @@ def test_a_fresh_start_never_replaces_an_earlier_runs_records(run_copy, text_cor
     assert tree_digest(run_copy) == before
 
 
+def access_as_owner(path, mode, **kwargs) -> bool:
+    """os.access as it answers an unprivileged user who owns `path`: by the owner's permission bits (root's
+    answer ignores them, and the tests run as root in CI)."""
+    bits = os.stat(path, follow_symlinks=kwargs.get("follow_symlinks", True)).st_mode
+    wanted = {os.R_OK: stat.S_IRUSR, os.W_OK: stat.S_IWUSR, os.X_OK: stat.S_IXUSR}
+    return all(bits & bit for flag, bit in wanted.items() if mode & flag)
+
+
 @pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
-def test_an_out_that_cannot_be_written_is_refused_at_once(where, text_corpus, tmp_path):
+def test_an_out_that_cannot_be_written_is_refused_at_once(where, text_corpus, tmp_path, monkeypatch):
     target = tmp_path / "file"
     target.write_text("x")
     out = {"a file": target, "under a file": target / "run", "read-only": tmp_path / "ro" / "run"}[where]
     if where == "read-only":
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only directories: the check (os.access) stops root only on a "
-                        "read-only filesystem; the cases above run the same check")
         (tmp_path / "ro").mkdir(mode=0o555)
-    exits_with(train_main, ["--data", str(text_corpus), "--out", str(out)], f"--out {out}",
-               "cannot write the run there")
+        monkeypatch.setattr(os, "access", access_as_owner)  # as root would be answered too on a read-only fs
+    message = exits_with(train_main, ["--data", str(text_corpus), "--out", str(out)], f"--out {out}",
+                         "cannot write the run there")
+    if where == "read-only":
+        assert f"directory {tmp_path / 'ro'} is not writable" in message
+        assert list((tmp_path / "ro").iterdir()) == []
+
+
+@pytest.mark.slow  # a trainer in a process of its own
+def test_an_out_on_a_read_only_filesystem_is_refused_at_once(text_corpus, tmp_path):
+    """The same refusal where the filesystem is read-only, which stops root too: a read-only bind mount in a
+    mount namespace of the trainer's own (unshare), which nothing outside it sees and which ends with it."""
+    from tests.helpers import REPO, subprocess_env, train_cmd
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mount_ro = 'mount --bind -o ro "$0" "$0" && '
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", mount_ro + '! touch "$0/x" 2>/dev/null', str(ro)],
+                           capture_output=True, text=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no read-only bind mount in a namespace of its own here (unshare -rm, mount --bind -o "
+                    "ro): " + (probe.stderr.strip() if probe else "no unshare"))
+    out = ro / "run"
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", mount_ro + 'exec "$@"', str(ro),
+                           *train_cmd(*TRAIN, "--data", str(text_corpus), "--out", str(out))],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert f"--out {out}" in line and f"directory {ro} is not writable" in line, line
+    assert "cannot write the run there" in line and "Traceback" not in proc.stderr
+    assert list(ro.iterdir()) == []
 
 
 def test_init_from_a_file_that_is_not_safetensors(text_corpus, tmp_path):
@@ -246,7 +282,7 @@ def test_init_from_a_file_that_is_not_safetensors(text_corpus, tmp_path):
 @pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_an_unreadable_best_json_is_said_not_replaced_by_the_latest(run_copy, text_corpus):
     (run_copy / "checkpoints" / "best.json").write_text("{not json")
-    from train.evaluate import main as evaluate
+    from train.eval_command import main as evaluate
 
     exits_with(evaluate, [str(run_copy), "--data", str(text_corpus)], "best.json is unreadable",
                "delete best.json to use the latest checkpoint")
@@ -255,7 +291,7 @@ def test_an_unreadable_best_json_is_said_not_replaced_by_the_latest(run_copy, te
 @pytest.mark.slow  # uses the trained run (tests/conftest.py `trained`)
 def test_eval_json_that_cannot_be_written_is_refused_before_evaluating(trained, text_corpus, tmp_path):
     (tmp_path / "file").write_text("x")
-    from train.evaluate import main as evaluate
+    from train.eval_command import main as evaluate
 
     json_path = tmp_path / "file" / "r.json"
     exits_with(evaluate, [str(trained), "--data", str(text_corpus), "--json", str(json_path)], "--json",

@@ -1,4 +1,5 @@
-"""sharnn.rundir (the run directory and checkpoint layout, and resolving a path to a model) and sharnn.atomic
+"""sharnn.io.rundir (the run directory and checkpoint layout, and resolving a path to a model) and
+sharnn.io.atomic
 (files and directories that appear complete or not at all), on directories built by hand."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sharnn import atomic, rundir
-from sharnn.rundir import ModelError
+from sharnn.io import atomic, rundir
+from sharnn.io.rundir import ModelError
 
 
 def make_checkpoint(path: Path, step: int, complete: bool = True) -> Path:

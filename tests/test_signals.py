@@ -1,4 +1,4 @@
-"""Interrupted commands (sharnn/signals.py): Ctrl-C and SIGTERM end every console command with one line and
+"""Interrupted commands (sharnn/io/signals.py): Ctrl-C and SIGTERM end every console command with one line and
 exit status 130 / 143, SIGTERM cleans up as Ctrl-C does, and temporaries left by a killed writer are swept
 only when their writer is gone."""
 
@@ -39,11 +39,12 @@ def one_error_line(stderr: str, *fragments: str) -> str:
 
 @pytest.mark.parametrize("name", sorted(console_scripts()))
 def test_every_console_command_turns_interrupts_into_one_line(name):
-    """Every entry point of setup.cfg goes through sharnn.signals.command (the behaviour itself is tested on
+    """Every entry point of setup.cfg goes through sharnn.io.signals.command (the behaviour itself is tested
+    on
     real commands below)."""
     import importlib
 
-    from sharnn import signals
+    from sharnn.io import signals
 
     module, function = console_scripts()[name].split(":")
     entry = getattr(importlib.import_module(module), function)
@@ -51,7 +52,7 @@ def test_every_console_command_turns_interrupts_into_one_line(name):
         assert "command(main)" in Path(importlib.import_module(module).__file__).read_text()
     else:
         assert entry.__code__.co_filename == signals.__file__ and hasattr(entry, "__wrapped__"), \
-            f"{name}: {console_scripts()[name]} is not decorated with sharnn.signals.command"
+            f"{name}: {console_scripts()[name]} is not decorated with sharnn.io.signals.command"
 
 
 def test_ctrl_c_while_sharnn_train_starts_is_one_line():
@@ -121,7 +122,7 @@ def test_sigterm_while_generate_reads_its_prompt_is_one_line(random_model, tmp_p
 def test_a_later_handler_is_kept_and_the_previous_one_restored():
     """`command` puts the previous SIGTERM handler back, unless the command installed its own (the trainer's
     StopSignal, or its SIG_IGN at the end, must outlive main)."""
-    from sharnn.signals import command
+    from sharnn.io.signals import command
 
     before = signal.getsignal(signal.SIGTERM)
 
@@ -153,7 +154,7 @@ def test_a_later_handler_is_kept_and_the_previous_one_restored():
 
 # ---------------------------------------------------------------------------------------- stale temporaries
 def test_sweep_removes_only_temporaries_of_ended_writers(tmp_path):
-    from sharnn import signals
+    from sharnn.io import signals
 
     out = tmp_path / "corpus"
     ended = subprocess.Popen([sys.executable, "-c", "pass"])

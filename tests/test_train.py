@@ -302,8 +302,8 @@ def test_tiny_on_the_demo_corpus_learns(tmp_path):
     """What `make demo` runs, shortened to 300 steps: the model must learn context, not just byte frequencies.
     A model of byte frequencies alone scores the unigram entropy of the validation text (4.56 bits here);
     tiny reaches it within 10 steps, and 1 bit below it by step 300 (observed 3.26-3.36 over two seeds)."""
-    from sharnn.data import open_split
-    from sharnn.prepare import prepare_demo
+    from sharnn.corpus.data import open_split
+    from sharnn.corpus.prepare import prepare_demo
 
     corpus = tmp_path / "demo"
     prepare_demo(corpus)

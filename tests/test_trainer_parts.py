@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sharnn.data import ByteSplit, StreamLoader
+from sharnn.corpus.data import ByteSplit, StreamLoader
 from tests.helpers import REPO, exits_with, subprocess_env
 from train.config import TrainConfig, eval_segment_len, parse_args
 
@@ -126,7 +126,7 @@ def test_the_trainer_given_non_utf8_or_bad_wandb_exits_with_one_line(text_corpus
 
 # ----------------------------------------------------------------------------- start, train and finish
 def test_start_validate_save_train_finish_one_by_one(text_corpus, tmp_path, fresh_accelerate_state):
-    from sharnn.runlock import RunLock
+    from sharnn.io.runlock import RunLock
     from train import loop
 
     out = tmp_path / "run"

@@ -9,9 +9,9 @@ def console_main() -> None:
     """`sharnn-train`. While the heavy imports run (seconds), Ctrl-C or SIGTERM ends the process at once with
     one line: nothing has been written yet, and an exception raised inside an import can be swallowed by the
     library being imported and come back as another traceback (measured: numpy half-imported under torch).
-    From then on sharnn.signals.command handles them."""
+    From then on sharnn.io.signals.command handles them."""
     previous = {sig: signal.signal(sig, _exit_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
-    from sharnn.signals import command  # the sharnn package: torch
+    from sharnn.io.signals import command  # the sharnn package: torch
     from train.loop import main  # accelerate, DeepSpeed
 
     for sig, handler in previous.items():

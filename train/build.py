@@ -12,11 +12,12 @@ import yaml
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from sharnn import SHARNN, ModelConfig, hub
-from sharnn.data import ByteSplit
+from sharnn import SHARNN, ModelConfig
+from sharnn.corpus.data import ByteSplit
+from sharnn.io import hub
+from sharnn.io.pretrained import check_state_dict
+from sharnn.io.rundir import WEIGHTS_NAME, ModelError
 from sharnn.optim import LAMB
-from sharnn.pretrained import check_state_dict
-from sharnn.rundir import WEIGHTS_NAME, ModelError
 from train import checkpoint
 from train.config import TrainConfig
 
@@ -67,7 +68,7 @@ def _build_model(cfg: TrainConfig, train_split: ByteSplit, fresh: bool) -> tuple
 
 def init_weights_file(init_from: str) -> Path:
     """The weights --init_from names: a run's best checkpoint, a checkpoint, an exported model, a .safetensors
-    file, or a Hub repo id (owner/name[@revision], downloaded into the Hub's cache; see sharnn.hub)."""
+    file, or a Hub repo id (owner/name[@revision], downloaded into the Hub's cache; see sharnn.io.hub)."""
     repo = hub.parse_repo_id(init_from)
     if repo is None:
         return checkpoint.weights_file(init_from)

@@ -9,7 +9,7 @@ every rank's RNG; DeepSpeed shards under DeepSpeed) plus:
 Everything is written under `.tmp-step-...` and renamed once complete, so a crash never leaves a partial
 checkpoint under a final name. `checkpoints/best.json` names the best checkpoint by validation bpc.
 Checkpoints assume a filesystem shared by all nodes (as on clusters); the main process renames and prunes.
-The names, completeness and the finding of checkpoints are `sharnn.rundir`'s (re-exported here).
+The names, completeness and the finding of checkpoints are `sharnn.io.rundir`'s (re-exported here).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from accelerate.utils.constants import RNG_STATE_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sharnn import atomic, rundir
-from sharnn.pretrained import find_model
-from sharnn.rundir import (
+from sharnn.io import atomic, rundir
+from sharnn.io.pretrained import find_model
+from sharnn.io.rundir import (
     FORMAT_VERSION,
     WEIGHTS_NAME,
     ModelError,
@@ -62,7 +62,8 @@ class TrainState:
     best_step: int | None = None
     loader: dict = dataclasses.field(default_factory=dict)
     corpus: dict | None = None
-    """The corpus trained on: its manifest's {split: {"n_bytes", "sha256"}} (sharnn.data.corpus_record).
+    """The corpus trained on: its manifest's {split: {"n_bytes", "sha256"}}
+    (sharnn.corpus.data.corpus_record).
     None in checkpoints written before sharnn recorded it."""
 
     def to_json(self) -> str:
@@ -133,7 +134,7 @@ def save(accelerator, model, run_dir: Path, state: TrainState, carry: CarryState
          keep_last: int) -> Path:
     """Every rank calls this. Returns the final checkpoint directory.
 
-    A full disk, on any rank (`sharnn.atomic.out_of_space`), or less free space than the latest checkpoint
+    A full disk, on any rank (`sharnn.io.atomic.out_of_space`), or less free space than the latest checkpoint
     took: every rank stops with SystemExit, the main process with one line naming the disk and the space
     needed; the incomplete checkpoint is removed and the complete ones are left as they were (the run
     continues with --resume auto once there is space). The ranks agree through an all-reduce at each of the
@@ -415,7 +416,7 @@ def load(accelerator, ckpt: Path, n_layer: int, batch_size: int,
 
 def weights_file(path: str | Path) -> Path:
     """model.safetensors of a checkpoint, of a run's best (else latest) checkpoint or of an exported model, or
-    a .safetensors file (sharnn.rundir.weights_path); SystemExit with the problem and its fix otherwise."""
+    a .safetensors file (sharnn.io.rundir.weights_path); SystemExit with the problem and its fix otherwise."""
     try:
         weights = rundir.weights_path(path)
     except ModelError as e:

@@ -19,7 +19,7 @@ import yaml
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
 from sharnn.config import ModelConfig, deferred_checks, model_preset
-from sharnn.data import MIN_SEQ_LEN
+from sharnn.corpus.data import MIN_SEQ_LEN
 
 Precision = Literal["fp32", "bf16", "fp16"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sharnn import rundir
+from sharnn.io import rundir
 from sharnn.state import CarryState
 
 

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from sharnn import attention
-from sharnn.data import ByteSplit, EvalStreams
+from sharnn import attention_report
+from sharnn.corpus.data import ByteSplit, EvalStreams
 from sharnn.generate import generate
 
 SAMPLE_PROMPT_BYTES = 64
@@ -53,7 +53,8 @@ def sample_text(model, split: ByteSplit, n_bytes: int, seed: int, device: torch.
 
 
 def log_attention_report(logger, model, split: ByteSplit, bptt: int, step: int) -> None:
-    """What the attention head reads in the validation split's fixed window (sharnn.attention: the first
+    """What the attention head reads in the validation split's fixed window (sharnn.attention_report: the
+    first
     `bptt`-long segment of stream 0 whose memory is full, after the preceding ones): per attention block the
     weights as an image (`attention/weights/block{i}`, log colour scale), the mass by distance as a histogram
     (`attention/distance/block{i}`), the mean entropy in bits as scalars (`attention/entropy`, and per block
@@ -62,15 +63,16 @@ def log_attention_report(logger, model, split: ByteSplit, bptt: int, step: int) 
     without attention (attn_layers empty) logs nothing."""
     if all(block.attn is None for block in model.blocks):
         return
-    window = attention.read_window(model, split.read(0, min(len(split), model.cfg.mem_len + bptt)), bptt)
-    report = attention.summarize(window)
+    window = attention_report.read_window(model, split.read(0, min(len(split), model.cfg.mem_len + bptt)),
+                                          bptt)
+    report = attention_report.summarize(window)
     entropies = {"attention/entropy": report.entropy_bits}
     if len(report.layers) > 1:
         entropies.update({f"attention/entropy/block{i}": layer["entropy_bits"]
                           for i, layer in report.layers.items()})
     logger.scalars(entropies, step)
     for i, weights in window.weights.items():
-        logger.image(f"attention/weights/block{i}", attention.weights_rgb(weights), step)
-        upper_edges, mass, stats = attention.distance_histogram(window, i)
+        logger.image(f"attention/weights/block{i}", attention_report.weights_rgb(weights), step)
+        upper_edges, mass, stats = attention_report.distance_histogram(window, i)
         logger.binned_histogram(f"attention/distance/block{i}", upper_edges, mass, stats, step)
-    logger.text("attention/reads", attention.marked_text(window, report), step)
+    logger.text("attention/reads", attention_report.marked_text(window, report), step)

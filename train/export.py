@@ -1,15 +1,16 @@
 """`sharnn-export SOURCE --out DIR`: a run, checkpoint or exported model -> DIR/model.safetensors + config.
 
     sharnn-export runs/paper --out models/paper            # the run's best checkpoint
-    python -c 'from sharnn.pretrained import load_model; m = load_model("models/paper")'
+    python -c 'from sharnn.io.pretrained import load_model; m = load_model("models/paper")'
     sharnn-export runs/paper --out models/paper --push_to_hub owner/sharnn-paper   # and upload it
 
-The export holds a model card, README.md (sharnn.hub.model_card): architecture, parameter count, the corpus
+The export holds a model card, README.md (sharnn.io.hub.model_card): architecture, parameter count, the corpus
 (from its manifest), steps and the run's test bpc. `--push_to_hub REPO` uploads the finished export to the
 Hugging Face Hub in one commit (the repo is created if needed, `--private` for a private one; the token is
 the Hub's: HF_TOKEN or `hf auth login`); without --out it is exported to a temporary directory only.
 
-The result loads with `sharnn.pretrained.load_model` alone (no accelerate, no DeepSpeed). Checkpoints already
+The result loads with `sharnn.io.pretrained.load_model` alone (no accelerate, no DeepSpeed). Checkpoints
+already
 hold plain weights (model.safetensors, written at every save, under DeepSpeed too); a DeepSpeed checkpoint
 without them (or with --from_zero) is consolidated from DeepSpeed's own files: the fp32 master weights from
 the ZeRO 1/2 shards (deepspeed's zero_to_fp32), or the module state that ZeRO 0 saves whole. `--onnx` also
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sharnn import atomic, attention, cli, hub, signals
-from sharnn.pretrained import (
+from sharnn import attention_report, cli
+from sharnn.io import atomic, hub, signals
+from sharnn.io.pretrained import (
     WEIGHTS_NAME,
     ModelError,
     ModelSource,
@@ -40,7 +42,7 @@ from sharnn.pretrained import (
     read_state_dict,
     save_state_dict,
 )
-from sharnn.rundir import EXPORT_FILES
+from sharnn.io.rundir import EXPORT_FILES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +57,7 @@ def consolidate_zero(ckpt: Path) -> tuple[dict[str, Tensor], str]:
 
     ZeRO 1-3 partition the fp32 master weights across the ranks' optimizer shards: deepspeed's zero_to_fp32
     gathers them. ZeRO 0 writes no shards (zero_to_fp32 fails on it): its mp_rank_00_model_states.pt holds
-    the whole module state, read here without running code from the pickle (sharnn.safe_pickle).
+    the whole module state, read here without running code from the pickle (sharnn.io.safe_pickle).
     """
     latest = ckpt / "latest"
     tag = latest.read_text().strip() if latest.is_file() else None
@@ -65,7 +67,7 @@ def consolidate_zero(ckpt: Path) -> tuple[dict[str, Tensor], str]:
     tag_dir = ckpt / tag
     try:
         if not any(tag_dir.glob("*optim_states.pt")):
-            from sharnn.safe_pickle import safe_torch_load
+            from sharnn.io.safe_pickle import safe_torch_load
 
             states = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")
             return ({k: v.detach().clone() for k, v in states["module"].items()},
@@ -184,7 +186,7 @@ def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="sharnn-export",
         description="Write a trained model as OUT/model.safetensors + OUT/config.json (the ModelConfig), "
-                    "loadable with sharnn.pretrained.load_model alone.")
+                    "loadable with sharnn.io.pretrained.load_model alone.")
     parser.add_argument("source", help="run directory (its best checkpoint), checkpoint, or exported model")
     parser.add_argument("--out", type=Path,
                         help="directory to write (must not exist or be empty); required unless --push_to_hub")
@@ -245,7 +247,7 @@ def export(args, out: Path, keep: bool) -> int:
         if problem := atomic.cannot_write_into(Path(out).parent):
             raise ModelError(f"--out {out}: cannot write there ({problem}); choose another directory")
         source = find_model(args.source)
-        if keep:  # the rule of every output (sharnn.atomic.check_output), with what the export reads
+        if keep:  # the rule of every output (sharnn.io.atomic.check_output), with what the export reads
             try:
                 atomic.check_output(out, "--out", kind="dir", what="exported model",
                                     is_ours=atomic.holds_only(EXPORT_FILES),
@@ -258,10 +260,11 @@ def export(args, out: Path, keep: bool) -> int:
             config = dataclasses.replace(config, mem_len=args.mem_len)
         check_state_dict(config, state_dict, where=origin)
         if args.onnx:  # the check runs one step over a memory of mem_len: --mem_len and --onnx_batch bounded
-            need = 4 * attention.forward_bytes(config, 1, config.mem_len + 1, args.onnx_batch)  # in and out
+            need = 4 * attention_report.forward_bytes(config, 1, config.mem_len + 1, args.onnx_batch)  # io
             try:
-                attention.check_fits(need, "cpu", f"checking the ONNX step at a memory of {config.mem_len:,} "
-                                     f"for {args.onnx_batch} stream(s)", "lower --mem_len or --onnx_batch")
+                attention_report.check_fits(need, "cpu", f"checking the ONNX step at a memory of "
+                                            f"{config.mem_len:,} for {args.onnx_batch} stream(s)",
+                                            "lower --mem_len or --onnx_batch")
             except ValueError as e:
                 raise ModelError(str(e)) from None
         dtype = DTYPES[args.dtype]

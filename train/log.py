@@ -24,8 +24,8 @@ import psutil
 import torch
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker, WandBTracker, get_available_trackers
 
-from sharnn import atomic
 from sharnn.config import ModelConfig
+from sharnn.io import atomic
 from train.config import profile_range
 from train.flops import mean_keys, train_flops_per_byte
 

@@ -6,7 +6,8 @@
     finish(run)              validate and save what the loop did not, test the best checkpoint, summary.json
 
 `Run` holds what the three share; `validate(run)` and `save(run)` are the loop's two named actions. Each rank
-owns its own contiguous byte streams (sharnn.data.StreamLoader) and carries its own LSTM state and attention
+owns its own contiguous byte streams (sharnn.corpus.data.StreamLoader) and carries its own LSTM state and
+attention
 memory from step to step (train.step.train_step); the loader is NOT passed through accelerator.prepare, which
 would deal consecutive batches to different ranks and break the carried state. The parts live in files named
 for what they are: distributed.py (Accelerator, DeepSpeed, signals), build.py (model, optimizer), step.py
@@ -24,10 +25,11 @@ import torch
 from accelerate import Accelerator
 
 import sharnn
-from sharnn import SHARNN, CarryState, atomic, kernels
-from sharnn.data import ByteSplit, CorpusChanged, CorpusError, StreamLoader, corpus_record, open_split
-from sharnn.rundir import ModelError
-from sharnn.runlock import RunLock
+from sharnn import SHARNN, CarryState, kernels
+from sharnn.corpus.data import ByteSplit, CorpusChanged, CorpusError, StreamLoader, corpus_record, open_split
+from sharnn.io import atomic
+from sharnn.io.rundir import ModelError
+from sharnn.io.runlock import RunLock
 from train import checkpoint
 from train.build import build_model, build_optimizer, model_config_for_resume
 from train.config import TrainConfig, dump_yaml, lr_at, parse_args, profile_range
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, flags = parse_args(argv)
     if flags.dry_run:
         return dry_run(cfg)
-    with RunLock() as lock:  # one trainer per run directory (sharnn/runlock.py), released however it ends
+    with RunLock() as lock:  # one trainer per run directory (sharnn/io/runlock.py), released however it ends
         run = start(cfg, lock)
         train(run)
         finish(run)
@@ -79,7 +81,7 @@ class Splits:
     test: ByteSplit | None
     """None without --test_at_end."""
     record: dict
-    """The corpus's sizes and hashes (sharnn.data.corpus_record), kept in every checkpoint."""
+    """The corpus's sizes and hashes (sharnn.corpus.data.corpus_record), kept in every checkpoint."""
 
 
 @dataclass

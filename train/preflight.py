@@ -8,7 +8,7 @@ failure would lose the training done). Each problem is one `error:` line naming 
 
 from __future__ import annotations
 
-from sharnn.data import MIN_EVAL_STREAM_BYTES, MIN_TRAIN_STREAM_BYTES, ByteSplit
+from sharnn.corpus.data import MIN_EVAL_STREAM_BYTES, MIN_TRAIN_STREAM_BYTES, ByteSplit
 from train.config import TrainConfig
 from train.evaluation import SAMPLE_PROMPT_BYTES
 

@@ -18,7 +18,7 @@ import time
 
 from tqdm import tqdm
 
-from sharnn.data import StreamLoader
+from sharnn.corpus.data import StreamLoader
 
 PRIOR_SEGMENTS = 100
 """Weight of the expected mean segment length, in segments, against the observed ones."""
@@ -28,7 +28,7 @@ def estimate_total_steps(step: int, loader: StreamLoader, epochs: float, max_ste
                          mean_len: float, grad_accum: int = 1) -> int:
     """Optimizer steps the run will have taken when it ends: `step` so far, plus the segments left before
     the loader's position reaches `epochs` (train.loop.finished), at `mean_len` bytes each, `grad_accum`
-    segments per step; at most `max_steps`. An epoch's segments end at cursor L - 2 (sharnn.data)."""
+    segments per step; at most `max_steps`. An epoch's segments end at cursor L - 2 (sharnn.corpus.data)."""
     stream_len, span = loader.stream_len, loader.stream_len - 2
     epoch, offset = loader.epoch, loader.offset
     segments = 0

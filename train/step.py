@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sharnn.data import StreamLoader
+from sharnn.corpus.data import StreamLoader
 from sharnn.state import CarryState
 from train.config import TrainConfig
 from train.distributed import is_deepspeed

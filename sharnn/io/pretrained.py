@@ -9,15 +9,16 @@
     run directory    RUN/ with checkpoints/: its best checkpoint (checkpoints/best.json), else its latest
                      complete one
     Hub repo id      "owner/name" or "owner/name@revision" that is no local path: an exported model on the
-                     Hub, downloaded into the Hub's cache (sharnn.hub; HF_HUB_OFFLINE is respected)
+                     Hub, downloaded into the Hub's cache (sharnn.io.hub; HF_HUB_OFFLINE is respected)
 
-    from sharnn.pretrained import load_model
+    from sharnn.io.pretrained import load_model
     model = load_model("runs/paper")                 # eval mode, on the CPU
     logits, _, state = model(x)                      # x: (T, B) int64 bytes
 
 Anything else is a `ModelError` whose message names the problem and the fix. The layout and its resolution
-are `sharnn.rundir`'s. Outputs are written to a temporary directory beside the target and renamed into place
-(`sharnn.atomic.build_dir`), so a failure never leaves a half-written model.
+are `sharnn.io.rundir`'s. Outputs are written to a temporary directory beside the target and renamed into
+place
+(`sharnn.io.atomic.build_dir`), so a failure never leaves a half-written model.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sharnn import atomic, hub, rundir
 from sharnn.config import ModelConfig
+from sharnn.io import atomic, hub, rundir
+from sharnn.io.rundir import EXPORT_FILES, ModelError
 from sharnn.model import SHARNN
-from sharnn.rundir import EXPORT_FILES, ModelError
 
-# The layout's names (sharnn.rundir), under the names this module has always given them.
+# The layout's names (sharnn.io.rundir), under the names this module has always given them.
 WEIGHTS_NAME = rundir.WEIGHTS_NAME
 CONFIG_NAME = rundir.EXPORT_CONFIG_NAME
 FORMAT_NAME = rundir.EXPORT_FORMAT_NAME
@@ -67,7 +69,8 @@ class ModelSource:
         return self.path / WEIGHTS_NAME
 
     def inputs(self) -> list[tuple[str, Path]]:
-        """What reading this model reads, as sharnn.atomic.check_output's `inputs` (no output may be, hold or
+        """What reading this model reads, as sharnn.io.atomic.check_output's `inputs` (no output may be, hold
+        or
         lie in them): the directory of its weights and, for a checkpoint in a run, the run directory."""
         found = [("model", self.path)]
         if self.kind == "checkpoint" and self.path.parent.name == rundir.CHECKPOINTS_DIR:
@@ -106,7 +109,7 @@ def _model_config(fields: dict, where: Path) -> ModelConfig:
 
 def find_model(path: str | Path) -> ModelSource:
     """Resolve an exported model, a checkpoint or a run directory (or the model.safetensors inside one), or a
-    Hub repo id (a str `owner/name[@revision]` that is no local path: downloaded, see sharnn.hub)."""
+    Hub repo id (a str `owner/name[@revision]` that is no local path: downloaded, see sharnn.io.hub)."""
     repo = hub.parse_repo_id(path)
     if repo is not None:
         snapshot = hub.download(*repo)
@@ -240,7 +243,8 @@ def load_model(path: str | Path | ModelSource, device: str | torch.device = "cpu
 # ----------------------------------------------------------------------------------------------- saving
 def write_dir_atomic(out: str | Path, write: Callable[[Path], None], overwrite: bool = False,
                      allowed: tuple[str, ...] = EXPORT_FILES, need: int | None = None) -> Path:
-    """Call write(tmp_dir), then rename tmp_dir to `out` (sharnn.atomic.build_dir). A failure leaves `out` as
+    """Call write(tmp_dir), then rename tmp_dir to `out` (sharnn.io.atomic.build_dir). A failure leaves `out`
+    as
     it was.
 
     An existing non-empty `out` is replaced only with overwrite=True and only if it holds nothing but
@@ -280,7 +284,7 @@ def check_output_dir(out: str | Path, overwrite: bool, allowed: tuple[str, ...] 
 
 
 def _check_output_place(out: Path, allowed: tuple[str, ...]) -> None:
-    """The rule every command's output follows (sharnn.atomic.check_output): never a symbolic link, a mount
+    """The rule every command's output follows (sharnn.io.atomic.check_output): never a symbolic link, a mount
     point, the current or home directory or one holding them."""
     try:
         atomic.check_output(out, "--out", kind="dir", what="exported model",
@@ -308,7 +312,7 @@ def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, out: str
     """Write an exported model (model.safetensors + config.json) atomically; checked against `config` first.
 
     `metadata` goes into the safetensors header (strings); `card` (a huggingface_hub ModelCard, see
-    `sharnn.hub.model_card`) is written as README.md; `extra(tmp_dir)` may add files (e.g. model.onnx)
+    `sharnn.io.hub.model_card`) is written as README.md; `extra(tmp_dir)` may add files (e.g. model.onnx)
     before the directory is renamed into place.
     """
     check_state_dict(config, state_dict)
@@ -334,3 +338,51 @@ def save_model(model: SHARNN, out: str | Path, overwrite: bool = False,
 __all__ = ["ModelError", "ModelSource", "find_model", "read_state_dict", "check_state_dict", "build_model",
            "load_model", "save_model", "save_state_dict", "write_export_files", "write_dir_atomic",
            "check_output_dir", "WEIGHTS_NAME", "CONFIG_NAME"]
+
+
+# ------------------------------------------------------------------------- huggingface_hub's model mixin
+class HubModel(ModelHubMixin, library_name=hub.LIBRARY_NAME, tags=list(hub.TAGS),
+               paper_url=hub.PAPER_URL):
+    """huggingface_hub's model mixin around a SHARNN, in sharnn's own file format (SHARNN.from_pretrained,
+    .save_pretrained and .push_to_hub call it): `save_pretrained` / `push_to_hub` write an exported model
+    (save_model's files and README.md), and `from_pretrained` is `load_model` on the directory or the
+    downloaded snapshot."""
+
+    def __init__(self, model: SHARNN | None = None):
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> SHARNN:
+        """A model from an exported model directory (or checkpoint, or run directory) or a Hub repo id
+        (`owner/name`, optionally `@revision`); in eval mode. Keyword arguments as huggingface_hub's
+        (revision, cache_dir, force_download, token, local_files_only) and map_location (a device)."""
+        path = pretrained_model_name_or_path
+        parsed = hub.parse_repo_id(path)
+        if parsed is None:  # a local path: found (or refused) as load_model does
+            found = rundir.locate(path)
+            if found.kind != "exported":  # a checkpoint has no config.json for the mixin to read
+                        return load_model(found.path, device=kwargs.get("map_location", "cpu"))
+            path = found.path
+        else:
+            path, revision = parsed
+            kwargs["revision"] = kwargs.get("revision") or revision
+        with hub.reading_repo(str(path), kwargs.get("revision")):
+            return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
+                         local_files_only: bool, token, map_location: str = "cpu", config: dict | None = None
+                         ) -> SHARNN:
+        del config  # load_model reads config.json itself, with sharnn's checks
+        path = Path(model_id)
+        if not path.is_dir():
+            path = hub.download(model_id, revision, cache_dir=cache_dir, force_download=force_download,
+                            token=token, local_files_only=local_files_only)
+        return load_model(path, device=map_location)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        write_export_files(save_directory, self.model.state_dict(), self.model.cfg)
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The sharnn model card; keyword arguments as `model_card`'s (provenance, repo_id, license)."""
+        return hub.model_card(self.model.cfg, self.model.num_params(), **kwargs)

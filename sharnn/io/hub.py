@@ -6,9 +6,9 @@
     model.push_to_hub("owner/my-sharnn")                        # model.safetensors + config.json + README.md
     sharnn-export runs/paper --out models/paper --push_to_hub owner/sharnn-enwik8
 
-A Hub repo holds an exported model exactly as `sharnn-export` writes it (`sharnn.rundir`: model.safetensors
+A Hub repo holds an exported model exactly as `sharnn-export` writes it (`sharnn.io.rundir`: model.safetensors
 with the format marker in its metadata, config.json with the ModelConfig's fields, README.md the model card),
-so a downloaded snapshot is loaded by `sharnn.pretrained.load_model` like any exported directory, and
+so a downloaded snapshot is loaded by `sharnn.io.pretrained.load_model` like any exported directory, and
 `from_pretrained` is `load_model` on it. A string names a repo only when it is not an existing local path
 and reads `owner/name` (optionally `@revision`); `Path` objects are always local. Downloads go through the
 Hub's cache (HF_HUB_CACHE) and respect HF_HUB_OFFLINE; the token is the Hub's own (HF_TOKEN or
@@ -27,24 +27,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx2  # huggingface_hub 2.x's HTTP client: its connection errors pass through upload calls
-from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, constants, snapshot_download
+from huggingface_hub import ModelCard, ModelCardData, constants, snapshot_download
 from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
 )
 
-from sharnn import rundir
 from sharnn.config import ModelConfig
-from sharnn.rundir import ModelError
+from sharnn.io import rundir
+from sharnn.io.rundir import ModelError
 
 if TYPE_CHECKING:
-    from sharnn.model import SHARNN
-    from sharnn.pretrained import ModelSource
+        from sharnn.io.pretrained import ModelSource
 
 LIBRARY_NAME = "sharnn"
 CARD_NAME = "README.md"
@@ -52,7 +51,7 @@ CARD_NAME = "README.md"
 SUMMARY_NAME = "summary.json"
 """A finished run's summary (train/loop.py): step, best validation bpc and step, test bpc."""
 CORPUS_MANIFEST_NAME = "manifest.json"
-"""A prepared corpus's manifest (sharnn.prepare): source, split sizes and sha256."""
+"""A prepared corpus's manifest (sharnn.corpus.prepare): source, split sizes and sha256."""
 REPO_FILES = [rundir.WEIGHTS_NAME, rundir.EXPORT_CONFIG_NAME, CARD_NAME]
 """What is downloaded of a repo: an exported model and its card (not ONNX files nor anything else)."""
 PAPER_URL = "https://arxiv.org/abs/1911.11423"
@@ -172,7 +171,7 @@ class Provenance:
     steps: int | None = None
     """Optimizer steps of the checkpoint the weights come from."""
     corpus: dict | None = None
-    """The manifest of the prepared corpus the run trained on (sharnn.prepare)."""
+    """The manifest of the prepared corpus the run trained on (sharnn.corpus.prepare)."""
     corpus_path: str | None = None
     """Where the run read its corpus (TrainConfig.data)."""
     test_bpc: float | None = None
@@ -300,52 +299,3 @@ def model_card(config: ModelConfig, n_params: int, provenance: Provenance | None
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-
-
-# ------------------------------------------------------------------------------------ the model's mixin
-class HubMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS), paper_url=PAPER_URL):
-    """huggingface_hub's model mixin for SHARNN, with sharnn's own file format: `save_pretrained` /
-    `push_to_hub` write an exported model (sharnn.pretrained.save_model's files and README.md), and
-    `from_pretrained` is `sharnn.pretrained.load_model` on the directory or the downloaded snapshot."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> SHARNN:
-        """A model from an exported model directory (or checkpoint, or run directory) or a Hub repo id
-        (`owner/name`, optionally `@revision`); in eval mode. Keyword arguments as huggingface_hub's
-        (revision, cache_dir, force_download, token, local_files_only) and map_location (a device)."""
-        path = pretrained_model_name_or_path
-        parsed = parse_repo_id(path)
-        if parsed is None:  # a local path: found (or refused) as load_model does
-            found = rundir.locate(path)
-            if found.kind != "exported":  # a checkpoint has no config.json for the mixin to read
-                from sharnn.pretrained import load_model
-
-                return load_model(found.path, device=kwargs.get("map_location", "cpu"))
-            path = found.path
-        else:
-            path, revision = parsed
-            kwargs["revision"] = kwargs.get("revision") or revision
-        with reading_repo(str(path), kwargs.get("revision")):
-            return super().from_pretrained(path, **kwargs)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
-                         local_files_only: bool, token, map_location: str = "cpu", config: dict | None = None
-                         ) -> SHARNN:
-        from sharnn.pretrained import load_model
-
-        del config  # load_model reads config.json itself, with sharnn's checks
-        path = Path(model_id)
-        if not path.is_dir():
-            path = download(model_id, revision, cache_dir=cache_dir, force_download=force_download,
-                            token=token, local_files_only=local_files_only)
-        return load_model(path, device=map_location)
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        from sharnn.pretrained import write_export_files
-
-        write_export_files(save_directory, self.state_dict(), self.cfg)
-
-    def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        """The sharnn model card; keyword arguments as `model_card`'s (provenance, repo_id, license)."""
-        return model_card(self.cfg, self.num_params(), **kwargs)

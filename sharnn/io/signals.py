@@ -2,7 +2,7 @@
 
     @command  (on each console entry point's `main(argv) -> int`)
         SIGTERM raises KeyboardInterrupt, as Ctrl-C (SIGINT) does, so a `kill`, a scheduler's preemption or
-        a container's stop runs the same cleanup as Ctrl-C: `finally` blocks run and sharnn.atomic removes
+        a container's stop runs the same cleanup as Ctrl-C: `finally` blocks run and sharnn.io.atomic removes
         its temporaries. A KeyboardInterrupt that reaches `main` becomes one line on stderr and the exit
         status 130 (SIGINT) or 143 (SIGTERM), not a traceback.
     sweep_stale_temporaries(out)
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
-"""A temporary sibling of NAME is `.NAME.tmp-...` (sharnn.atomic)."""
+"""A temporary sibling of NAME is `.NAME.tmp-...` (sharnn.io.atomic)."""
 
 
 class _TermAsInterrupt:

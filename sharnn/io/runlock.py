@@ -7,8 +7,8 @@
     # released however the block ends: the lock file removed, and the directories acquire() created
     # removed again while they are empty (a failed start leaves --out as it was)
 
-The lock is flock(2) on RUN/.lock (`sharnn.rundir.LOCK_NAME`); the file names its holder: host, pid, the time
-it took the lock, its command line. A second trainer on the same run directory is refused with
+The lock is flock(2) on RUN/.lock (`sharnn.io.rundir.LOCK_NAME`); the file names its holder: host, pid, the
+time it took the lock, its command line. A second trainer on the same run directory is refused with
 `error: --out RUN is in use by another trainer (host H, pid P, started T) ...`.
 
 Why it is built this way:
@@ -58,8 +58,8 @@ import sys
 import time
 from pathlib import Path
 
-from sharnn.rundir import LOCK_NAME
-from sharnn.signals import process_running
+from sharnn.io.rundir import LOCK_NAME
+from sharnn.io.signals import process_running
 
 _HELD: set[int] = set()
 """Descriptors of the locks this process holds: closed in forked children."""

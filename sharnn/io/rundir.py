@@ -1,7 +1,7 @@
 """The layout of a run directory, its checkpoints and an exported model: names, completeness, resolution.
 
     RUN/                              a training run (`sharnn-train --out RUN`)
-      .lock                           while a trainer runs: its lock and who holds it (sharnn/runlock.py)
+      .lock                           while a trainer runs: its lock and who holds it (sharnn/io/runlock.py)
       checkpoints/
         step-00001200/                one checkpoint (zero-padded optimizer step)
           model.safetensors           the weights
@@ -15,10 +15,11 @@
         best.json                     {"step", "dir", "val_bpc"} of the best checkpoint by validation bpc
     MODEL/                            an exported model (`sharnn-export`, `sharnn-import`, `save_model`)
       model.safetensors, config.json  the weights and the ModelConfig's fields
-      README.md                       the model card (sharnn-export; sharnn.hub)
+      README.md                       the model card (sharnn-export; sharnn.io.hub)
 
 Training writes checkpoints (train/checkpoint.py); everything that reads them (resume, --init_from,
-`sharnn.pretrained.load_model`, sharnn-eval, sharnn-export, sharnn-generate) finds them through this module.
+`sharnn.io.pretrained.load_model`, sharnn-eval, sharnn-export, sharnn-generate) finds them through this
+module.
 A checkpoint is listed only when complete and never by its name alone: the order is the step recorded in its
 train_state.json. Resolution (`locate`, `weights_path`):
 
@@ -36,7 +37,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sharnn import atomic
+from sharnn.io import atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 STEP_PREFIX = "step-"
@@ -49,7 +50,7 @@ CKPT_CONFIG_NAME = "config.yaml"
 META_NAME = "meta.json"
 BEST_NAME = "best.json"
 LOCK_NAME = ".lock"
-"""In a run directory while a trainer runs on it: flock'ed, naming its holder (sharnn/runlock.py)."""
+"""In a run directory while a trainer runs on it: flock'ed, naming its holder (sharnn/io/runlock.py)."""
 FORMAT_VERSION = 1
 """Checkpoint format version, recorded in meta.json."""
 EXPORT_CONFIG_NAME = "config.json"

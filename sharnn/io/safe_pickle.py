@@ -108,7 +108,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 # torch.load(pickle_module=...) uses a module's `Unpickler`, `load` and `__name__`.
 restricted_pickle = types.SimpleNamespace(
-    __name__="sharnn.safe_pickle.restricted_pickle", Unpickler=RestrictedUnpickler,
+    __name__="sharnn.io.safe_pickle.restricted_pickle", Unpickler=RestrictedUnpickler,
     load=lambda file, **kwargs: RestrictedUnpickler(file, **kwargs).load())
 
 

@@ -1,6 +1,6 @@
 """Byte corpora for SHA-RNN: memory-mapped splits and per-rank contiguous streams.
 
-A prepared corpus (written by ``sharnn-prepare``, see ``sharnn/prepare.py``) is a directory::
+A prepared corpus (written by ``sharnn-prepare``, see ``sharnn/corpus/prepare.py``) is a directory::
 
     corpus/manifest.json        format, source, per-split byte count and sha256, row layout
     corpus/{train,valid,test}/  one ``datasets.Dataset`` per split (``save_to_disk``), column ``bytes``

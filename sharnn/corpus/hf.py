@@ -10,7 +10,8 @@ joined with the separator (default a newline; several columns of one record are 
 
 Nothing is loaded whole: Hub names and data files are read with ``streaming=True``, a ``save_to_disk``
 directory through ``load_from_disk(...).to_iterable_dataset()`` (memory-mapped), and the bytes go to a scratch
-file in the staging directory, which ``sharnn.prepare.write_corpus`` cuts into the corpus splits through a
+file in the staging directory, which ``sharnn.corpus.prepare.write_corpus`` cuts into the corpus splits
+through a
 memory map. Private memory stays at one batch of records (``BATCH_ROWS``) whatever the dataset's size
 (tests/test_prepare_hf.py prepares a dataset larger than its process's memory limit).
 
@@ -51,17 +52,17 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from datasets.packaged_modules import _EXTENSION_TO_MODULE, _PACKAGED_DATASETS_MODULES
 from tqdm import tqdm
 
-from sharnn import atomic
-from sharnn.prepare import (
+from sharnn.corpus.writer import (
     DEFAULT_HELD_OUT_FRACTION,
     SEPARATOR_HINT,
     PrepareError,
     PrepareResult,
-    _check_out,
-    _check_split_sizes,
-    _map,
+    check_out,
+    check_split_sizes,
+    map_file,
     write_corpus_parts,
 )
+from sharnn.io import atomic
 
 BATCH_ROWS = 64
 """Records read per batch: the only text held in memory at a time."""
@@ -122,7 +123,8 @@ class _Opened:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """``datasets``' progress bars only on a terminal (as ``sharnn.prepare.write_split``), and none of its
+    """``datasets``' progress bars only on a terminal (as ``sharnn.corpus.prepare.write_split``), and none of
+    its
     error logs: every failure reaches the user as one ``error:`` line from us instead."""
     quiet = not sys.stderr.isatty() and not datasets.utils.are_progress_bars_disabled()
     verbosity = datasets.logging.get_verbosity()
@@ -472,7 +474,7 @@ def prepare_hf(source: HFSource, out: str | Path, valid_bytes: int | None = None
                test_bytes: int | None = None, overwrite: bool = False) -> PrepareResult:
     """Prepare a corpus from a ``datasets`` dataset (see the module docstring for what is read and how)."""
     out = Path(out)
-    existing = _check_out(out)
+    existing = check_out(out)
     with _quiet_datasets():
         return _prepare_hf(source, out, valid_bytes, test_bytes, overwrite, existing)
 
@@ -513,7 +515,7 @@ def _prepare_hf(source: HFSource, out: Path, valid_bytes: int | None, test_bytes
                                    + (f", only the {n_bytes:,} separators between them" if n_bytes else "")
                                    + "); choose another --split or --column")
             counts[split] = {"n_records": n_records, "n_bytes": n_bytes}
-            text[role] = _map(tmp / _scratch_name(role))
+            text[role] = map_file(tmp / _scratch_name(role))
         parts, used = _cut_held_out(text, source.split, held_out, valid_bytes, test_bytes)
         record = {"kind": "hf", "name": source.name, **opened.identity, "splits_used": used,
                   "columns": list(columns), "separator": source.separator, "records": counts,
@@ -537,7 +539,7 @@ def _cut_held_out(text: dict[str, np.ndarray], split: str, held_out: dict[str, s
     cut_valid = 0 if "valid" in text else default_cut if valid_bytes is None else valid_bytes
     cut_test = 0 if "test" in text else default_cut if test_bytes is None else test_bytes
     n_kept = n_train - cut_valid - cut_test
-    _check_split_sizes(sum(len(t) for t in text.values()),
+    check_split_sizes(sum(len(t) for t in text.values()),
                        (n_kept, len(text["valid"]) if "valid" in text else cut_valid,
                         len(text["test"]) if "test" in text else cut_test))
     parts = {"train": text["train"][:n_kept],

@@ -22,7 +22,7 @@ Distances: query t of the segment sits at key position n_memory + t; key j is n_
 (0: the query's own position). Entropy is in bits. matplotlib is imported only when a picture is drawn.
 
 A report directory is recognised by its files and the format marker in its report.json (`is_report_dir`):
-`write_report_dir` replaces only a directory that is an earlier report (sharnn.atomic.check_output).
+`write_report_dir` replaces only a directory that is an earlier report (sharnn.io.atomic.check_output).
 What a forward over a window needs in memory (`forward_bytes`, the attention's T x K scores dominating) is
 checked against what the device has (`check_fits`) by the commands whose size options set T and K.
 """
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharnn import atomic
+from sharnn.io import atomic
 from sharnn.model import SHARNN, SingleHeadAttention, causal_mask
 
 REPORT_FORMAT = "sharnn-attention-report"
@@ -385,7 +385,7 @@ def write_report_dir(window: AttentionWindow, report: AttentionReport, out: str 
                      option: str = "--attention_report") -> None:
     """Write attention.png, distance.png, report.json and report.md to the directory `out`, atomically. An
     existing `out` is replaced only when it is an earlier report (`is_report_dir`); `inputs` (what the report
-    was read from) may not be, hold or lie inside `out`: sharnn.atomic.check_output, OutputRefused
+    was read from) may not be, hold or lie inside `out`: sharnn.io.atomic.check_output, OutputRefused
     otherwise."""
     atomic.check_output(out, option, kind="dir", what="attention report", is_ours=is_report_dir,
                         inputs=inputs)

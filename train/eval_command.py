@@ -2,7 +2,7 @@
 
     sharnn-eval runs/paper --data data/enwik8                            # test split, 8 streams (the paper)
     sharnn-eval runs/paper --data data/enwik8 --mem_len 1000 5000 10000  # bpc as the attention memory grows
-    accelerate launch --config_file launch/cpu_ddp.yaml -m train.evaluate runs/paper --data data/enwik8
+    accelerate launch --config_file launch/cpu_ddp.yaml -m train.eval_command runs/paper --data data/enwik8
     sharnn-eval runs/paper --attention_report report/ --text notes.txt  # what the attention head reads
 
 The evaluation is train.step.evaluate, the one the training loop runs: the streams are the same for any world
@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
-from sharnn import atomic, attention, cli, signals
+from sharnn import attention_report, cli
 from sharnn.cli import positive_int
-from sharnn.data import SPLITS, CorpusChanged, CorpusError, EvalStreams, open_split
-from sharnn.pretrained import (
+from sharnn.corpus.data import SPLITS, CorpusChanged, CorpusError, EvalStreams, open_split
+from sharnn.io import atomic, signals
+from sharnn.io.pretrained import (
     ModelError,
     ModelSource,
     build_model,
@@ -96,7 +97,7 @@ def predicted_bytes(streams: EvalStreams, max_segments: int | None) -> int:
 
 @signals.command
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `sharnn-eval` and `python -m train.evaluate`; returns the exit code."""
+    """Entry point of `sharnn-eval` and `python -m train.eval_command`; returns the exit code."""
     args = build_parser().parse_args(argv)
     # Check everything that can be wrong before starting processes groups or reading the split.
     try:
@@ -128,23 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         check_json_output(args.json, [*source.inputs(), ("corpus", args.data)])
 
-    # The training loop's Accelerator (process group, device, precision, world-size guard).
-    accelerator = build_accelerator(args.precision, timeout_s=args.timeout_s)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.precision != "fp32":
-        raise SystemExit(f"error: --precision {args.precision} under a DeepSpeed launch: accelerate leaves "
-                         "precision to DeepSpeed's engine, which evaluation does not use. Launch with a DDP "
-                         "config instead (e.g. launch/cpu_ddp.yaml, or accelerate launch --multi_gpu)")
+    accelerator = start_accelerator(args, source, layout, n_streams, bptt, mem_lens)
     say = accelerator.print
-    check_precision(args.precision, accelerator.device)
-    # --bptt, --mem_len and --streams bounded by what they need: the attention's (B, T, K) scores above all
-    B = -(-n_streams // accelerator.num_processes)
-    T, M = min(bptt, layout.stream_len - 1), min(max(mem_lens), layout.stream_len)
-    try:
-        attention.check_fits(attention.forward_bytes(source.config, T, M + T, B), accelerator.device,
-                             f"scoring {B} streams in segments of {T:,} bytes with a memory of {M:,}",
-                             "lower --bptt, --mem_len or --streams (or launch more processes)")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     world = accelerator.num_processes
     n_predicted = predicted_bytes(layout, args.max_segments)
     n_params = sum(v.numel() for v in state_dict.values())
@@ -183,6 +169,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_accelerator(args, source, layout: EvalStreams, n_streams: int, bptt: int, mem_lens: list[int]):
+    """The training loop's Accelerator (process group, device, precision, world-size guard), with the
+    precision checked and --bptt, --mem_len and --streams bounded by the memory they need."""
+    accelerator = build_accelerator(args.precision, timeout_s=args.timeout_s)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.precision != "fp32":
+        raise SystemExit(f"error: --precision {args.precision} under a DeepSpeed launch: accelerate leaves "
+                         "precision to DeepSpeed's engine, which evaluation does not use. Launch with a DDP "
+                         "config instead (e.g. launch/cpu_ddp.yaml, or accelerate launch --multi_gpu)")
+    check_precision(args.precision, accelerator.device)
+    # --bptt, --mem_len and --streams bounded by what they need: the attention's (B, T, K) scores above all
+    B = -(-n_streams // accelerator.num_processes)
+    T, M = min(bptt, layout.stream_len - 1), min(max(mem_lens), layout.stream_len)
+    try:
+        need = attention_report.forward_bytes(source.config, T, M + T, B)
+        attention_report.check_fits(need, accelerator.device,
+                                    f"scoring {B} streams in segments of {T:,} bytes with a memory of {M:,}",
+                                    "lower --bptt, --mem_len or --streams (or launch more processes)")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return accelerator
+
+
 JSON_KEYS = ("model", "split", "results", "precision")
 """What marks a JSON file as an evaluation record of this command (one that --json may replace)."""
 
@@ -211,9 +219,10 @@ def read_head(path: Path, n_bytes: int, chunk: int = 1 << 20) -> bytes:
 
 
 def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
-    """`--attention_report DIR`: sharnn.attention's report on one window of --text (or of the --split of
+    """`--attention_report DIR`: sharnn.attention_report's report on one window of --text (or of the --split
+    of
     --data), read in segments of --bptt after warming the memory, written atomically to DIR. One process; a
-    GPU when there is one. DIR may be new, empty or an earlier report (sharnn.atomic.check_output)."""
+    GPU when there is one. DIR may be new, empty or an earlier report (sharnn.io.atomic.check_output)."""
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: --attention_report reads --text FILE or --data CORPUS (its --split); give "
                          "one of them")
@@ -222,7 +231,7 @@ def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
     inputs = [*source.inputs(), ("corpus", args.data), ("text", args.text)]
     try:
         atomic.check_output(args.attention_report, "--attention_report", kind="dir", what="attention report",
-                            is_ours=attention.is_report_dir, inputs=inputs)
+                            is_ours=attention_report.is_report_dir, inputs=inputs)
     except atomic.OutputRefused as e:
         raise SystemExit(f"error: {e}") from None
     config = source.config
@@ -251,12 +260,12 @@ def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
         raise SystemExit(f"error: --text {args.text} is empty; give a file with text to read")
     model = build_model(config, state_dict, device)
     try:
-        window = attention.read_window(model, data, bptt)
+        window = attention_report.read_window(model, data, bptt)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    report = attention.summarize(window)
+    report = attention_report.summarize(window)
     try:
-        attention.write_report_dir(window, report, args.attention_report, inputs)
+        attention_report.write_report_dir(window, report, args.attention_report, inputs)
     except (atomic.OutputRefused, OSError) as e:  # changed since the check; a full disk: one line naming it
         raise SystemExit(f"error: --attention_report {args.attention_report}: {e}") from None
     layers = ", ".join(f"block {i}: {layer['entropy_bits']:.2f} bits, mean distance "
@@ -271,9 +280,10 @@ def check_window_fits(config, bptt: int, n_bytes: int, device: str) -> None:
     and the segment, of at most the `n_bytes` read)."""
     T = max(1, min(bptt, n_bytes))
     try:
-        attention.check_fits(attention.forward_bytes(config, T, min(config.mem_len + T, max(n_bytes, T))),
-                             device, f"the attention report's window (a segment of {T:,} bytes, a memory of "
-                                     f"{config.mem_len:,})", "lower --bptt or --mem_len")
+        need = attention_report.forward_bytes(config, T, min(config.mem_len + T, max(n_bytes, T)))
+        attention_report.check_fits(need, device, f"the attention report's window (a segment of {T:,} bytes, "
+                                                  f"a memory of {config.mem_len:,})",
+                                    "lower --bptt or --mem_len")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
