@@ -1,10 +1,10 @@
 """Atomic writes: a file or a directory appears complete under its final name, or not at all.
 
     write_text(path, text) / write_bytes(path, data) / write_json(path, obj)
-        written to a temporary sibling `.NAME.tmp-PID`, then `os.replace`d onto `path`
+        written to a temporary sibling `.NAME.tmp-PID@HOST`, then `os.replace`d onto `path`
     with build_dir(out) as tmp: ...
-        a directory built under a temporary sibling `.NAME.tmp-XXXX` and renamed to `out` when the block ends
-        without an exception (a previous `out` is replaced, and put back if the rename fails)
+        a directory built under a temporary sibling `.NAME.tmp-PID@HOST@XXXX` and renamed to `out` when the
+        block ends without an exception (a previous `out` is replaced, and put back if the rename fails)
     with staging_dir(out) as tmp: ... replace_dir(tmp, out) ...
         the same with the rename left to the caller (who may decide to keep nothing), which `replace_dir`
         also does for directories staged elsewhere (checkpoints: every rank writes into `.tmp-step-N`,
@@ -16,9 +16,11 @@
     check_output(path, option, kind=..., what=..., is_ours=..., inputs=...)
         the one rule for every path a user names for a command to write (below), checked before any work
 
-A failure, Ctrl-C included, leaves the target as it was and removes the temporary sibling. Readers that list a
-directory should skip names starting with "." (temporary siblings are hidden). `apply_umask` gives files and
-directories the modes a plain `open`/`mkdir` would have (safetensors and mkdtemp make them private).
+A failure, Ctrl-C included, leaves the target as it was and removes the temporary sibling; what a killed
+writer left (SIGKILL, a power cut) is removed by the next write of the same target once the process named in
+it has ended (sharnn.io.signals.sweep_stale_temporaries). Readers that list a directory should skip names
+starting with "." (temporary siblings are hidden). `apply_umask` gives files and directories the modes a
+plain `open`/`mkdir` would have (safetensors and mkdtemp make them private).
 
 The output rule (`check_output`): a command writes its output under a temporary sibling and renames it onto
 the path the user named, so whatever is at that path is replaced. It may replace only what the same command
@@ -44,12 +46,15 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from sharnn.io.signals import sweep_stale_temporaries, temporary_name
+
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (a temporary sibling, then os.replace). A full disk raises
     `DiskFull` (the temporary sibling removed, `path` as it was)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sweep_stale_temporaries(path)  # what a killed writer of `path` left
+    tmp = path.with_name(temporary_name(path))  # .NAME.tmp-PID@HOST
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -365,7 +370,8 @@ def staging_dir(out: str | Path, need: int | None = None) -> Iterator[Path]:
     out = Path(out)
     created = [p for p in reversed(out.absolute().parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    sweep_stale_temporaries(out)  # what a killed writer of `out` left (its pid and host in the name)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_name(out) + "@", dir=out.parent))
     tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the output gets the modes of a plain mkdir
     try:
         yield tmp
