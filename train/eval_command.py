@@ -266,7 +266,9 @@ def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
     report = attention_report.summarize(window)
     try:
         attention_report.write_report_dir(window, report, args.attention_report, inputs)
-    except (atomic.OutputRefused, OSError) as e:  # changed since the check; a full disk: one line naming it
+    except atomic.OutputRefused as e:  # the path changed since the check
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a full disk (DiskFull: one line naming it), or the directory gone
         raise SystemExit(f"error: --attention_report {args.attention_report}: {e}") from None
     layers = ", ".join(f"block {i}: {layer['entropy_bits']:.2f} bits, mean distance "
                        f"{layer['mean_distance']:.0f} bytes" for i, layer in report.layers.items())
