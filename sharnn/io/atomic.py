@@ -60,6 +60,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         if out_of_space(e, path.parent):
+            tmp.unlink(missing_ok=True)  # first: the message tells the space free without it
             raise disk_full(path, need=len(data)) from None
         raise
     finally:
@@ -376,8 +377,10 @@ def staging_dir(out: str | Path, need: int | None = None) -> Iterator[Path]:
     try:
         yield tmp
     except Exception as e:
-        if out_of_space(e, tmp) and not isinstance(e, DiskFull):  # measured before the cleanup frees it
-            raise disk_full(out, need=need, written=tree_bytes(tmp)) from None
+        if out_of_space(e, tmp) and not isinstance(e, DiskFull):  # judged before the cleanup frees space
+            written = tree_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # first: the message tells the space free without it
+            raise disk_full(out, need=need, written=written) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful replace_dir
