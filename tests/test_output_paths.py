@@ -265,10 +265,8 @@ def test_import_refuses_the_current_directory_and_a_mount_point(tmp_path, monkey
 
 
 # -------------------------------------------------------------------------------------- sharnn-prepare
-@pytest.mark.xfail(strict=True, reason="sharnn/corpus/prepare.py's _check_out does not call "
-                   "sharnn.io.atomic.check_output yet (another change wires it; then remove this mark)")
 @pytest.mark.parametrize("where", ["current directory", "mount point"])
-def test_prepare_refuses_the_current_directory_and_a_mount_point(where, tmp_path, monkeypatch, tmpfs):
+def test_prepare_refuses_the_current_directory_and_a_mount_point(where, tmp_path, monkeypatch, tmpfs, capsys):
     """`sharnn-prepare files X --out .` (an empty current directory) or --out MOUNT: a traceback from the
     rename and a `.old-*` folder left (issue 26, item 1)."""
     from sharnn.corpus.prepare import main
@@ -279,7 +277,9 @@ def test_prepare_refuses_the_current_directory_and_a_mount_point(where, tmp_path
     here.mkdir()
     monkeypatch.chdir(here)
     out = "." if where == "current directory" else str(tmpfs("4m"))
-    exits_with(main, ["files", str(src), "--out", out], "--out", where)
+    assert main(["files", str(src), "--out", out]) == 1  # sharnn-prepare's errors: one line, exit 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and where in err and err.count("\n") == 1, err
     assert not list(Path(out).iterdir())
 
 

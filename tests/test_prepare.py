@@ -497,7 +497,7 @@ def test_out_is_a_non_corpus_directory(tmp_path, capsys):
     (tmp_path / "out" / "notes.txt").write_bytes(b"precious")
     for extra in ([], ["--overwrite"]):  # never deleted, not even with --overwrite
         code, err = run_main(capsys, "files", tmp_path / "a.txt", "--out", tmp_path / "out", *extra)
-        assert_failed_cleanly(code, err, tmp_path, ["a.txt", "out"], "not a sharnn corpus")
+        assert_failed_cleanly(code, err, tmp_path, ["a.txt", "out"], "holds what is not a corpus")
         assert listing(tmp_path / "out") == ["notes.txt"]
 
 

@@ -140,7 +140,13 @@ def write_split(data: np.ndarray, path: Path, sha256: str, row_bytes: int = ROW_
 
 
 def check_out(out: Path) -> dict | None:
-    """Refuse output paths we must not write to; return the manifest if ``out`` already holds a corpus."""
+    """Refuse output paths we must not write to (the rule every command follows,
+    sharnn.io.atomic.check_output: no link, root, mount point, current or home directory, nor anything that is
+    not a corpus); return the manifest if ``out`` already holds a corpus."""
+    try:
+        atomic.check_output(out, "--out", kind="dir", what="corpus", is_ours=is_corpus_dir)
+    except atomic.OutputRefused as e:
+        raise PrepareError(str(e)) from None
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--out {out} is a file, not a directory; choose a directory path (it is created)")
     if not out.is_dir() or not any(out.iterdir()):
