@@ -845,6 +845,28 @@ def test_a_refused_push_is_one_error_line(stand_in_hub, tiny_model, tmp_path, mo
     assert sorted(stand_in_hub.repos) == ["bob/public"] and stand_in_hub.history("bob/public") == 2
 
 
+@pytest.mark.xfail(strict=True, raises=(RuntimeError, OSError), reason=(
+    "a traceback: sharnn.io.hub.upload catches neither the RuntimeError huggingface_hub wraps a failed LFS "
+    "upload in, nor hf_xet's OSError"))
+def test_storage_that_refuses_the_weights_is_one_error_line(stand_in_hub, transfer, tiny_model, tmp_path,
+                                                            monkeypatch):
+    """The Hub takes the repo and the commit's small files, but the storage refuses the weights: a signed
+    upload URL that has expired (LFS: the storage host's 403), a Xet store that cannot be written."""
+    from train.export import main as export
+
+    def expired(request, oid):
+        raise HubError(403, "Request has expired")
+
+    monkeypatch.setattr(stand_in_hub, "_check_signed", expired)
+    stand_in_hub.xet_dir = tmp_path / "a file" / "xet"
+    (tmp_path / "a file").write_text("x")
+    out = tmp_path / "out"
+    message = exits_with(export, [str(tiny_model), "--out", str(out), "--push_to_hub", "alice/tiny"],
+                         "cannot upload to the Hugging Face Hub repo alice/tiny",
+                         f"the export in {out} is complete")
+    assert "\n" not in message and stand_in_hub.history("alice/tiny") == 1
+
+
 def test_push_failures_are_clear_errors(tiny_model, tmp_path, monkeypatch):
     from train.export import main as export
 
