@@ -120,6 +120,18 @@ def non_negative(kind):
     return parse
 
 
+def checked(parse):
+    """argparse type from a function that raises ValueError with a message that says what was wrong (argparse
+    prints only "invalid value" for a plain ValueError)."""
+    def parse_or_explain(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse_or_explain.__name__ = parse.__name__
+    return parse_or_explain
+
+
 def probability(text: str) -> float:
     """argparse type: a float in (0, 1]."""
     value = float(text)

@@ -152,3 +152,22 @@ def test_loading_errors_name_the_problem(tmp_path, random_model):
     with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path / "no_config")
     assert load_model(exported / "model.safetensors").cfg.d_model == 128  # inside a model directory: fine
+
+
+@pytest.mark.parametrize("given,kept", [("mit", "mit"), ("Apache-2.0", "apache-2.0"), ("other", "other")])
+def test_the_license_is_a_hub_license_id(given, kept):
+    from sharnn.io.hub import license_id
+
+    assert license_id(given) == kept
+
+
+def test_a_license_the_hub_does_not_know_is_one_usage_error(random_model, tmp_path, capsys):
+    """Before: any text went into the card's metadata, which the Hub then shows as no license (issue 26,
+    item 11); nothing is written."""
+    from train.export import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(random_model), "--out", str(tmp_path / "out"), "--license", "MIT License"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "'MIT License' is not a Hub license id" in err and "mit" in err
+    assert not (tmp_path / "out").exists()

@@ -210,7 +210,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--private", action="store_true",
                         help="with --push_to_hub: create the repo private (an existing repo keeps its "
                              "visibility)")
-    parser.add_argument("--license",
+    parser.add_argument("--license", type=cli.checked(hub.license_id),
                         help="license of the weights for the model card's metadata (a Hub license id such "
                              "as mit or cc-by-sa-4.0); left out if not given")
     return parser

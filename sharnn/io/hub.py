@@ -61,6 +61,33 @@ TAGS = ["sharnn", "sha-rnn", "byte-level", "language-modeling", "pytorch"]
 _REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_])(?:@(?P<revision>[\w./-]+))?")
 
 
+# The license ids the Hub's model cards take (huggingface.co/docs/hub/repositories-licenses; huggingface_hub
+# ships no list). A card whose license is none of them shows no license on the Hub.
+HUB_LICENSES = frozenset("""
+    apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0
+    bigcode-openrail-m afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc
+    cc0-1.0 cc-by-2.0 cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0
+    cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0
+    cdla-sharing-1.0 cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1
+    eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c
+    ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib
+    pddl lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
+""".split())
+
+
+def license_id(text: str) -> str:
+    """A model card license as the Hub names it (argparse type of `sharnn-export --license`): 'MIT' and
+    'Apache-2.0' are taken as mit and apache-2.0; anything else that is not a Hub license id is refused."""
+    value = text.strip().lower()
+    if value not in HUB_LICENSES:
+        first = value.replace(" ", "-").split("-")[0]
+        close = sorted(name for name in HUB_LICENSES if first and name.startswith(first))[:6]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"{text!r} is not a Hub license id{hint}: give one such as mit, apache-2.0 or "
+                         "cc-by-4.0 (huggingface.co/docs/hub/repositories-licenses), or 'other'")
+    return value
+
+
 def parse_repo_id(text: str | Path) -> tuple[str, str | None] | None:
     """(repo_id, revision) if `text` names a Hub repo: a str (never a Path) that is no existing local path and
     reads owner/name[@revision]; None otherwise."""
