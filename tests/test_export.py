@@ -138,6 +138,18 @@ def test_onnx_export_leaves_no_traced_tensor_behind(tmp_path):
     assert not isinstance(logits, torch._subclasses.FakeTensor) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # an ONNX export
+def test_onnx_export_of_a_model_without_attention(tmp_path):
+    """The `lstm` preset's architecture (attn none): the check failed inside onnxruntime ("invalid dimensions
+    for input: memory": traced with one empty memory shape, checked with another; issue 26 item 11)."""
+    pytest.importorskip("onnxruntime")
+    from train.export import export_onnx
+
+    torch.manual_seed(0)
+    model = SHARNN(ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=8, attn="none")).eval()
+    assert "onnxruntime matches PyTorch" in export_onnx(model, tmp_path / "lstm.onnx")
+
+
 def test_loading_errors_name_the_problem(tmp_path, random_model):
     exported = random_model
     shutil.copy(exported / "model.safetensors", tmp_path / "weights.safetensors")

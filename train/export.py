@@ -103,8 +103,9 @@ class OneStep(torch.nn.Module):
     """One forward step with explicit state tensors, for ONNX: (x, h, c, memory) -> (logits, h, c, memory).
 
     x (T, B) int64 bytes; h, c (n_layer, B, C): every block's LSTM state; memory (n_attn, M, B, C): the
-    attention memory of the blocks that attend, M <= mem_len (M = 0 at the start of a stream). Zero h/c
-    and an empty memory are what the model does with no carried state.
+    attention memory of the blocks that attend, M <= mem_len (M = 0 at the start of a stream; a model without
+    attention takes and returns an empty (0, 1, B, C) placeholder). Zero h/c and an empty memory are what the
+    model does with no carried state.
     """
 
     def __init__(self, model):
@@ -151,7 +152,8 @@ def export_onnx(model, path: Path, batch_size: int = 1) -> str:
     cfg = model.cfg
     step = OneStep(model).eval()
     B, C, n_attn = batch_size, cfg.d_model, len(cfg.attn_layers)
-    m0 = max(1, min(cfg.mem_len - 1, 8))  # example memory length for tracing
+    # example memory length for tracing; a model without attention takes an empty (0, 1, B, C) placeholder
+    m0 = max(1, min(cfg.mem_len - 1, 8)) if n_attn else 1
     x = torch.randint(0, 256, (1, B))
     h, c = torch.randn(cfg.n_layer, B, C) * 0.1, torch.randn(cfg.n_layer, B, C) * 0.1
     dynamic = {"x": None, "h": None, "c": None, "memory": None}
@@ -168,13 +170,14 @@ def export_onnx(model, path: Path, batch_size: int = 1) -> str:
         return "onnxruntime is not installed: the ONNX graph was not checked against PyTorch"
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
-    lengths = sorted({0, 1, m0, cfg.mem_len - 1, cfg.mem_len}) if n_attn else [0]
+    lengths = sorted({0, 1, m0, cfg.mem_len - 1, cfg.mem_len}) if n_attn else [m0]
     with torch.no_grad():
         for m_len in lengths:
             mem = torch.randn(n_attn, m_len, B, C)
             want = step(x, h, c, mem)
             got = session.run(None, {"x": x.numpy(), "h": h.numpy(), "c": c.numpy(), "memory": mem.numpy()})
-            worst = max(worst, max((torch.from_numpy(g) - w).abs().max().item() for g, w in zip(got, want)))
+            worst = max(worst, max((torch.from_numpy(g) - w).abs().max().item() for g, w in zip(got, want)
+                                   if w.numel()))  # an empty memory has nothing to compare
     if worst > 1e-4:
         raise ModelError(f"the ONNX graph disagrees with PyTorch by {worst:.2e}; not exported")
     return (f"model.onnx: one step for {B} stream(s), memory 0..{cfg.mem_len}; onnxruntime matches PyTorch "
