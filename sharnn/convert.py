@@ -53,7 +53,8 @@ from torch import Tensor
 
 from sharnn import cli
 from sharnn.config import ModelConfig
-from sharnn.io import signals
+from sharnn.io import atomic, signals
+from sharnn.io.rundir import EXPORT_FILES
 from sharnn.io.safe_pickle import PickledObject, safe_torch_load
 
 _BLOCK_RENAMES = {
@@ -724,6 +725,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --mem_len must be >= 1, got {args.mem_len}")
     if args.train_bytes is not None and args.vocab is None:
         raise SystemExit("error: --train_bytes goes with --vocab (raw training bytes)")
+    try:  # the output rule, with what the import reads: --out may be neither, nor lie inside either
+        atomic.check_output(args.out, "--out", kind="dir", what="exported model",
+                            is_ours=atomic.holds_only(EXPORT_FILES),
+                            inputs=[("checkpoint", args.source), ("vocabulary (--vocab)", args.vocab)],
+                            overwrite=args.overwrite)
+    except atomic.OutputRefused as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         vocab = None if args.vocab is None else read_original_vocab(args.vocab, args.train_bytes)
         done = import_reference(args.source, args.out, args.mem_len, args.prefix, args.overwrite, vocab,

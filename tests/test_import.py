@@ -418,3 +418,17 @@ def test_256_rows_numbered_by_frequency_get_a_warning(tmp_path, capsys):
     assert main([str(FIXTURE), "--prefix", "penultimate.weights.", "--out", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
     assert "vocabulary: bytes by value: its 256 rows taken as bytes 0-255 by value\n" in err, err
+
+
+def test_import_refuses_an_out_that_holds_what_it_reads(tmp_path):
+    """The output rule with the import's inputs: --out the checkpoint's own folder names the checkpoint it
+    would hold, and nothing there changes."""
+    import shutil
+
+    from sharnn.convert import main
+
+    folder = tmp_path / "original"
+    folder.mkdir()
+    shutil.copy(ORIGINAL / "ref.pt", folder / "ref.pt")
+    message = exits_with(main, [str(folder / "ref.pt"), "--out", str(folder)], "--out", "checkpoint")
+    assert "ref.pt" in message and sorted(p.name for p in folder.iterdir()) == ["ref.pt"]

@@ -736,6 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PrepareError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except atomic.DiskFull as e:  # names the disk and the space needed; the temporary is gone
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"error: {e}; nothing was written", file=sys.stderr)
         return 1
