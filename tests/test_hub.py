@@ -845,9 +845,6 @@ def test_a_refused_push_is_one_error_line(stand_in_hub, tiny_model, tmp_path, mo
     assert sorted(stand_in_hub.repos) == ["bob/public"] and stand_in_hub.history("bob/public") == 2
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, OSError), reason=(
-    "a traceback: sharnn.io.hub.upload catches neither the RuntimeError huggingface_hub wraps a failed LFS "
-    "upload in, nor hf_xet's OSError"))
 def test_storage_that_refuses_the_weights_is_one_error_line(stand_in_hub, transfer, tiny_model, tmp_path,
                                                             monkeypatch):
     """The Hub takes the repo and the commit's small files, but the storage refuses the weights: a signed

@@ -184,6 +184,10 @@ def upload(folder: str | Path, repo_id: str, private: bool | None = None,
     except (*HUB_ERRORS, ValueError) as e:  # ValueError: the Hub rejected the card's metadata, or its reply
         raise ModelError(f"cannot upload to the Hugging Face Hub repo {repo_id}: "
                          f"{_reason(e, repo_id, None, writing=True)}") from None
+    except (RuntimeError, OSError) as e:  # the weights' storage refused them: LFS (its signed URL), hf_xet
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ModelError(f"cannot upload to the Hugging Face Hub repo {repo_id}: its storage refused the "
+                         f"files ({type(e).__name__}: {first}); try again later") from None
     return str(commit.commit_url)
 
 
