@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # imported where used: conftest.py imports this module, and n
     import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SHIPPED_TEXT = REPO / "tests" / "fixtures" / "original_trained" / "train.bytes"
+"""197 kB of real text the repository ships for tests (the training text of the original's fixture model):
+test data that does not change when the documentation does."""
 
 # `accelerate launch` arguments: 2 processes on this CPU under DDP (gloo).
 DDP = ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]

@@ -34,7 +34,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, SHIPPED_TEXT, free_port
 from tests.helpers import run as run_command
 
 TORCH = Path(torch.__file__).parent
@@ -181,7 +181,7 @@ def epoch_corpus(tmp_path_factory) -> Path:
 
     train_bytes = BATCH * (STEPS_PER_EPOCH * ACCUM * BPTT + 2)
     src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_bytes((REPO / "README.md").read_bytes()[:train_bytes + 2048])
+    src.write_bytes(SHIPPED_TEXT.read_bytes()[:train_bytes + 2048])
     out = tmp_path_factory.mktemp("corpus") / "epochs"
     prepare_files([src], out, valid_bytes=1024, test_bytes=1024)
     return out

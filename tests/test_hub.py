@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from sharnn import SHARNN, ModelConfig
 from sharnn.io.pretrained import ModelError, find_model, load_model, save_model
-from tests.helpers import REPO, exits_with, subprocess_env
+from tests.helpers import REPO, SHIPPED_TEXT, exits_with, subprocess_env
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               # huggingface_hub's LFS upload hands httpx2 a file object, which httpx2 deprecates
@@ -135,7 +135,7 @@ def small_corpus(tmp_path_factory) -> Path:
     from sharnn.corpus.prepare import prepare_files
 
     src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_bytes((REPO / "README.md").read_bytes()[:30_000])
+    src.write_bytes(SHIPPED_TEXT.read_bytes()[:30_000])
     out = tmp_path_factory.mktemp("corpus") / "small"
     prepare_files([src], out, valid_bytes=4_000, test_bytes=4_000)
     return out
