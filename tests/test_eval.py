@@ -99,3 +99,14 @@ def test_eval_bad_inputs_are_clear_errors(trained, ckpt, exported, tmp_path):
     (other / "manifest.json").write_text(json.dumps({"format": "token-corpus", "splits": {"test": {}}}))
     exits_with(main, [str(exported), "--data", str(other)], "not a sharnn corpus manifest")
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_text_without_an_attention_report_is_refused(tmp_path):
+    """`sharnn-eval MODEL --data CORPUS --text FILE` scored the corpus and ignored the text, exit 0 (issue 26
+    item 9); now one line saying what --text is for and how to score a text."""
+    from tests.helpers import exits_with
+    from train.eval_command import main
+
+    (tmp_path / "notes.txt").write_text("some text\n")
+    exits_with(main, ["no-model", "--data", "no-corpus", "--text", str(tmp_path / "notes.txt")],
+               "--text goes with --attention_report", "sharnn-prepare files")

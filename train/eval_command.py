@@ -99,6 +99,10 @@ def predicted_bytes(streams: EvalStreams, max_segments: int | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sharnn-eval` and `python -m train.eval_command`; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.text is not None and args.attention_report is None:  # it would score --data, not the text
+        raise SystemExit("error: --text goes with --attention_report DIR (what the attention head reads in "
+                         "it); to score a text's bpc, prepare it as a corpus (sharnn-prepare files FILE "
+                         "--out DIR) and give --data DIR")
     # Check everything that can be wrong before starting processes groups or reading the split.
     try:
         source = find_model(args.model)
