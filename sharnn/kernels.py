@@ -1,11 +1,11 @@
 """Two of the model's ops, made fast on CPU (dropout and the single-head attention), and the attention as a
 GPU runs it.
 
-On a CPU most of a SHA-RNN training step used to go to dropout: torch draws a Bernoulli mask with one call
-to its Mersenne Twister per element (about 400 ms for the 21M-element memory-long keys of the `small`
-preset, more than the attention's matrix products). Here the mask comes from numpy's PCG64, which fills
-a buffer 3-6x faster, seeded by one draw from torch's default generator: `torch.manual_seed` and saved RNG
-states still govern every mask, so runs stay reproducible and resume bitwise. Masks are drawn in chunks of
+On a CPU, dropout with torch's own masks takes most of a SHA-RNN training step: torch draws a Bernoulli mask
+with one call to its Mersenne Twister per element (about 400 ms for the 21M-element memory-long keys of the
+`small` preset, more than the attention's matrix products). Here the mask comes from numpy's PCG64, which
+fills a buffer 3-6x faster, seeded by one draw from torch's default generator: `torch.manual_seed` and saved
+RNG states still govern every mask, so runs stay reproducible and resume bitwise. Masks are drawn in chunks of
 1M elements on torch's thread count and applied to each chunk as it is drawn; the backward reuses the mask,
 kept as bool.
 

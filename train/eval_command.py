@@ -59,7 +59,7 @@ def build_parser() -> cli.ArgumentParser:
                              "for valid and 8 for test)")
     parser.add_argument(*cli.spellings("--bptt", "--seg_len"), type=positive_int,
                         help="segment length in bytes (default: the run's evaluation length for a "
-                             f"checkpoint, else {PAPER_BPTT} as the paper); formerly --seg-len")
+                             f"checkpoint, else {PAPER_BPTT} as the paper); --seg_len is the same option")
     parser.add_argument(*cli.spellings("--mem_len"), type=positive_int, nargs="+", metavar="N",
                         help="attention memory length(s) to evaluate with, replacing the model's own; "
                              "several values print a table, e.g. --mem_len 1000 5000 10000")
