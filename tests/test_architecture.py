@@ -17,7 +17,7 @@ LAYERS = {
     "core": ("sharnn.config", "sharnn.model", "sharnn.kernels", "sharnn.state", "sharnn.optim"),
     "io": ("sharnn.io",),
     "corpus": ("sharnn.corpus",),
-    "commands": ("sharnn.generate", "sharnn.attention_report", "sharnn.convert"),
+    "commands": ("sharnn.generate", "sharnn.attention_report", "sharnn.convert", "sharnn.entry"),
     "train": ("train",),
     "bench": ("bench",),
 }

@@ -237,10 +237,26 @@ def make_targets() -> set[str]:
     return targets
 
 
+def command_main(function):
+    """The `main` a console entry point runs: sharnn.entry's launchers (functools.partial(run, MODULE)) import
+    MODULE and run its main."""
+    if isinstance(function, functools.partial):
+        return importlib.import_module(function.args[0]).main
+    return function
+
+
+def command_module(name: str):
+    """The module whose main the console script `name` runs."""
+    module, _, attr = console_scripts()[name].partition(":")
+    function = getattr(importlib.import_module(module), attr)
+    return importlib.import_module(function.args[0]) if isinstance(function, functools.partial) else \
+        importlib.import_module(module)
+
+
 @functools.cache
 def prepare_subcommands() -> tuple[str, ...]:
     """sharnn-prepare's subcommands, from its parser (`build_parser` beside its entry point)."""
-    module = importlib.import_module(console_scripts()["sharnn-prepare"].partition(":")[0])
+    module = command_module("sharnn-prepare")
     parser = module.build_parser()
     found = [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
     assert found, "sharnn-prepare's parser has no subcommands"
@@ -283,7 +299,8 @@ def entry_point(module: str):
     mod = importlib.import_module(module)
     if hasattr(mod, "__path__"):  # a package: its __main__
         mod = importlib.import_module(module + ".__main__")
-    return getattr(mod, "console_main", None) or getattr(mod, "main", None)
+    function = getattr(mod, "console_main", None) or getattr(mod, "main", None)
+    return None if function is None else command_main(function)
 
 
 @functools.cache
@@ -306,7 +323,7 @@ def help_text(key: tuple[str, ...]) -> str:
                               cwd=REPO, timeout=120)
         return done.stdout + done.stderr
     module, _, name = console_scripts()[key[0]].partition(":")
-    function = getattr(importlib.import_module(module), name)
+    function = command_main(getattr(importlib.import_module(module), name))
     return captured_help(function, [*key[1:], "--help"], key[0])
 
 

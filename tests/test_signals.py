@@ -39,20 +39,38 @@ def one_error_line(stderr: str, *fragments: str) -> str:
 
 @pytest.mark.parametrize("name", sorted(console_scripts()))
 def test_every_console_command_turns_interrupts_into_one_line(name):
-    """Every entry point of setup.cfg goes through sharnn.io.signals.command (the behaviour itself is tested
-    on
-    real commands below)."""
+    """Every entry point of setup.cfg is a sharnn.entry launcher: it imports its command with interrupts
+    ending the process at once, then runs the command's main under sharnn.io.signals.command (the behaviour
+    itself is tested on real commands below)."""
+    import functools
     import importlib
 
-    from sharnn.io import signals
+    from sharnn import entry
 
     module, function = console_scripts()[name].split(":")
-    entry = getattr(importlib.import_module(module), function)
-    if name == "sharnn-train":  # imports the trainer inside, so a Ctrl-C during the imports is one line too
-        assert "command(main)" in Path(importlib.import_module(module).__file__).read_text()
-    else:
-        assert entry.__code__.co_filename == signals.__file__ and hasattr(entry, "__wrapped__"), \
-            f"{name}: {console_scripts()[name]} is not decorated with sharnn.io.signals.command"
+    launcher = getattr(importlib.import_module(module), function)
+    assert isinstance(launcher, functools.partial) and launcher.func is entry.run, \
+        f"{name}: {console_scripts()[name]} is not a sharnn.entry launcher"
+    main = importlib.import_module(launcher.args[0]).main
+    assert hasattr(main, "__wrapped__") or launcher.args[0] == "train.loop", \
+        f"{name}: {launcher.args[0]}.main is not decorated with sharnn.io.signals.command"
+
+
+@pytest.mark.parametrize("name", ["sharnn-prepare", "sharnn-eval", "sharnn-generate"])
+def test_ctrl_c_while_a_command_imports_is_one_line(name):
+    """Ctrl-C while the command imports torch (and then datasets, accelerate). Before, a 60-line traceback
+    from inside the import."""
+    proc = subprocess.Popen([str(BIN / name), "--help"], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.time() + 60
+    while "libtorch" not in (maps.read_text() if maps.exists() else ""):  # torch is being imported
+        assert proc.poll() is None and time.time() < deadline, "the command ended before it imported torch"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    one_error_line(stderr, "interrupted by SIGINT (Ctrl-C)")
 
 
 def test_ctrl_c_while_sharnn_train_starts_is_one_line():
