@@ -4,6 +4,7 @@
     python -m bench --scenario small-fp32 --scenario small-bf16 --json bench/out/results.json
     python -m bench --list
     python -m bench --scenario small-generate --scenario small-generate-4 --scenario small-generate-16
+    python -m bench --scenario small-fp32 --against ../before --pairs 10  # two checkouts, alternated
 
 Each scenario runs in a fresh process (clean peak memory, its own thread count). Training scenarios time the
 real step (forward, backward, clipping, LAMB step, state carry and detach) after warm-up with the attention
@@ -120,7 +121,10 @@ def _peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_in_process(sc: Scenario) -> dict:
+def build_work(sc: Scenario):
+    """The scenario's model, state and timed unit of work, warmed up: (work, bytes per call of work, FLOPs per
+    byte, batch, segment length, model config, device, dtype). The memory starts full: a long run's steady
+    state."""
     import torch
 
     from sharnn import SHARNN
@@ -188,6 +192,13 @@ def run_in_process(sc: Scenario) -> dict:
 
     for _ in range(2):  # warm-up (and compilation)
         work()
+    return work, n_bytes, flops_per_byte, B, T, model_cfg, device, dtype
+
+
+def run_in_process(sc: Scenario) -> dict:
+    import torch
+
+    work, n_bytes, flops_per_byte, B, T, model_cfg, device, dtype = build_work(sc)
     ceiling = matmul_ceiling(device, dtype)
     times = []
     for _ in range(sc.repeats):
@@ -216,6 +227,82 @@ def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()} cores"
+
+
+# ------------------------------------------------------------------------ two checkouts, alternated
+# t quantiles (two-sided 95%) for 1-30 degrees of freedom; beyond, the normal's
+_T95 = [12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def serve(sc: Scenario) -> None:
+    """`--_serve NAME`: build the scenario (warmed up, memory full), print READY, then time one call of its
+    work per line read from stdin, answering "TIME wall_seconds cpu_seconds" (the process's CPU time, all its
+    threads); end at the end of stdin."""
+    work, n_bytes, *_, device, _ = build_work(sc)
+    print(f"READY {n_bytes}", flush=True)
+    for _ in sys.stdin:
+        _sync(device)
+        t, c = time.perf_counter(), time.process_time()
+        work()
+        _sync(device)
+        print(f"TIME {time.perf_counter() - t!r} {time.process_time() - c!r}", flush=True)
+
+
+def _server(name: str, tree: Path) -> subprocess.Popen:
+    """This file's `serve` over the code of `tree` (its sharnn, train and bench packages): the same
+    measurement for both checkouts, whatever the other's bench/__main__.py holds."""
+    code = (f"import runpy, sys; sys.argv = ['bench', '--_serve', {name!r}]; "
+            f"runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')")
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    return subprocess.Popen([sys.executable, "-c", code], cwd=tree, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def _answer(proc: subprocess.Popen, word: str) -> str:
+    for line in proc.stdout:
+        if line.startswith(word + " "):
+            return line[len(word) + 1:].strip()
+    raise RuntimeError(f"the {word} line never came (exit status {proc.wait()})")
+
+
+def _paired(against: list[float], this: list[float]) -> dict:
+    """this / against per pair: mean, sample sd, 95% t interval, median."""
+    ratios = [b / a for a, b in zip(against, this)]
+    n, mean, sd = len(ratios), statistics.mean(ratios), statistics.stdev(ratios)
+    half = (_T95[n - 2] if n - 2 < len(_T95) else 1.96) * sd / n ** 0.5
+    return {"against": against, "this": this, "against_median": statistics.median(against),
+            "this_median": statistics.median(this), "ratio_mean": mean, "ratio_sd": sd,
+            "ratio_ci95": [mean - half, mean + half], "ratio_median": statistics.median(ratios)}
+
+
+def alternate(name: str, against: Path, pairs: int) -> dict:
+    """The scenario's work timed in two processes that stay up, one over `against` (A) and one over this
+    checkout (B), one call at a time in turn, A B B A A B ...: drift of the machine falls on both alike.
+    Returns bytes/s on both sides, by the wall clock and by the process's CPU time (which leaves out the time
+    other processes of a shared machine held the cores), and this / against per pair (`_paired`)."""
+    procs = {"against": _server(name, against), "this": _server(name, REPO)}
+    rates = {clock: {"against": [], "this": []} for clock in ("wall", "cpu")}  # bytes/s per clock and side
+    try:
+        n_bytes = {side: int(_answer(proc, "READY")) for side, proc in procs.items()}
+        for i in range(pairs):
+            for side in (("against", "this") if i % 2 == 0 else ("this", "against")):
+                procs[side].stdin.write("run\n")
+                procs[side].stdin.flush()
+                wall, cpu = map(float, _answer(procs[side], "TIME").split())
+                rates["wall"][side].append(n_bytes[side] / wall)
+                rates["cpu"][side].append(n_bytes[side] / cpu)
+            print(f"  {name} pair {i + 1}/{pairs}: bytes/s against {rates['wall']['against'][-1]:,.0f} "
+                  f"(CPU time {rates['cpu']['against'][-1]:,.0f}), this {rates['wall']['this'][-1]:,.0f} "
+                  f"({rates['cpu']['this'][-1]:,.0f})", file=sys.stderr, flush=True)
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    return {"against": str(against), "pairs": pairs, "order": "A B B A A B ... (A = against)",
+            "bytes_per_s_wall": _paired(rates["wall"]["against"], rates["wall"]["this"]),
+            "bytes_per_s_cpu_time": _paired(rates["cpu"]["against"], rates["cpu"]["this"])}
 
 
 # ------------------------------------------------------------------------------------------ scaling runs
@@ -293,13 +380,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="also run bf16/fp16 scenarios on a CPU without bf16/fp16 matrix instructions "
                              "(emulated: 100x slower than fp32; skipped by default)")
+    parser.add_argument("--against", type=Path,
+                        help="another checkout (e.g. from `git worktree add`): time each scenario there and "
+                             "here in turn, in two processes that stay up, one call of the scenario's work "
+                             "at a time (A B B A ...), and report both and their ratio per pair")
+    parser.add_argument("--pairs", type=int, default=10,
+                        help="with --against: calls on each side (default 10)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--_serve", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     check_output(args.json, "--json", written_by("bench"), "record of python -m bench")
 
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = scenarios(device)
+    if args._serve:  # one scenario, timed call by call on request (--against)
+        serve(table[args._serve])
+        return 0
     if args._worker:  # one scenario in this fresh process: print its record as JSON
         print("RESULT " + json.dumps(run_in_process(table[args._worker])))
         return 0
@@ -312,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in table]
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; --list shows them")
+    if args.against is not None:
+        return run_against(args, names, table, argv)
 
     records, corpus = [], None
     header = (f"{'scenario':22s} {'kind':8s} {'prec':5s} {'comp':5s} {'ws':>2s} {'bytes/s':>10s} "
@@ -365,13 +464,45 @@ def main(argv: list[str] | None = None) -> int:
                  if "data_fraction" in record else "")
               + (f"  {record['streams']} streams: {record['bytes_per_s_per_stream']:,.0f} bytes/s each"
                  if "streams" in record else ""), flush=True)
-    if args.json:
-        from sharnn.io import atomic
+    write_records(args.json, records, argv)
+    return 0
 
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        stamp = {"date": time.strftime("%Y-%m-%d"),
-                 "command": "python -m bench " + " ".join(argv or sys.argv[1:])}
-        atomic.write_text(args.json, json.dumps([{**r, **stamp} for r in records], indent=1))
+
+def write_records(path: Path | None, records: list[dict], argv: list[str] | None) -> None:
+    """The records as a JSON list at `path` (nothing when None), each stamped with the date and command."""
+    if path is None:
+        return
+    from sharnn.io import atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench " + " ".join(argv or sys.argv[1:])
+    stamp = {"date": time.strftime("%Y-%m-%d"), "command": command}
+    atomic.write_text(path, json.dumps([{**r, **stamp} for r in records], indent=1))
+
+
+def run_against(args, names: list[str], table: dict[str, Scenario], argv: list[str] | None) -> int:
+    """--against: each scenario alternated between the other checkout and this one (`alternate`)."""
+    if not (args.against / "sharnn").is_dir():
+        raise SystemExit(f"error: --against {args.against}: not a sharnn checkout (no sharnn/ in it)")
+    if args.pairs < 2:
+        raise SystemExit(f"error: --pairs {args.pairs}: at least 2 pairs are needed for a spread")
+    if scaling := [n for n in names if table[n].kind == "scaling"]:
+        raise SystemExit(f"error: --against times in-process scenarios; {', '.join(scaling)} run the trainer")
+    print(f"{'scenario':22s} {'clock':5s} {'against: bytes/s (min-max)':>28s} "
+          f"{'this: bytes/s (min-max)':>28s}  this / against per pair: mean, sd, 95% interval")
+    records = []
+    for name in names:
+        sc = table[name]
+        result = alternate(name, args.against, args.pairs)
+        records.append({"scenario": name, "kind": sc.kind, "preset": sc.preset, "precision": sc.precision,
+                        "compile": sc.compile, **result})
+        for clock, key in (("wall", "bytes_per_s_wall"), ("cpu", "bytes_per_s_cpu_time")):
+            r = result[key]
+            a, b, (lo, hi) = r["against"], r["this"], r["ratio_ci95"]
+            print(f"{name:22s} {clock:5s} {r['against_median']:10,.0f} ({min(a):,.0f}-{max(a):,.0f}) "
+                  f"{r['this_median']:10,.0f} ({min(b):,.0f}-{max(b):,.0f})  {r['ratio_mean']:.3f}, "
+                  f"{r['ratio_sd']:.3f}, [{lo:.3f}, {hi:.3f}] ({result['pairs']} pairs)", flush=True)
+    write_records(args.json, records, argv)
     return 0
 
 
