@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sharnn import cli
+from sharnn import cli, kernels
 from sharnn.io import signals
 from sharnn.state import CarryState, DecodeState
 
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     from sharnn.io.pretrained import ModelError, load_model
 
     args = build_parser().parse_args(argv)
+    if problem := kernels.settings_problem():  # $SHARNN_CPU_KERNELS / $SHARNN_ATTENTION
+        raise SystemExit(f"error: {problem}")
     if args.prompt_file is not None:
         try:
             prompt = read_prompt_file(args.prompt_file)

@@ -33,10 +33,18 @@ import from the environment variable SHARNN_CPU_KERNELS (default "fast"):
     "fast-attention"  `attend_cpu`, its two masks and every other dropout's drawn by torch (bernoulli_)
 
 The last two split "fast" into its halves, for diagnosis. Tensors on other devices always take torch's ops.
+A value of $SHARNN_CPU_KERNELS or $SHARNN_ATTENTION that names no setting is not an error at import:
+`settings_problem()` says what is wrong, the model's first forward raises `SettingError` with it, and a
+command checks it when it starts (one error line); an explicit `set_cpu_kernels`/`set_attention_impl`
+replaces the environment's value.
 
 Without gradients on a CPU (evaluation, generation), `lstm_packed` runs oneDNN's LSTM, the kernel nn.LSTM
-itself calls, with its weights reordered into oneDNN's layout once (`frozen`: kept until they change) rather
-than at every call; results are nn.LSTM's bit for bit.
+itself calls, with its weights reordered into oneDNN's layout once (`kept` in eval mode) rather than at every
+call; results are nn.LSTM's bit for bit.
+
+Three helpers the model shares: `tracing()` (is torch.compile, torch.export or torch.jit tracing this code),
+`causal_mask` (one cached mask per device, every smaller one a view of it) and `kept` (gradient-free results
+built from parameters, kept in eval mode only; docs/caching.md states the rule).
 """
 
 from __future__ import annotations
@@ -45,7 +53,6 @@ import math
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -57,20 +64,51 @@ ENV_VAR = "SHARNN_CPU_KERNELS"
 _NUMPY_MASKS = {"fast", "fast-masks"}  # settings whose masks come from numpy's PCG64
 _WRITTEN_ATTENTION = {"fast", "fast-attention"}  # settings whose attention is attend_cpu
 _cpu_kernels = "fast"
+_ENV_PROBLEMS: dict[str, str] = {}  # environment variable -> why its value names no setting
+
+
+class SettingError(ValueError):
+    """$SHARNN_CPU_KERNELS or $SHARNN_ATTENTION names no setting (raised at the model's first forward)."""
+
+
+def _from_environment(var: str, choices: tuple[str, ...], default: str) -> str:
+    """The setting $var names (its default when unset or empty). A value that names none leaves the default
+    and a problem in _ENV_PROBLEMS for `settings_problem`: an import must not fail on it."""
+    value = os.environ.get(var) or default
+    if value in choices:
+        return value
+    _ENV_PROBLEMS[var] = (f"${var}={value!r} names no setting: use one of {', '.join(choices)} "
+                          f"(or leave it unset for {default!r})")
+    return default
+
+
+def settings_problem() -> str | None:
+    """Why an environment variable of this module names no setting (one line), or None when all are fine.
+    Commands check it when they start; the model's forward raises it as a SettingError."""
+    return "; ".join(_ENV_PROBLEMS.values()) or None
+
+
+def check_settings() -> None:
+    """SettingError when `settings_problem()` has something to say (called at every forward: a dict check)."""
+    if _ENV_PROBLEMS:
+        raise SettingError(settings_problem())
 
 
 def set_cpu_kernels(name: str) -> str:
     """Select the CPU implementation of dropout and attention (see the module docstring); returns the previous
-    setting. Takes effect at the next forward."""
+    setting. Takes effect at the next forward, and replaces a $SHARNN_CPU_KERNELS that named no setting."""
     global _cpu_kernels
     if name not in CPU_KERNELS:
         raise ValueError(f"cpu kernels must be one of {', '.join(CPU_KERNELS)}; got {name!r}")
     previous, _cpu_kernels = _cpu_kernels, name
+    _ENV_PROBLEMS.pop(ENV_VAR, None)
     return previous
 
 
 def get_cpu_kernels() -> str:
-    """The current CPU implementation: one of CPU_KERNELS."""
+    """The current CPU implementation: one of CPU_KERNELS (SettingError while $SHARNN_CPU_KERNELS or
+    $SHARNN_ATTENTION names no setting)."""
+    check_settings()
     return _cpu_kernels
 
 
@@ -78,22 +116,21 @@ def _numpy_masks() -> bool:
     return _cpu_kernels in _NUMPY_MASKS
 
 
+def tracing() -> bool:
+    """Whether this code is being traced into a graph: by torch.compile, torch.export (and the ONNX export
+    built on it) or torch.jit. Traced code builds what eager code caches (a cached tensor would become a graph
+    constant, and a tensor made while tracing is a fake one that must not reach a cache) and takes no
+    numpy-backed path."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def fast_path(x: Tensor) -> bool:
-    """Whether dropout uses the numpy CPU masks: a CPU tensor outside torch.compile's tracing, with a setting
-    that draws them ("fast", "fast-masks")."""
-    return x.device.type == "cpu" and _numpy_masks() and not torch.compiler.is_compiling()
+    """Whether dropout uses the numpy CPU masks: a CPU tensor outside tracing, with a setting that draws them
+    ("fast", "fast-masks")."""
+    return x.device.type == "cpu" and _numpy_masks() and not tracing()
 
 
-def cpu_attention(keys: Tensor) -> bool:
-    """Whether the attention runs as `attend_cpu` (on CPU, compiled or not, with the setting "fast" or
-    "fast-attention") rather than torch's SDPA."""
-    return keys.device.type == "cpu" and _cpu_kernels in _WRITTEN_ATTENTION
-
-
-try:
-    set_cpu_kernels(os.environ.get(ENV_VAR) or "fast")
-except ValueError as e:
-    raise ValueError(f"${ENV_VAR}: {e}") from None
+_cpu_kernels = _from_environment(ENV_VAR, CPU_KERNELS, "fast")
 
 
 ATTENTION_IMPLS = ("written", "sdpa")
@@ -107,16 +144,19 @@ _attention_impl = ATTENTION_DEFAULT
 def set_attention_impl(name: str) -> str:
     """Select the attention of CUDA (every device but the CPU, and the CPU under set_cpu_kernels("torch")):
     "written" (`attend`) or "sdpa" (F.scaled_dot_product_attention). Returns the previous setting; takes
-    effect at the next forward."""
+    effect at the next forward, and replaces a $SHARNN_ATTENTION that named no setting."""
     global _attention_impl
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}; got {name!r}")
     previous, _attention_impl = _attention_impl, name
+    _ENV_PROBLEMS.pop(ATTENTION_ENV_VAR, None)
     return previous
 
 
 def get_attention_impl() -> str:
-    """The current attention implementation for CUDA: one of ATTENTION_IMPLS."""
+    """The current attention implementation for CUDA: one of ATTENTION_IMPLS (SettingError while an
+    environment variable of this module names no setting)."""
+    check_settings()
     return _attention_impl
 
 
@@ -129,10 +169,7 @@ def attention_path(keys: Tensor) -> str:
     return _attention_impl
 
 
-try:
-    set_attention_impl(os.environ.get(ATTENTION_ENV_VAR) or ATTENTION_DEFAULT)
-except ValueError as e:
-    raise ValueError(f"${ATTENTION_ENV_VAR}: {e}") from None
+_attention_impl = _from_environment(ATTENTION_ENV_VAR, ATTENTION_IMPLS, ATTENTION_DEFAULT)
 
 
 _CHUNK = 1 << 20  # elements per generator: a mask depends on the seed and its size, not on the thread count
@@ -225,20 +262,28 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def future_mask(T: int, device: torch.device) -> Tensor:
-    """(T, T) bool, True above the diagonal: the segment positions a query must not see. Cached, except
-    while torch.export / ONNX export traces: a mask made then is a fake tensor, which in the cache broke
-    the next export and any later forward of that length in the process."""
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
-        return _future_mask(T, device)
-    return _cached_future_mask(T, device)
+_CAUSAL_MASKS: dict[torch.device, Tensor] = {}  # per device, the largest mask asked for (see causal_mask)
 
 
-def _future_mask(T: int, device: torch.device) -> Tensor:
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+def causal_mask(T: int, mem_len: int, device: torch.device) -> Tensor:
+    """(T, mem_len + T) bool, True = may attend: all of memory and segment positions <= t.
 
-
-_cached_future_mask = lru_cache(maxsize=32)(_future_mask)
+    Query t may see key j iff j <= mem_len + t. One (T_max, M_max + T_max) mask with
+    [t, k] = k <= M_max + t per device holds every smaller one as the view [:T, M_max - mem_len : M_max + T],
+    so random segment lengths and a memory growing during generation cost no more than the largest mask.
+    While tracing (`tracing()`) the mask is built in the graph instead."""
+    if tracing():
+        keys = torch.arange(mem_len + T, device=device)
+        return keys[None, :] <= torch.arange(T, device=device)[:, None] + mem_len
+    big = _CAUSAL_MASKS.get(device)
+    if big is None or big.shape[0] < T or big.shape[1] - big.shape[0] < mem_len:
+        t_max = max(T, big.shape[0] if big is not None else 0)
+        m_max = max(mem_len, big.shape[1] - big.shape[0] if big is not None else 0)
+        keys = torch.arange(m_max + t_max, device=device)
+        big = keys[None, :] <= torch.arange(t_max, device=device)[:, None] + m_max  # (t_max, m_max + t_max)
+        _CAUSAL_MASKS[device] = big
+    m_max = big.shape[1] - big.shape[0]
+    return big[:T, m_max - mem_len: m_max + T]
 
 
 @torch.compiler.disable  # under torch.compile too: the compiled graph breaks around it
@@ -276,7 +321,7 @@ def _attend(q: Tensor, keys: Tensor, p: float):
     K = keys.shape[0]
     keys_bkc = batch_major(keys)
     scores = torch.bmm(q.transpose(0, 1) * (1.0 / math.sqrt(C)), keys_bkc.transpose(1, 2))  # (B, T, K)
-    scores[:, :, K - T:].masked_fill_(future_mask(T, q.device), float("-inf"))
+    scores[:, :, K - T:].masked_fill_(causal_mask(T, 0, q.device).logical_not(), float("-inf"))  # the future
     weights = torch.softmax(scores, dim=-1)  # (B, T, K)
     keep_w = keep_v = None
     dropped, values_bkc, scale = weights, keys_bkc, 1.0
@@ -368,7 +413,7 @@ def _attend_written(q: Tensor, keys: Tensor, p: float, dtype: torch.dtype):
     q_rows = as_rows(q * (1.0 / math.sqrt(C)), dtype)  # (B, T, C), the scale on the small operand
     keys_rows = as_rows(keys, dtype)  # (B, K, C)
     scores = torch.bmm(q_rows, keys_rows.transpose(1, 2))  # (B, T, K) in dtype
-    scores[:, :, K - T:].masked_fill_(future_mask(T, q.device), float("-inf"))
+    scores[:, :, K - T:].masked_fill_(causal_mask(T, 0, q.device).logical_not(), float("-inf"))  # the future
     weights = torch.softmax(scores.to(torch.promote_types(dtype, torch.float32)), dim=-1)  # (B, T, K)
     keep_w = keep_v = None
     dropped, values = weights, keys
@@ -416,39 +461,29 @@ class _WrittenAttention(torch.autograd.Function):
         return grad_q.transpose(0, 1).to(ctx.q_dtype), None, grad_segment.to(ctx.segment_dtype), None, None
 
 
-# ------------------------------------------------------------------------------------------ generation
-_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {name: (inputs, versions, out)}
+# ------------------------------------------------------------------------------ gradient-free results
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {name: what build() returned}
 
 
-def frozen(owner: nn.Module, name: str, build, *tensors: Tensor):
-    """build(), kept for `owner` for as long as `tensors` are the same tensor objects at the same version (an
-    in-place update such as load_state_dict or torch.optim's step bumps the version and rebuilds it), and
-    until `forget_frozen(owner)`. A write through `.data` does not bump the version (DeepSpeed's ZeRO
-    optimizers write the weights so): SHARNN.train() and .eval() forget everything, so every evaluation
-    (train.evaluation calls model.eval()) starts from the current weights. Kept beside the module, not in it:
-    state_dict, deepcopy and pickling never see it. The entry holds the tensors it was built from, so their
-    storage cannot be reused by others meanwhile."""
-    versions = tuple(t._version for t in tensors)
-    entries = _FROZEN.setdefault(owner, {})
-    cached = entries.get(name)
-    if (cached is None or cached[1] != versions or len(cached[0]) != len(tensors)
-            or any(a is not b for a, b in zip(cached[0], tensors))):
-        cached = entries[name] = (tensors, versions, build())
-    return cached[2]
-
-
-def beside(owner: nn.Module, name: str, make):
-    """The object `make()` built the first time it was asked for, kept beside `owner` in the same store as
-    `frozen` (e.g. sharnn.state.KeysBuffer) until `forget_frozen(owner)`."""
-    entries = _FROZEN.setdefault(owner, {})
+def kept(owner: nn.Module, name: str, build):
+    """build(), kept for `owner` while it is in eval mode: a result computed from parameters alone that the
+    caller uses without gradient (reordered LSTM weights, the Boom's scaled weights, the value gate). In
+    training mode, and while tracing, built at every call. Nothing checks whether the parameters changed:
+    what is kept is dropped by `forget_kept`, which SHARNN calls whenever its weights may change (train(),
+    eval(), load_state_dict, to/half/...; docs/caching.md). Kept beside the module, not in it: state_dict,
+    deepcopy and pickling never see it."""
+    if owner.training or tracing():
+        return build()
+    entries = _KEPT.setdefault(owner, {})
     if name not in entries:
-        entries[name] = make()
+        entries[name] = build()
     return entries[name]
 
 
-def forget_frozen(owner: nn.Module) -> None:
-    """Drop everything `frozen` and `beside` keep for owner."""
-    _FROZEN.pop(owner, None)
+def forget_kept(model: nn.Module) -> None:
+    """Drop what `kept` holds for `model` and every module in it."""
+    for module in model.modules():
+        _KEPT.pop(module, None)
 
 
 def packed_lstm_ok(lstm: nn.LSTM, x: Tensor) -> bool:
@@ -462,20 +497,19 @@ def packed_lstm_ok(lstm: nn.LSTM, x: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and lstm.num_layers == 1
             and lstm.bias and not lstm.bidirectional and not lstm.batch_first and lstm.proj_size == 0
             and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
+            and not torch.is_autocast_enabled("cpu") and not tracing())
 
 
 def lstm_packed(lstm: nn.LSTM, x: Tensor, hidden: tuple[Tensor, Tensor] | None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """lstm(x, hidden) on CPU for generation, bit for bit: the same oneDNN primitive that nn.LSTM calls
-    (aten.mkldnn_rnn_layer), with its weights reordered into oneDNN's layout once and kept, instead of on
-    every call. For one position the reorder was most of the call: 460 of 530 us per `small` block
-    (bench/RESULTS.md). Only where `packed_lstm_ok`."""
+    """lstm(x, hidden) on CPU without gradient, bit for bit: the same oneDNN primitive that nn.LSTM calls
+    (aten.mkldnn_rnn_layer), with its weights reordered into oneDNN's layout once and `kept` in eval mode,
+    instead of on every call. For one position the reorder was most of the call: 460 of 530 us per `small`
+    block (bench/RESULTS.md). Only where `packed_lstm_ok`."""
     H = lstm.hidden_size
     w_ih, w_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
-    packed = frozen(lstm, "_sharnn_packed", lambda: torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(
-        w_ih.detach(), w_hh.detach(), H, False, True, False), w_ih, w_hh)
+    packed = kept(lstm, "packed", lambda: torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(
+        w_ih.detach(), w_hh.detach(), H, False, True, False))
     if hidden is None:
         h0 = c0 = x.new_zeros(x.shape[1], H)
     else:

@@ -11,8 +11,13 @@ and say so. Axis order is time-major everywhere, as in the reference: (T, B, C).
            h, x = ln_ff(h), ln_xff(h);  h = h + drop(Boom(x))
 
 Carried state (LSTM (h, c) and attention memory) is passed in and out explicitly (`CarryState`).
-Generation adds `SHARNN.step`: one byte per stream with the same arithmetic, the memory held in a
-preallocated window (`DecodeState`, `MemoryWindow`) rather than concatenated anew every byte.
+The keys over the memory, cat(memory, mem_in), are views of a `MemoryWindow` (sharnn/state.py), in which new
+positions are written after the memory rather than the memory copied anew every call. Generation adds
+`SHARNN.step`: one byte per stream with the same arithmetic, its memories held in MemoryWindows
+(`DecodeState`).
+Without gradients in eval mode, results computed from the weights alone (reordered LSTM weights, the Boom's
+scaled weights, the value gate) are kept between calls and dropped whenever the weights may change
+(`sharnn.kernels.kept`; docs/caching.md states the rule).
 The model holds only parameters it uses: the reference's `lnout`, `qkvs`, `r_gate` (and `lnmem`,
 `lnmid` in blocks without attention) are never read, so they are left out (see `sharnn.convert`).
 """
@@ -20,6 +25,7 @@ The model holds only parameters it uses: the reference's `lnout`, `qkvs`, `r_gat
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +37,16 @@ from sharnn.kernels import (
     attend,
     attend_cpu,
     attention_path,
-    beside,
-    cpu_attention,
+    causal_mask,
+    check_settings,
     dropout,
-    forget_frozen,
-    frozen,
+    forget_kept,
+    kept,
     lstm_packed,
     packed_lstm_ok,
+    tracing,
 )
-from sharnn.state import CarryState, DecodeState, KeysBuffer, LSTMState, MemoryWindow
+from sharnn.state import CarryState, DecodeState, LSTMState, MemoryWindow
 
 # Every LayerNorm in the reference uses eps=1e-12 (apex FusedLayerNorm); torch's 1e-5 moves logits ~2e-3.
 LN_EPS = 1e-12
@@ -80,8 +87,8 @@ class Boom(nn.Module):
         w, b = self.proj.weight, self.proj.bias
         if torch.is_grad_enabled() and w.requires_grad:
             w, b = w * GELU_SCALE, b * GELU_SCALE
-        else:  # evaluation, generation: scaled once, not per call (a 1 MB copy per byte for `small`)
-            w, b = frozen(self, "_scaled", lambda: (w.detach() * GELU_SCALE, b.detach() * GELU_SCALE), w, b)
+        else:  # evaluation, generation: kept in eval mode, not scaled per call (1 MB per byte for `small`)
+            w, b = kept(self, "scaled", lambda: (w.detach() * GELU_SCALE, b.detach() * GELU_SCALE))
         z = F.silu(F.linear(x, w, b))
         z = self.drop(z)[..., : self.n_chunks * C].view(T, B, self.n_chunks, C)  # (T, B, n_chunks, C)
         return z.sum(dim=-2) * (1.0 / GELU_SCALE)
@@ -97,32 +104,6 @@ def lstm_dtype(lstm: nn.LSTM, x: Tensor) -> torch.dtype:
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu")
     return lstm.weight_ih_l0.dtype
-
-
-_CAUSAL_MASKS: dict[torch.device, Tensor] = {}  # per device, the largest mask asked for (see causal_mask)
-
-
-def causal_mask(T: int, mem_len: int, device: torch.device) -> Tensor:
-    """(T, mem_len + T) bool, True = may attend: all of memory and segment positions <= t.
-
-    Query t may see key j iff j <= mem_len + t. One (T_max, M_max + T_max) mask with
-    [t, k] = k <= M_max + t per device holds every smaller one as the view [:T, M_max - mem_len : M_max + T],
-    so random segment lengths and a memory growing during generation cost no more than the largest mask
-    (a cache keyed on (T, mem_len) held up to 32 of them: ~160 MB on a GPU)."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        # traced (torch.compile, torch.export / ONNX): built in the graph. A cached mask would become a
-        # graph constant, and a mask made while tracing is a fake tensor that must not reach the cache.
-        keys = torch.arange(mem_len + T, device=device)
-        return keys[None, :] <= torch.arange(T, device=device)[:, None] + mem_len
-    big = _CAUSAL_MASKS.get(device)
-    if big is None or big.shape[0] < T or big.shape[1] - big.shape[0] < mem_len:
-        t_max = max(T, big.shape[0] if big is not None else 0)
-        m_max = max(mem_len, big.shape[1] - big.shape[0] if big is not None else 0)
-        keys = torch.arange(m_max + t_max, device=device)
-        big = keys[None, :] <= torch.arange(t_max, device=device)[:, None] + m_max  # (t_max, m_max + t_max)
-        _CAUSAL_MASKS[device] = big
-    m_max = big.shape[1] - big.shape[0]
-    return big[:T, m_max - mem_len: m_max + T]
 
 
 class SingleHeadAttention(nn.Module):
@@ -165,15 +146,14 @@ class SingleHeadAttention(nn.Module):
         return out * self.value_gate()
 
     def value_gate(self) -> Tensor:
-        """(C,) Overparam(sigmoid(v_gate)): parameters only, so kept between calls when no gradient is needed
-        (a 256 x 512 product per byte in generation)."""
+        """(C,) Overparam(sigmoid(v_gate)): parameters only, so `kept` in eval mode when no gradient is needed
+        (a 256 x 512 product per byte in generation); one per autocast dtype."""
         p = self.v_gate
         if torch.is_grad_enabled() and p.requires_grad:
             return self.v_overparam(torch.sigmoid(p))
-        proj, device = self.v_overparam.proj, p.device.type
+        device = p.device.type
         under = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # one each
-        return frozen(self, f"value_gate {under}", lambda: self.v_overparam(torch.sigmoid(p)).detach(),
-                      p, proj.weight, proj.bias)
+        return kept(self, f"value_gate {under}", lambda: self.v_overparam(torch.sigmoid(p)).detach())
 
     def queries(self, h: Tensor, drop: float = 0.0) -> Tensor:
         """(T, B, C) float32: the segment's queries with the key gate folded in, q * sigmoid(k_gate), so that
@@ -186,8 +166,9 @@ class SingleHeadAttention(nn.Module):
         return q * torch.sigmoid(self.k_gate.float())
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+_WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Block -> the MemoryWindow its forward builds keys in: a workspace beside the block (out of state_dict and
+deep copies), reused only for the memory it handed out last (MemoryWindow.extend checks)."""
 
 
 class Block(nn.Module):
@@ -206,27 +187,40 @@ class Block(nn.Module):
         self.drop = Dropout(cfg.dropouth)
         self.mem_len = cfg.mem_len
 
+    # Under torch.compile (SHARNN.compile) this method runs eagerly and the methods it calls are compiled
+    # (recursive=False). The LSTM and the attention break the graph, and torch compiles the code after a
+    # break once for each variant of its inputs it meets, in one cache per method, up to 8 (recompile_limit;
+    # then it runs eagerly): so what varies from call to call (whether there is a memory, the concatenation
+    # and cut of keys whose length changes) stays here, and the compiled methods see tensors only.
+    @torch.compiler.disable(recursive=False)
     def forward(self, h: Tensor, hidden: LSTMState | None, memory: Tensor | None
                 ) -> tuple[Tensor, LSTMState, Tensor | None]:
+        """h: (T, B, C); the LSTM state and attention memory carried from the previous segment (None at a
+        stream's start; the memory always None without attention). Returns h, the LSTM state, the memory."""
         h, hidden = self.recur(h, hidden)
-        new_memory = None
-        if self.attn is not None:
-            mem_in = self.ln_mem(h)
-            h = self.ln_mid(h)
-            if memory is None:
-                keys = mem_in
-            elif cpu_attention(mem_in) and not _tracing():
-                keys = self.keys_buffer().keys(memory, mem_in)  # the same keys without copying the memory
-            else:
-                keys = torch.cat([memory.to(mem_in.dtype), mem_in], dim=0)
-            new_memory = keys[-self.mem_len:]  # (<= M, B, C)
-            h = h + self.drop(self.attn(h, keys, mem_in))
-        return self.feed_forward(h), hidden, new_memory
+        if self.attn is None:
+            return self.feed_forward(h), hidden, None
+        h, mem_in = self.ln_mid(h), self.ln_mem(h)
+        keys = self.keys(memory, mem_in)
+        return self.attend(h, keys, mem_in), hidden, keys[-self.mem_len:]  # memory: (<= M, B, C)
 
-    def keys_buffer(self) -> KeysBuffer:
-        """This block's KeysBuffer: a cache of where its last keys lie, not state (kept beside the block, out
-        of state_dict and deep copies; sharnn.kernels.beside)."""
-        return beside(self, f"keys buffer {self.mem_len}", lambda: KeysBuffer(self.mem_len))
+    @torch.compiler.disable  # bookkeeping, run as it is also under torch.compile
+    def keys(self, memory: Tensor | None, mem_in: Tensor) -> Tensor:
+        """(K, B, C): the memory, then the segment's keys `mem_in`, as a view of this block's MemoryWindow
+        (no copy of the memory). Concatenated where a view cannot serve: while tracing (the graph builds
+        them) and for SDPA with gradients, which reach the segment's keys only through this one tensor."""
+        if memory is None:
+            return mem_in
+        if tracing() or (mem_in.requires_grad and attention_path(mem_in) == "sdpa"):
+            return torch.cat([memory.to(mem_in.dtype), mem_in], dim=0)
+        window = _WINDOWS.get(self)
+        if window is None or window.mem_len != self.mem_len:
+            window = _WINDOWS[self] = MemoryWindow(self.mem_len)
+        return window.extend(memory, mem_in)
+
+    def attend(self, h: Tensor, keys: Tensor, mem_in: Tensor) -> Tensor:
+        """The attention over `keys` (memory, then the segment's own keys `mem_in`), then the feed-forward."""
+        return self.feed_forward(h + self.drop(self.attn(h, keys, mem_in)))
 
     def step(self, h: Tensor, hidden: LSTMState | None, window: MemoryWindow | None
              ) -> tuple[Tensor, LSTMState]:
@@ -311,13 +305,31 @@ class SHARNN(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    # What eval mode keeps (sharnn.kernels.kept: reordered LSTM weights, the Boom's scaled weights, the value
+    # gate) is dropped wherever the weights may change; nothing else checks them (docs/caching.md).
     def train(self, mode: bool = True) -> "SHARNN":
-        """nn.Module.train, and forget what gradient-free calls keep between calls (the reordered LSTM
-        weights, the Boom's scaled weights, the value gate; sharnn.kernels.frozen): weights change while
-        training, also in ways that do not bump their version (DeepSpeed writes them through .data)."""
-        for module in self.modules():
-            forget_frozen(module)
+        """nn.Module.train (eval() calls it too), dropping what eval mode kept: training changes the weights,
+        also in ways no version counter sees (DeepSpeed writes them through .data)."""
+        forget_kept(self)
         return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # every load_state_dict that reaches this model (its own, or a wrapper's), in either mode
+        forget_kept(self)
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        # to(), half(), cuda(), ...: the parameters move or change dtype
+        forget_kept(self)
+        return super()._apply(fn, recurse)
+
+    def compile(self, *args, **kwargs) -> None:
+        """nn.Module.compile (forward compiled in place), with dynamic shapes from the first call unless
+        `dynamic` is given: the segment length changes every training step, the memory grows to mem_len and
+        evaluation and samples use other batch sizes, each of which would otherwise compile the model again
+        (the first shape, then dynamic ones). Compiling pays off on GPUs; on a CPU it is slower than eager."""
+        kwargs.setdefault("dynamic", True)
+        super().compile(*args, **kwargs)
 
     def initial_state(self) -> CarryState:
         return CarryState.empty(self.cfg.n_layer)
@@ -325,9 +337,13 @@ class SHARNN(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # Under torch.compile the carried state's bookkeeping (cuts, None at a stream's start, the loop over
+    # blocks) runs eagerly, as in Block.forward: the compiled methods see tensors only.
+    @torch.compiler.disable(recursive=False)
     def forward(self, x: Tensor, state: CarryState | None = None, targets: Tensor | None = None
                 ) -> tuple[Tensor, Tensor | None, CarryState]:
         """x: (T, B) bytes. Returns (logits (T, B, V), mean cross-entropy or None, next state)."""
+        check_settings()  # $SHARNN_CPU_KERNELS / $SHARNN_ATTENTION name settings (sharnn.kernels)
         T, B = x.shape
         state = state if state is not None else self.initial_state()
         # Cut every memory to its last M - T positions so keys (memory + segment) never exceed M.
@@ -358,6 +374,7 @@ class SHARNN(nn.Module):
         a (mem_len, B, C) copy per byte; a `MemoryWindow` writes the new position into a preallocated
         buffer and hands the attention the same keys as a view. Build the state with
         `DecodeState.from_carry` from what forward returned after the prompt."""
+        check_settings()
         h = self.drop_in(self.embed(x.view(1, -1)))  # (1, B, C)
         for i, block in enumerate(self.blocks):
             h, state.hidden[i] = block.step(h, state.hidden[i], state.memory[i])

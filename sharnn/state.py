@@ -6,7 +6,8 @@ DDP/DeepSpeed wrappers, `state_dict()` and checkpoints never see it. Shapes (tim
 An entry is None when that block has no state yet (start of a stream) or no attention.
 
 Generation carries a `DecodeState` instead: the same LSTM state, and each attention memory in a
-`MemoryWindow`, a preallocated buffer that `SHARNN.step` writes each new position into.
+`MemoryWindow`, the buffer that `SHARNN.step` writes each new position into; `SHARNN.forward` builds its
+keys over the memory with a MemoryWindow too.
 """
 
 from __future__ import annotations
@@ -91,101 +92,94 @@ def batch_size_of(state: CarryState) -> int | None:
     return None
 
 
-class KeysBuffer:
-    """One attention block's keys (memory, then the segment) in an append-only buffer, for the CPU attention
-    in training and evaluation: `SHARNN.forward` would concatenate the carried memory (up to mem_len - T
-    positions) with the segment's T keys every step, a (mem_len, B, C) copy (26 ms of a 0.6 s `small` step
-    on 2 Zen 4 cores, bench/RESULTS.md); here the segment is written after the memory where the memory
-    already lies, and the keys are a view.
-
-    The buffer holds 2 x mem_len positions. A memory that ends exactly where the buffer's written part ends
-    (the memory the previous call returned) is extended in place; anything else (a first segment, a state
-    from elsewhere, a second call from the same older state, a full buffer: every mem_len / T calls) starts
-    a new buffer with one copy, as the concatenation would. Written positions are never written again, so
-    every memory and keys view handed out keeps its values; the buffer itself is only what the block holds
-    (the states hold views of it).
-    """
-
-    def __init__(self, mem_len: int):
-        self.mem_len = mem_len
-        self.buf: Tensor | None = None
-        self.used = 0  # positions written
-
-    def keys(self, memory: Tensor, segment: Tensor) -> Tensor:
-        """torch.cat([memory, segment]) (without gradient: the CPU attention takes the segment's gradient
-        through its own argument) as a view of the buffer."""
-        T, B, C = segment.shape
-        segment = segment.detach()
-        memory = memory.to(segment.dtype)
-        K, buf = memory.shape[0], self.buf
-        extend = buf is not None and self.used + T <= buf.shape[0] and self._ends_at_frontier(memory, segment)
-        if not extend:
-            buf = self.buf = segment.new_empty((max(2 * self.mem_len, K + T), B, C))
-            buf[:K] = memory
-            self.used = K
-        start = self.used - K
-        buf[self.used:self.used + T] = segment
-        self.used += T
-        return buf[start:self.used]
-
-    def _ends_at_frontier(self, memory: Tensor, segment: Tensor) -> bool:
-        buf = self.buf
-        return (buf.dtype == memory.dtype and buf.device == memory.device
-                and buf.shape[1:] == segment.shape[1:] and memory.numel() > 0 and memory.is_contiguous()
-                and memory.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
-                and memory[-1].data_ptr() == buf[self.used - 1].data_ptr())
-
-
 class MemoryWindow:
-    """One block's attention memory during generation: the last `mem_len` positions of B streams, taking one
-    new position per step without copying the ones it holds.
+    """An attention block's memory and new keys side by side in one buffer, so that the keys the attention
+    reads (the memory, then the new positions) are a view, never a concatenation: one mechanism for
+    training, evaluation (`extend`, T new positions per call) and generation (`push`, one per call).
 
-    Every position is written twice into a (2 M, B, C) buffer (M = mem_len), at slot p % M and at
-    p % M + M. The last K <= M positions then always lie in order in buf[e - K : e] (e = p % M + 1 + M): the
-    keys that `SHARNN.forward` builds by concatenating memory and new position and cutting to M (same
-    values, order, shape and strides), as a view. Softmax and the weighted sum would not mind another key
-    order mathematically, but their floating-point sums would, and generation must reproduce the bytes of
-    the straightforward path exactly.
+    Concatenating copies the whole memory for every call: (mem_len, B, C) per segment in training and
+    evaluation (a 5000 x 16 x 256 copy for `small`), per byte in generation. Here new positions are written
+    after the last written one in an append-only buffer of 2 x mem_len positions, and the keys handed out are
+    `buf[used - K : used]`: the values, order, shape and strides of the concatenation (the floating-point
+    sums of softmax and the weighted sum depend on them; generation must reproduce forward's bytes exactly).
+    A position once written is never written again, so every memory and keys view handed out keeps its
+    values; a full buffer is replaced by a new one with one copy of the positions still needed (every
+    mem_len / T calls).
 
-    Streams may hold different numbers of positions (prompts of different lengths); their memories are
-    aligned on the newest position, so all streams write the same slot each step.
+    `extend` (forward) takes the memory as the carried state holds it: a memory that ends where the buffer's
+    written part ends (the memory the previous call returned, cut) is extended in place; anything else (a
+    stream's first memory, a state from elsewhere, a second call from an older state) starts a new buffer
+    with one copy, as the concatenation would. Gradients do not flow through the buffer: the attentions that
+    read it take the segment's own keys as an argument of their own (sharnn.kernels.attend_cpu, attend).
+
+    In generation the streams may hold different numbers of positions (prompts of different lengths): their
+    memories are aligned on the newest position, so all streams write the same row each step.
     """
 
-    def __init__(self, mem_len: int, memories: list[Tensor | None]):
-        """memories[b]: stream b's memory so far, (L_b, 1, C) with its newest position last, or None."""
+    def __init__(self, mem_len: int, memories: list[Tensor | None] = ()):
+        """memories[b]: stream b's memory so far, (L_b, 1, C) with its newest position last, or None (for
+        generation; a window for `extend` starts empty)."""
         self.mem_len = mem_len
         self.lengths = [0 if m is None else min(m.shape[0], mem_len) for m in memories]
         self.buf: Tensor | None = None
-        self.end = max(self.lengths)  # the slot the next position goes to (< M once a position is pushed)
+        self.rows = 2 * mem_len  # the next buffer's size
+        self.used = max(self.lengths, default=0)  # rows written
         held = [m for m in memories if m is not None]
         if held:
             self._allocate(len(memories), held[0])
             for b, (m, n) in enumerate(zip(memories, self.lengths)):
                 if n:
-                    for start in (self.end - n, self.end - n + mem_len):  # both copies
-                        self.buf[start:start + n, b] = m[-n:, 0]
-        self.end %= mem_len
+                    self.buf[self.used - n:self.used, b] = m[-n:, 0]
 
     def _allocate(self, B: int, like: Tensor) -> None:
-        # empty, not zeros: a slot is read only after it was written (160 MB to zero for 16 `small` streams)
-        self.buf = torch.empty(2 * self.mem_len, B, like.shape[-1], dtype=like.dtype, device=like.device)
+        # empty, not zeros: a row is read only after it was written (160 MB to zero for 16 `small` streams)
+        self.buf = torch.empty(self.rows, B, like.shape[-1], dtype=like.dtype, device=like.device)
+
+    def extend(self, memory: Tensor, new: Tensor) -> Tensor:
+        """torch.cat([memory, new]) as a view of the buffer, for `SHARNN.forward`: memory (K, B, C), new
+        (T, B, C), K + T <= mem_len. Without gradient (see the class docstring)."""
+        T, B, _ = new.shape
+        new = new.detach()
+        memory = memory.to(new.dtype)
+        K = memory.shape[0]
+        room = self.buf is not None and self.used + T <= self.buf.shape[0]
+        if not (room and self._at_frontier(memory, new)):
+            self.rows = max(2 * self.mem_len, K + T)
+            self._allocate(B, new)
+            self.buf[:K] = memory
+            self.used = K
+        self.buf[self.used:self.used + T] = new
+        self.used += T
+        return self.buf[self.used - K - T:self.used]
+
+    def _at_frontier(self, memory: Tensor, new: Tensor) -> bool:
+        """Whether `memory` is the buffer's last written positions (itself a view of them)."""
+        buf = self.buf
+        return (buf.dtype == memory.dtype and buf.device == memory.device
+                and buf.shape[1:] == new.shape[1:] and memory.numel() > 0 and memory.is_contiguous()
+                and memory.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+                and memory[-1].data_ptr() == buf[self.used - 1].data_ptr())
 
     def push(self, x: Tensor) -> list[tuple[slice, Tensor]]:
-        """Append the new position x (1, B, C); return the keys to attend over, memory then x, as
-        (streams, keys (K, streams, C)) for each run of streams that hold the same number K of positions."""
+        """Append the new position x (1, B, C) for generation; return the keys to attend over, memory then x,
+        as (streams, keys (K, streams, C)) for each run of streams that hold the same number K of
+        positions."""
         if self.buf is None:
             self._allocate(x.shape[1], x)
-        s, M = self.end, self.mem_len
-        self.buf[s] = x[0]  # (B, C), cast to the buffer's dtype as forward casts the memory
-        self.buf[s + M] = x[0]
-        self.end = (s + 1) % M
-        self.lengths = [min(n + 1, M) for n in self.lengths]
-        stop = s + 1 + M
+        elif self.used == self.buf.shape[0]:  # full: a new buffer with the positions the next keys need
+            keep = min(max(self.lengths), self.mem_len - 1)
+            old = self.buf
+            self._allocate(old.shape[1], old)
+            self.buf[:keep] = old[self.used - keep:self.used]
+            self.used = keep
+        self.buf[self.used] = x[0]  # (B, C), cast to the buffer's dtype as forward casts the memory
+        self.used += 1
+        self.lengths = [min(n + 1, self.mem_len) for n in self.lengths]
         runs, first = [], 0
         for b in range(1, len(self.lengths) + 1):
             if b == len(self.lengths) or self.lengths[b] != self.lengths[first]:
                 n = self.lengths[first]
-                runs.append((slice(first, b), self.buf[stop - n:stop, first:b]))
+                runs.append((slice(first, b), self.buf[self.used - n:self.used, first:b]))
                 first = b
         return runs
 
@@ -193,8 +187,7 @@ class MemoryWindow:
         """The memory as forward carries it, (K, B, C), newest last (a view; every stream holding K)."""
         if len(set(self.lengths)) != 1:
             raise ValueError(f"the streams hold memories of different lengths {self.lengths}")
-        stop = (self.end - 1) % self.mem_len + 1 + self.mem_len
-        return self.buf[stop - self.lengths[0]:stop]
+        return self.buf[self.used - self.lengths[0]:self.used]
 
 
 @dataclass

@@ -99,22 +99,22 @@ def test_causal_mask_cache_holds_one_mask_per_device_whatever_the_lengths():
     """Random segment lengths and a memory growing byte by byte (generation) used to fill a 32-entry cache
     keyed on (T, mem_len); now every mask is a view of the largest one of its device, and equal to the
     mask built directly."""
-    from sharnn import model as model_module
+    from sharnn import kernels
 
-    model_module._CAUSAL_MASKS.clear()
+    kernels._CAUSAL_MASKS.clear()
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     lengths = [(int(t), int(m)) for t, m in torch.randint(1, 40, (100, 2), generator=g)]
     lengths += [(1, m) for m in range(0, 60, 3)]  # generation: one byte at a time, the memory growing
     for T, mem_len in lengths:
-        mask = model_module.causal_mask(T, mem_len, cpu)
+        mask = kernels.causal_mask(T, mem_len, cpu)
         direct = torch.cat([torch.ones(T, mem_len, dtype=torch.bool),
                             torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
         assert torch.equal(mask, direct), (T, mem_len)
-    assert list(model_module._CAUSAL_MASKS) == [cpu]
-    largest = model_module._CAUSAL_MASKS[cpu]
+    assert list(kernels._CAUSAL_MASKS) == [cpu]
+    largest = kernels._CAUSAL_MASKS[cpu]
     assert largest.shape == (39, 57 + 39)  # the largest T and the largest memory: ~4 kB, not 32 masks
-    assert model_module.causal_mask(5, 7, cpu).untyped_storage().data_ptr() == \
+    assert kernels.causal_mask(5, 7, cpu).untyped_storage().data_ptr() == \
         largest.untyped_storage().data_ptr()  # a view: nothing new allocated
 
 

@@ -310,7 +310,6 @@ def test_model_cpu_path_equals_torch_path_in_training(attn, monkeypatch):
 
     monkeypatch.setattr(sharnn.model, "attend_cpu", counted)
     for fast in (True, False):
-        monkeypatch.setattr(sharnn.model, "cpu_attention", lambda keys, fast=fast: fast)
         monkeypatch.setattr(sharnn.model, "attention_path", lambda keys, fast=fast: "cpu" if fast else "sdpa")
         model.zero_grad()
         _, loss, _ = model(x, state, targets=y)
@@ -378,8 +377,9 @@ def test_switch_starts_from_the_environment(value, want):
         env[kernels.ENV_VAR] = value
     proc = subprocess.run([sys.executable, "-c", "import sharnn.kernels as k; print(k.get_cpu_kernels())"],
                           env=env, capture_output=True, text=True)
-    if want is None:
-        assert proc.returncode != 0 and "cpu kernels must be one of" in proc.stderr
+    if want is None:  # the import works; asking for the setting is the error, naming the variable
+        assert proc.returncode != 0 and "SettingError: $SHARNN_CPU_KERNELS='bogus' names no setting" in \
+            proc.stderr, proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == want
@@ -407,7 +407,8 @@ def test_attention_switch_starts_from_the_environment(value, want):
     proc = subprocess.run([sys.executable, "-c", "import sharnn.kernels as k; print(k.get_attention_impl())"],
                           env=env, capture_output=True, text=True)
     if want is None:
-        assert proc.returncode != 0 and "SHARNN_ATTENTION: attention must be one of" in proc.stderr
+        assert proc.returncode != 0 and "SettingError: $SHARNN_ATTENTION='bogus' names no setting" in \
+            proc.stderr, proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == want
@@ -484,16 +485,15 @@ def test_each_setting_takes_its_path(setting, impl, kernels_setting, monkeypatch
 
 @pytest.mark.parametrize("impl", kernels.ATTENTION_IMPLS)
 def test_torch_setting_is_the_cuda_code_path(impl, kernels_setting, monkeypatch):
-    """Under "torch" a CPU step runs what the model runs on CUDA (where fast_path and cpu_attention are
-    False and attention_path is the attention implementation): the same loss and gradients bit for bit from
-    the same seed, and the same draws from torch's generator."""
+    """Under "torch" a CPU step runs what the model runs on CUDA (where fast_path is False and
+    attention_path is the attention implementation): the same loss and gradients bit for bit from the same
+    seed, and the same draws from torch's generator."""
     model, x, y, state = small_training_model()
     monkeypatch.setattr(kernels, "_attention_impl", impl)
     kernels.set_cpu_kernels("torch")
     loss_t, grads_t, rng_t = loss_and_grads(model, x, y, state)
     kernels.set_cpu_kernels("fast")
     monkeypatch.setattr(kernels, "fast_path", lambda x: False)  # what a CUDA tensor answers
-    monkeypatch.setattr(sharnn.model, "cpu_attention", lambda keys: False)
     monkeypatch.setattr(sharnn.model, "attention_path", lambda keys: impl)
     loss_c, grads_c, rng_c = loss_and_grads(model, x, y, state)
     assert torch.equal(loss_t, loss_c) and torch.equal(rng_t, rng_c)
@@ -564,12 +564,13 @@ def test_packed_lstm_is_nn_lstm_bit_for_bit(T, B, carried):
         want, (want_h, want_c) = lstm(x, hidden)
         got, (got_h, got_c) = kernels.lstm_packed(lstm, x, hidden)
         assert torch.equal(got, want) and torch.equal(got_h, want_h) and torch.equal(got_c, want_c)
-        # the reordered weights are kept; an in-place update of the weights (an optimizer step,
-        # load_state_dict) is seen at the next call
-        packed = kernels._FROZEN[lstm]["_sharnn_packed"][2]
+        # the reordered weights are kept in eval mode until forgotten (SHARNN.train(), eval(),
+        # load_state_dict and to() forget them: docs/caching.md), then built from the new weights
+        packed = kernels._KEPT[lstm]["packed"]
         kernels.lstm_packed(lstm, x, hidden)
-        assert kernels._FROZEN[lstm]["_sharnn_packed"][2] is packed
+        assert kernels._KEPT[lstm]["packed"] is packed
         lstm.weight_hh_l0.add_(0.05)
+        kernels.forget_kept(lstm)
         want2, _ = lstm(x, hidden)
         got2, _ = kernels.lstm_packed(lstm, x, hidden)
         assert torch.equal(got2, want2) and not torch.equal(got2, want)
@@ -690,3 +691,34 @@ def test_written_attention_matches_sdpa_on_a_gpu():
         close = attend(q, keys.detach(), segment, 0.0)
     assert close.dtype == torch.bfloat16
     torch.testing.assert_close(close.float(), want.detach(), rtol=0.05, atol=0.05)
+
+
+# ------------------------------------------------ a setting the environment names wrongly (issue 26 item 11)
+def test_a_wrong_setting_in_the_environment_fails_at_the_first_forward_not_at_import(monkeypatch):
+    problem = "$SHARNN_CPU_KERNELS='bogus' names no setting"
+    monkeypatch.setitem(kernels._ENV_PROBLEMS, kernels.ENV_VAR, problem)
+    model = SHARNN(ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=8))
+    with pytest.raises(kernels.SettingError, match="SHARNN_CPU_KERNELS='bogus'"):
+        model(torch.randint(0, 256, (4, 1)))
+    previous = kernels.set_cpu_kernels("fast")  # an explicit setting replaces the environment's
+    assert kernels.settings_problem() is None and model(torch.randint(0, 256, (4, 1)))[0].shape == (4, 1, 256)
+    kernels.set_cpu_kernels(previous)
+
+
+def test_a_wrong_setting_in_the_environment_is_one_error_line_of_a_command(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, subprocess_env
+
+    SHARNN(ModelConfig(d_model=16, d_ff=32, n_layer=2, mem_len=8)).save_pretrained(tmp_path / "model")
+    env = subprocess_env() | {kernels.ENV_VAR: "bogus"}
+    command = [sys.executable, "-m", "sharnn.generate", str(tmp_path / "model"), "--length", "4",
+               "--seed", "1"]
+    ok = subprocess.run(command[:3] + ["--help"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and not ok.stderr  # imports fine: nothing has asked for the setting yet
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and not proc.stdout
+    assert proc.stderr.splitlines() == [
+        "error: $SHARNN_CPU_KERNELS='bogus' names no setting: use one of fast, torch, fast-masks, "
+        "fast-attention (or leave it unset for 'fast')"]

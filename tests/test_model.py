@@ -190,9 +190,9 @@ def test_bf16_autocast_and_pure_bf16_forward_track_fp32():
         assert (got.float() - want).abs().max() / want.abs().max() < 10 * bf16_eps
 
 
-# ------------------------------------------------------ the CPU attention's keys without the concatenation
-def _cat_keys(self, memory, segment):
-    return torch.cat([memory.to(segment.dtype), segment.detach()])
+# --------------------------------------------- the attention's keys over the memory without a concatenation
+def _cat_keys(self, memory, new):
+    return torch.cat([memory.to(new.dtype), new.detach()])
 
 
 def _train_segments(model, lengths, seed=0):
@@ -213,7 +213,7 @@ def _train_segments(model, lengths, seed=0):
 
 
 @pytest.mark.parametrize("attn", ["penultimate", "all"])
-def test_keys_buffer_trains_bit_for_bit_as_the_concatenation(attn, monkeypatch):
+def test_memory_window_trains_bit_for_bit_as_the_concatenation(attn, monkeypatch):
     """Memory 20, segments of 3-9 positions: the buffer (40 positions) is extended in place and refilled
     several times; losses, gradients and carried memories equal those of torch.cat's keys exactly."""
     cfg = ModelConfig(d_model=16, d_ff=64, n_layer=2, mem_len=20, attn=attn)
@@ -221,7 +221,7 @@ def test_keys_buffer_trains_bit_for_bit_as_the_concatenation(attn, monkeypatch):
     torch.manual_seed(3)
     model = SHARNN(cfg).train()
     got = _train_segments(model, lengths)
-    monkeypatch.setattr("sharnn.state.KeysBuffer.keys", _cat_keys)
+    monkeypatch.setattr("sharnn.state.MemoryWindow.extend", _cat_keys)
     want = _train_segments(model, lengths)
     for (loss, grads, mems), (loss_w, grads_w, mems_w) in zip(got, want):
         assert torch.equal(loss, loss_w)
@@ -229,25 +229,64 @@ def test_keys_buffer_trains_bit_for_bit_as_the_concatenation(attn, monkeypatch):
         assert all((m is None and w is None) or torch.equal(m, w) for m, w in zip(mems, mems_w))
 
 
-def test_keys_buffer_extends_in_place_and_never_rewrites_what_it_handed_out():
-    from sharnn.state import KeysBuffer
+def test_memory_window_extends_in_place_and_never_rewrites_what_it_handed_out():
+    from sharnn.state import MemoryWindow
 
-    buffer = KeysBuffer(mem_len=10)
+    buffer = MemoryWindow(mem_len=10)
     seg = [torch.full((4, 2, 3), float(i)) for i in range(6)]
-    first = buffer.keys(torch.full((2, 2, 3), -1.0), seg[0])  # a memory from elsewhere: a new buffer
+    first = buffer.extend(torch.full((2, 2, 3), -1.0), seg[0])  # a memory from elsewhere: a new buffer
     buf = buffer.buf
     assert buf.shape[0] == 20 and first.data_ptr() == buf.data_ptr()
     memory = first[-6:]  # what forward keeps for the next segment of 4 (mem_len - T)
-    second = buffer.keys(memory, seg[1])  # ends where the buffer's written part ends: extended in place
+    second = buffer.extend(memory, seg[1])  # ends where the buffer's written part ends: extended in place
     assert buffer.buf is buf and torch.equal(second, torch.cat([memory, seg[1]]))
     snapshot = second.clone()
-    again = buffer.keys(memory, seg[2])  # the same older state once more: not at the frontier, a new buffer
+    again = buffer.extend(memory, seg[2])  # the same older state once more: not at the frontier, a new buffer
     assert buffer.buf is not buf and torch.equal(again, torch.cat([memory, seg[2]]))
     assert torch.equal(second, snapshot)  # the first continuation's keys were not overwritten
     m = again[-6:]
     for s in seg[3:]:  # 10 of 20 positions used: two more in place, then the buffer is full and renewed
         before = buffer.buf
-        k = buffer.keys(m, s)
+        k = buffer.extend(m, s)
         assert torch.equal(k, torch.cat([m, s]))
         m = k[-6:]
     assert buffer.buf is not before
+
+
+# ------------------------------------------ what eval mode keeps (docs/caching.md: sharnn.kernels.kept)
+def _kept(model):
+    from sharnn.kernels import _KEPT
+
+    return {name for module in model.modules() for name in _KEPT.get(module, {})}
+
+
+def test_eval_mode_keeps_gradient_free_results_and_training_mode_nothing():
+    model = make(tiny(n_layer=2, attn="penultimate"))  # eval mode
+    x = torch.randint(0, 256, (6, 2))
+    with torch.no_grad():
+        model(x)
+        assert _kept(model) == {"packed", "scaled", "value_gate None"}
+        model.train()  # forgets
+        assert not _kept(model)
+        model(x)  # training mode without gradient: built at every call, nothing kept
+        assert not _kept(model)
+        model.eval()
+        model(x)
+        assert _kept(model)
+        model.eval()  # eval() forgets too: every evaluation starts from the current weights
+        assert not _kept(model)
+
+
+def test_weights_loaded_or_cast_in_eval_mode_are_seen():
+    """What eval mode keeps is dropped when weights are loaded (through the model or a wrapper) and when the
+    model is moved or cast: nothing else checks the weights."""
+    cfg = tiny(n_layer=2, attn="penultimate")
+    a, b = make(cfg, seed=1), make(cfg, seed=2)
+    x = torch.randint(0, 256, (6, 2))
+    with torch.no_grad():
+        a(x)
+        wrapper = torch.nn.ModuleDict({"model": a})  # as DDP or DeepSpeed's engine hold it
+        wrapper.load_state_dict({f"model.{k}": v for k, v in b.state_dict().items()})
+        assert torch.equal(a(x)[0], b(x)[0])
+        a.to(torch.float64)  # the kept float32 Boom weights and value gate would not fit
+        assert torch.equal(a(x)[0], b.to(torch.float64)(x)[0])
