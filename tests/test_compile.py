@@ -37,4 +37,4 @@ def test_compiled_training_compiles_each_variant_once(text_corpus, tmp_path):
     # every variant has been met by the end of the first validation and its sample: nothing compiles after
     first_validation = out.index("step 10: val bpc")
     assert "Recompiling function" not in out[first_validation:], out[first_validation:][:6000]
-    assert recompiles <= 32, reasons
+    assert recompiles <= 24, reasons  # 20 here (torch 2.13): the variants above, in the frames between breaks
