@@ -21,6 +21,7 @@ from sharnn.corpus.data import ByteSplit, StreamLoader, open_split
 from tests.helpers import (
     DDP,
     REPO,
+    SHIPPED_TEXT,
     assert_same_training,
     deepspeed,
     metrics,
@@ -49,7 +50,7 @@ def small_corpus(tmp_path_factory) -> Path:
     from sharnn.corpus.prepare import prepare_files
 
     src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_bytes((REPO / "README.md").read_bytes()[:28_000])
+    src.write_bytes(SHIPPED_TEXT.read_bytes()[:28_000])
     out = tmp_path_factory.mktemp("corpus") / "small"
     prepare_files([src], out, valid_bytes=4_000, test_bytes=4_000)
     return out
