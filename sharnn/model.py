@@ -187,16 +187,17 @@ class Block(nn.Module):
         self.drop = Dropout(cfg.dropouth)
         self.mem_len = cfg.mem_len
 
-    # Under torch.compile (SHARNN.compile) this method runs eagerly and the methods it calls are compiled
-    # (recursive=False). The LSTM and the attention break the graph, and torch compiles the code after a
-    # break once for each variant of its inputs it meets, in one cache per method, up to 8 (recompile_limit;
-    # then it runs eagerly): so what varies from call to call (whether there is a memory, the concatenation
-    # and cut of keys whose length changes) stays here, and the compiled methods see tensors only.
-    @torch.compiler.disable(recursive=False)
     def forward(self, h: Tensor, hidden: LSTMState | None, memory: Tensor | None
                 ) -> tuple[Tensor, LSTMState, Tensor | None]:
         """h: (T, B, C); the LSTM state and attention memory carried from the previous segment (None at a
         stream's start; the memory always None without attention). Returns h, the LSTM state, the memory."""
+        # Under torch.compile (SHARNN.compile) this frame runs eagerly and the methods it calls are compiled
+        # (a no-op otherwise; torch.compiler.disable(recursive=False) would do the same but torch.export
+        # refuses it). The LSTM and the attention break the graph, and torch compiles the code after a break
+        # once for each variant of its inputs it meets, in one cache per method, up to 8 (recompile_limit;
+        # then it runs eagerly): so what varies from call to call (whether there is a memory, the keys'
+        # concatenation and cut) stays here, and the compiled methods see tensors only.
+        torch._dynamo.skip_frame()
         h, hidden = self.recur(h, hidden)
         if self.attn is None:
             return self.feed_forward(h), hidden, None
@@ -337,12 +338,10 @@ class SHARNN(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # Under torch.compile the carried state's bookkeeping (cuts, None at a stream's start, the loop over
-    # blocks) runs eagerly, as in Block.forward: the compiled methods see tensors only.
-    @torch.compiler.disable(recursive=False)
     def forward(self, x: Tensor, state: CarryState | None = None, targets: Tensor | None = None
                 ) -> tuple[Tensor, Tensor | None, CarryState]:
         """x: (T, B) bytes. Returns (logits (T, B, V), mean cross-entropy or None, next state)."""
+        torch._dynamo.skip_frame()  # the state's bookkeeping runs eagerly under torch.compile: Block.forward
         check_settings()  # $SHARNN_CPU_KERNELS / $SHARNN_ATTENTION name settings (sharnn.kernels)
         T, B = x.shape
         state = state if state is not None else self.initial_state()
