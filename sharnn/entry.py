@@ -19,6 +19,15 @@ def run(module: str) -> None:
     main = importlib.import_module(module).main
     from sharnn.io.signals import command
 
+    asks_help = any(arg in ("-h", "--help") for arg in sys.argv[1:])
+    if module != "train.loop" and not asks_help:  # the trainer checks after --cpu_kernels, which replaces it
+        from sharnn import kernels
+
+        if problem := kernels.settings_problem():  # an environment variable naming no setting: one line
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            sys.exit(f"error: {problem}")
+
     for sig, handler in previous.items():
         signal.signal(sig, handler)
     sys.exit((main if hasattr(main, "__wrapped__") else command(main))())

@@ -198,3 +198,16 @@ def test_sweep_removes_only_temporaries_of_ended_writers(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+@pytest.mark.parametrize("name", ["sharnn-eval", "sharnn-train"])
+def test_an_environment_variable_naming_no_setting_is_one_line(name, tmp_path):
+    """$SHARNN_CPU_KERNELS=bogus: a ValueError traceback at import in every command (issue 26 item 11); now
+    one error line at start (the trainer after its --cpu_kernels, which would replace it)."""
+    env = subprocess_env() | {"SHARNN_CPU_KERNELS": "bogus"}
+    args = ["--preset", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "run")] \
+        if name == "sharnn-train" else [str(tmp_path / "no-model")]
+    proc = subprocess.run([str(BIN / name), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    one_error_line(proc.stderr, "$SHARNN_CPU_KERNELS='bogus' names no setting")

@@ -190,7 +190,9 @@ def open_run(cfg: TrainConfig, lock: RunLock | None):
                               grad_accum=cfg.grad_accum, world_size=accelerator.num_processes, clip=cfg.clip,
                               precision=cfg.precision, optimizer=cfg.optimizer)
     if cfg.cpu_kernels is not None:
-        kernels.set_cpu_kernels(cfg.cpu_kernels)
+        kernels.set_cpu_kernels(cfg.cpu_kernels)  # the flag replaces $SHARNN_CPU_KERNELS
+    if problem := kernels.settings_problem():
+        raise SystemExit(f"error: {problem}")
     return accelerator, ckpt, resumable
 
 
@@ -218,6 +220,9 @@ def build_and_wrap(cfg: TrainConfig, accelerator, train_split: ByteSplit, ckpt: 
     model, origin = build_model(cfg, train_split, fresh=ckpt is None, rank=accelerator.process_index)
     accelerator.print(origin)
     if cfg.compile:
+        if accelerator.device.type == "cpu":
+            accelerator.print("warning: --compile on a CPU: minutes of compiling, and no faster than eager "
+                              "here (bench/RESULTS.md); it pays off on GPUs")
         model.compile()  # in place: forward compiled, state_dict keys unchanged (no _orig_mod. prefix)
     optimizer = build_optimizer(model, cfg, lr=lr_at(0, peak_lr, cfg))
     model, optimizer = prepare(accelerator, model, optimizer)  # DeepSpeed: undoes its initial step
