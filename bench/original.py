@@ -112,8 +112,11 @@ class FusedLayerNorm(nn.Module):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 ''',
     "apex/amp.py": '''\
-"""apex.amp as no-ops: fp32 throughout (amp's O1 casts to fp16 on CUDA only)."""
+"""apex.amp as no-ops: fp32 throughout (amp's O1 casts to fp16 on CUDA only). main.py calls initialize once,
+after building the model and before training: with $SHARNN_BENCH_INITIAL_WEIGHTS set it saves the model's
+state dict there (bench.sidebyside starts sharnn from the same weights)."""
 import contextlib
+import os
 
 import torch
 
@@ -121,6 +124,9 @@ import torch
 def initialize(model, optimizer, opt_level=None, **kwargs):
     print(f"apex stand-in: amp.initialize(opt_level={opt_level}) does nothing; "
           f"torch threads {torch.get_num_threads()}", flush=True)
+    path = os.environ.get("SHARNN_BENCH_INITIAL_WEIGHTS")
+    if path:
+        torch.save(model.state_dict(), path)
     return model, optimizer
 
 
