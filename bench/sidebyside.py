@@ -253,10 +253,14 @@ def sharnn_command(module: str, *args: str) -> list[str]:
 
 def run_checked(cmd: list[str], env: dict, cwd: Path | None = None, log: Path | None = None,
                 timeout: float | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    if log is not None:
-        log.write_text(output)
+    if log is None:
+        proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        output = proc.stdout + proc.stderr
+    else:  # written as it runs (progress can be followed there)
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+        output = log.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-3000:]}")
     return output
