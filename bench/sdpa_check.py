@@ -1,6 +1,6 @@
 """Does `--cpu_kernels torch` (torch's F.dropout and SDPA on CPU, the CUDA formulation) compute what the fast
-CPU path computes? Direct checks (seconds to minutes) and paired training curves (issue 24, "the 0.18";
-bench/RESULTS.md 2026-12-07).
+CPU path computes? Direct checks (seconds to minutes) and paired training curves: what took apart the 0.18 bpc
+gap between the two settings measured on 2026-12-02 (bench/RESULTS.md, 2026-12-07).
 
     python -m bench.sdpa_check checks [--size small|trivial] [--draws 40] [--parts sdpa,...] [--json FILE]
     python -m bench.sdpa_check train --seeds 3 --first_seed 6 --steps 400 [--impl ...] --json FILE -- FLAGS
