@@ -5,8 +5,8 @@
 
 The prompt is read by the model's forward; each further byte is one `SHARNN.step`, which keeps the attention
 memory in a preallocated `MemoryWindow` (sharnn/state.py) instead of concatenating and cutting it every byte,
-with the same arithmetic: the bytes are those of calling forward once per byte (tests/test_generate.py keeps
-that straightforward path as the reference).
+with the same arithmetic: the bytes are those of calling forward once per byte (tests/unit/test_generate.py
+keeps that straightforward path as the reference).
 """
 
 from __future__ import annotations

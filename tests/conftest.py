@@ -1,28 +1,49 @@
-"""Shared fixtures: a small prepared corpus, a tiny trained run and the models made from it (for
-tests/test_eval.py, test_generate.py, test_export.py, test_import.py). Plain helpers: tests/helpers.py."""
+"""Fixtures shared by tests/unit/ and tests/integration/: corpora made from the text the repository ships for
+tests, a tiny trained run and the models made from it, a tmpfs mount point. Plain helpers (tiny_config, the
+commands, a run's records): tests/helpers.py."""
 
 from __future__ import annotations
 
-import sysconfig
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run, train_cmd
+from tests.helpers import run, shipped_text, tiny_config, train_cmd
 
 
 @pytest.fixture(scope="session")
-def text_corpus(tmp_path_factory) -> Path:
-    """A prepared corpus of ~700 KB of real text (Python standard library sources): train/valid/test."""
+def shipped_corpus(tmp_path_factory):
+    """The tests' one corpus maker: `shipped_corpus(n_bytes, valid_bytes, test_bytes)` is a prepared corpus
+    (train/valid/test) of the first `n_bytes` of the text the repository ships for tests
+    (helpers.shipped_text), made once per size in a session."""
     from sharnn.corpus.prepare import prepare_files
 
-    src = tmp_path_factory.mktemp("src") / "stdlib.txt"
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    data = b"".join(p.read_bytes() for p in sorted(stdlib.glob("*.py")))[:700_000]
-    src.write_bytes(data)
-    out = tmp_path_factory.mktemp("corpus") / "text"
-    prepare_files([src], out, valid_bytes=50_000, test_bytes=50_000)
-    return out
+    made: dict[tuple[int, int, int], Path] = {}
+
+    def make(n_bytes: int, valid_bytes: int, test_bytes: int) -> Path:
+        key = (n_bytes, valid_bytes, test_bytes)
+        if key not in made:
+            root = tmp_path_factory.mktemp("corpus")
+            (root / "text.txt").write_bytes(shipped_text(n_bytes))
+            prepare_files([root / "text.txt"], root / "corpus", valid_bytes=valid_bytes,
+                          test_bytes=test_bytes)
+            made[key] = root / "corpus"
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def text_corpus(shipped_corpus) -> Path:
+    """The corpus most tests train on: 600,000 bytes of training text, 50,000 each of validation and test."""
+    return shipped_corpus(700_000, valid_bytes=50_000, test_bytes=50_000)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(shipped_corpus) -> Path:
+    """20,000 bytes of training text, 4,000 each of validation and test: epochs of tens of steps."""
+    return shipped_corpus(28_000, valid_bytes=4_000, test_bytes=4_000)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +74,26 @@ def fresh_accelerate_state():
     reset()
     yield
     reset()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A mount point (a tmpfs of a few MB) under tmp_path; the test is skipped where mounting is refused."""
+    made = []
+
+    def mount(size: str = "4m") -> Path:
+        point = tmp_path / f"disk{len(made)}"
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        made.append(point)
+        return point
+
+    yield mount
+    for point in made:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 # ------------------------------------------------------------------- a trained run and models made from it
@@ -90,10 +131,10 @@ def random_model(tmp_path_factory) -> Path:
     """An untrained tiny model saved with save_model: for tests that need no training."""
     import torch
 
-    from sharnn import SHARNN, ModelConfig
+    from sharnn import SHARNN
     from sharnn.io.pretrained import save_model
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("use") / "random"
-    save_model(SHARNN(ModelConfig(d_model=128, d_ff=512, n_layer=2, mem_len=512)), out)
+    save_model(SHARNN(tiny_config(d_model=128, d_ff=512, mem_len=512)), out)
     return out

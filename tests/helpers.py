@@ -19,10 +19,23 @@ if TYPE_CHECKING:  # imported where used: conftest.py imports this module, and n
     import numpy as np
     import torch
 
+    import sharnn
+
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_TEXT = REPO / "tests" / "fixtures" / "original_trained" / "train.bytes"
+FIXTURES = REPO / "tests" / "fixtures"
+"""Data the repository ships for the tests (tests/fixtures/README.md says what each is)."""
+SHIPPED_TEXT = FIXTURES / "original_trained" / "train.bytes"
 """197 kB of real text the repository ships for tests (the training text of the original's fixture model):
 test data that does not change when the documentation does."""
+
+
+def shipped_text(n_bytes: int) -> bytes:
+    """The first `n_bytes` of the text the repository ships for tests: SHIPPED_TEXT, then the fixture model's
+    validation and test texts (237 kB in all), repeated as often as `n_bytes` needs. Below 197 kB it is
+    SHIPPED_TEXT's beginning."""
+    texts = SHIPPED_TEXT.read_bytes() + b"".join((SHIPPED_TEXT.parent / f"{split}.bytes").read_bytes()
+                                                 for split in ("valid", "test"))
+    return (texts * (n_bytes // len(texts) + 1))[:n_bytes]
 
 # `accelerate launch` arguments: 2 processes on this CPU under DDP (gloo).
 DDP = ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
@@ -33,6 +46,19 @@ DDP = ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
 EQUIV = ["--max_steps", "8", "--warmup_steps", "3", "--eval_every", "4", "--save_every", "4",
          "--log_every", "1", "--model.dropouth", "0", "--state_reset_prob", "0.2", "--sample_bytes", "0",
          "--eval_max_segments", "10"]
+
+
+# ------------------------------------------------------------------------------------------- models
+TINY_SIZES = dict(d_model=16, d_ff=32, n_layer=2, mem_len=8)
+"""The sizes of tiny_config(): the smallest SHA-RNN with every part (2 blocks, attention in the first)."""
+
+
+def tiny_config(**kw) -> sharnn.ModelConfig:
+    """The tests' one model-config factory: a ModelConfig of TINY_SIZES, any field changed by `kw`
+    (tiny_config(d_model=32, attn="all")). Fields not named keep ModelConfig's defaults."""
+    from sharnn import ModelConfig
+
+    return ModelConfig(**(TINY_SIZES | kw))
 
 
 # ------------------------------------------------------------------------------------- running commands

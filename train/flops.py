@@ -1,6 +1,6 @@
 """Model FLOPs per byte of SHA-RNN, and the device's peak: the two halves of MFU (trainer and benchmark).
 
-The analytic count covers matrix products only (2 FLOPs per multiply-add); tests/test_flops.py checks it
+The analytic count covers matrix products only (2 FLOPs per multiply-add); tests/unit/test_flops.py checks it
 exactly against torch's FlopCounterMode.
 
 Per byte (one position of one stream), forward:

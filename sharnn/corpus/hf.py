@@ -13,7 +13,7 @@ directory through ``load_from_disk(...).to_iterable_dataset()`` (memory-mapped),
 file in the staging directory, which ``sharnn.corpus.prepare.write_corpus`` cuts into the corpus splits
 through a
 memory map. Private memory stays at one batch of records (``BATCH_ROWS``) whatever the dataset's size
-(tests/test_prepare_hf.py prepares a dataset larger than its process's memory limit).
+(tests/integration/test_prepare_hf.py prepares a dataset larger than its process's memory limit).
 
 Splits: the dataset's ``--split`` (default ``train``) is the training text. A dataset's own validation and
 test splits (named ``validation``/``valid``/``val``/``dev`` and ``test``) are used as they are; a held-out

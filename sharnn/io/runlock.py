@@ -30,11 +30,11 @@ Why it is built this way:
   filesystem all nodes share (a multi-node run needs one for its checkpoints anyway). When rank 0 is refused
   it exits at once and the launcher ends the launch's other processes (torchrun stops the other workers of a
   launch when one fails; other nodes lose the rendezvous store and fail with it), so no rank waits for a
-  process group that will never form (tests/test_lock.py: two nodes end long before --timeout_s). The other
-  ranks read the run directory without the lock, at the moment rank 0 takes it: one that read the
-  checkpoints while a trainer ending just then still wrote them could resume from another checkpoint than
-  rank 0, which the trainer's check that every rank starts from the same weights (check_same_weights in
-  train/distributed.py) refuses.
+  process group that will never form (tests/integration/test_lock.py: two nodes end long before
+  --timeout_s). The other ranks read the run directory without the lock, at the moment rank 0 takes it: one
+  that read the checkpoints while a trainer ending just then still wrote them could resume from another
+  checkpoint than rank 0, which the trainer's check that every rank starts from the same weights
+  (check_same_weights in train/distributed.py) refuses.
 - Forked children close their copy of the descriptor (os.register_at_fork), so a child outliving a killed
   trainer does not keep the run locked; programs the trainer runs never get it (close-on-exec).
 - Removed at release while still locked. A trainer that opened the old file locks an unlinked file, so after
