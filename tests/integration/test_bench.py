@@ -10,6 +10,7 @@ import train.distributed
 FIELDS = {"scenario", "preset", "precision", "world_size", "compile", "bytes_per_s", "mfu", "peak_mem_bytes"}
 
 
+@pytest.mark.slow  # a scenario trained and timed in a process of its own, end to end (~10 s)
 def test_bench_runs_a_scenario_and_skips_emulated_bf16(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.distributed, "native_cpu_matmul", lambda precision: precision == "fp32")
     out = tmp_path / "results.json"

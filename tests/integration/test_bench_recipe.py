@@ -17,6 +17,7 @@ def _head() -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+@pytest.mark.slow  # a git worktree of HEAD and a training run of it, end to end
 def test_recipe_runs_a_revision_in_its_worktree_and_writes_the_json(small_corpus, tmp_path, capsys):
     import bench.recipe
 

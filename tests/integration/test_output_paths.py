@@ -1,7 +1,6 @@
 """Nothing of the user's is destroyed by an output path (issue 26): every command that writes to a path the
 user names refuses what it did not write there itself (sharnn.io.atomic.check_output), reads only what it
-uses,
-bounds its size options by the memory they need, and meets a full disk with one line.
+uses, bounds its size options by the memory they need, and meets a full disk with one line.
 
 One test per command, each calling the real command (its `main` in-process, or a subprocess where it would
 otherwise hang or allocate without bound). The full-disk and mount-point cases mount a small tmpfs: they need
@@ -54,6 +53,16 @@ def test_eval_reads_only_the_window_of_an_endless_input(small_model, tmp_path):
             except BrokenPipeError:
                 pass
 
+    # the second case, started first to run beside the first: a segment whose attention cannot fit (2 MB of
+    # text in one piece: 48 TB of scores) is one line, at once
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"text " * 400_000)
+    limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
+    cmd = [sys.executable, "-c", limit + "sys.argv = sys.argv[1:]; runpy.run_module('train.eval_command', "
+           "run_name='__main__')", "sharnn-eval", str(small_model), "--attention_report",
+           str(tmp_path / "big"), "--text", str(text), "--bptt", "2000000"]
+    big = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     out = tmp_path / "report"
@@ -68,16 +77,14 @@ def test_eval_reads_only_the_window_of_an_endless_input(small_model, tmp_path):
         stop.set()
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "report.json").read_text())["segment_len"] == 32
-    # a segment whose attention cannot fit (2 MB of text in one piece: 48 TB of scores): one line, at once
-    text = tmp_path / "text.txt"
-    text.write_bytes(b"text " * 400_000)
-    limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
-    cmd = [sys.executable, "-c", limit + "sys.argv = sys.argv[1:]; runpy.run_module('train.eval_command', "
-           "run_name='__main__')", "sharnn-eval", str(small_model), "--attention_report",
-           str(tmp_path / "big"), "--text", str(text), "--bptt", "2000000"]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: the attention report's window") and \
-        "--bptt" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    try:
+        _, stderr = big.communicate(timeout=300)
+    finally:
+        if big.poll() is None:
+            big.kill()
+            big.communicate()
+    assert big.returncode == 1 and stderr.startswith("error: the attention report's window") and \
+        "--bptt" in stderr and stderr.strip().count("\n") == 0, stderr
 
 
 # ------------------------------------------------------------------------------------- sharnn-generate
@@ -89,32 +96,48 @@ def test_generate_bounds_its_size_options(small_model, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(b"a long prompt " * 80_000)  # 1.1 MB: in one piece, (T x T) scores of 4.5 TB
 
-    def generate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def generate(*args: str) -> subprocess.Popen:
         # a limit on the address space: an unbounded allocation fails here instead of reaching the OOM killer
         limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
         cmd = [sys.executable, "-c", limit + "sys.argv = sys.argv[1:]; runpy.run_module('sharnn.generate', "
                "run_name='__main__')", "sharnn-generate", str(small_model), *args]
-        return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, timeout=timeout)
+        return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
 
-    proc = generate("--prompt_file", str(prompt), "--prompt_chunk", "2000000", "--length", "4", "--seed", "1")
-    stderr = proc.stderr.decode()
-    assert proc.returncode != 0 and stderr.strip().count("\n") == 0, stderr
+    def finished(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    # all five started at once (importing torch is most of each one's time), then each checked
+    started = [generate("--prompt_file", str(prompt), "--prompt_chunk", "2000000", "--length", "4", "--seed",
+                        "1"),
+               generate("--prompt", "hello", "--mem_len", str(10**12), "--length", "20", "--seed", "1"),
+               generate("--prompt", "hello", "--length", "20", "--seed", "1"),  # memory 64 > 5 + 20 positions
+               generate("--prompt", "hello", "--num_samples", str(10**8), "--length", "4", "--seed", "1"),
+               generate("--prompt_file", "/dev/zero", "--length", "1")]
+    try:
+        chunk, long_memory, same, streams = [finished(proc) for proc in started[:4]]
+        endless = finished(started[4], timeout=120)
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+    stderr = chunk.stderr.decode()
+    assert chunk.returncode != 0 and stderr.strip().count("\n") == 0, stderr
     assert stderr.startswith("error: --prompt_chunk 2000000") and "memory" in stderr, stderr
 
-    proc = generate("--prompt", "hello", "--mem_len", str(10**12), "--length", "20", "--seed", "1")
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert len(proc.stdout) == 20
-    same = generate("--prompt", "hello", "--length", "20", "--seed", "1")  # memory 64 > 5 + 20 positions
-    assert same.stdout == proc.stdout
+    assert long_memory.returncode == 0, long_memory.stderr.decode()
+    assert len(long_memory.stdout) == 20
+    assert same.stdout == long_memory.stdout
 
-    proc = generate("--prompt", "hello", "--num_samples", str(10**8), "--length", "4", "--seed", "1")
-    stderr = proc.stderr.decode()
-    assert proc.returncode == 1 and stderr.startswith("error: --num_samples 100000000") and \
+    stderr = streams.stderr.decode()
+    assert streams.returncode == 1 and stderr.startswith("error: --num_samples 100000000") and \
         stderr.strip().count("\n") == 0, stderr
 
-    proc = generate("--prompt_file", "/dev/zero", "--length", "1", timeout=120)
-    stderr = proc.stderr.decode()
-    assert proc.returncode != 0 and stderr.startswith("error: --prompt_file /dev/zero") and \
+    stderr = endless.stderr.decode()
+    assert endless.returncode != 0 and stderr.startswith("error: --prompt_file /dev/zero") and \
         stderr.strip().count("\n") == 0, stderr
 
 

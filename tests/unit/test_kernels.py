@@ -14,6 +14,8 @@ from sharnn import SHARNN
 from sharnn.kernels import attend, attend_cpu, dropout, keep_mask
 from tests.helpers import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: a second thread only waits
+
 
 def sdpa_reference(q, keys):
     """torch's attention with the model's mask: all of memory, the segment up to each position."""

@@ -8,6 +8,8 @@ import torch
 from sharnn import SHARNN, CarryState, ModelConfig, model_preset
 from tests.helpers import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: a second thread only waits
+
 # This module's model: 3 blocks, all with attention, a 64-position memory, no dropout.
 tiny = functools.partial(tiny_config, d_ff=64, n_layer=3, attn="all", mem_len=64, dropout=0.0, dropouth=0.0,
                          dropouti=0.0)

@@ -1,7 +1,6 @@
 """Nothing of the user's is destroyed by an output path (issue 26): every command that writes to a path the
 user names refuses what it did not write there itself (sharnn.io.atomic.check_output), reads only what it
-uses,
-bounds its size options by the memory they need, and meets a full disk with one line.
+uses, bounds its size options by the memory they need, and meets a full disk with one line.
 
 One test per command, each calling the real command (its `main` in-process, or a subprocess where it would
 otherwise hang or allocate without bound). The full-disk and mount-point cases mount a small tmpfs: they need
