@@ -32,8 +32,8 @@ The checks, in order (each passes, fails, or is skipped with its reason):
 Exit status: 0 when every check passed; 1 when one failed (a check that did not finish within --budget_s
 failed); 3 when none failed but some were skipped (no GPU, a GPU without bf16, --only/--skip): a GPU that
 could not show everything is not accepted. Without a GPU every check is skipped with its reason, and no
-record is written unless --json names a file. The functions below take a device, so tests/test_bench_gpu.py
-runs their logic on the CPU.
+record is written unless --json names a file. The functions below take a device, so
+tests/unit/test_bench_gpu.py runs their logic on the CPU.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
     python -m bench.scaling --data data/demo --json docs/scaling/scaling.json --plots docs/scaling
     python -m bench.scaling --report docs/scaling/scaling.json --plots docs/scaling   # tables and plots again
 
-W ranks of B streams each train exactly what one process of W*B streams trains (tests/test_launch.py proves
-the equivalence), so the study runs one process per configuration with `--batch_size` = the global batch.
+W ranks of B streams each train exactly what one process of W*B streams trains
+(tests/integration/test_launch.py proves the equivalence), so the study runs one process per configuration
+with `--batch_size` = the global batch.
 Every configuration sees the same number of training bytes (`--bytes`), so a larger batch takes
 proportionally fewer optimizer steps; validation runs at the same byte counts in every configuration
 (`--points` evenly spaced points). The learning rate is `--lr` at the reference global batch 16 (the paper's

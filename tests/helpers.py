@@ -40,9 +40,9 @@ def shipped_text(n_bytes: int) -> bytes:
 # `accelerate launch` arguments: 2 processes on this CPU under DDP (gloo).
 DDP = ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
 
-# Flags of the runs that compare 2 ranks x 4 streams with 1 process x 8 streams (tests/test_train.py,
-# tests/test_launch.py). Dropout off, as each rank draws its own dropout masks; state resets on (p=0.2), so
-# that the carried state's resets are compared too.
+# Flags of the runs that compare 2 ranks x 4 streams with 1 process x 8 streams
+# (tests/integration/test_train.py, tests/integration/test_launch.py). Dropout off, as each rank draws its own
+# dropout masks; state resets on (p=0.2), so that the carried state's resets are compared too.
 EQUIV = ["--max_steps", "8", "--warmup_steps", "3", "--eval_every", "4", "--save_every", "4",
          "--log_every", "1", "--model.dropouth", "0", "--state_reset_prob", "0.2", "--sample_bytes", "0",
          "--eval_max_segments", "10"]

@@ -81,7 +81,7 @@ def test_eval_attention_report_writes_pictures_and_numbers(trained, tmp_path, ca
         assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 500 and pixels.std() > 0
     assert "**Block 0**" in (out / "report.md").read_text()
     # Again into the same directory: an earlier report is replaced as a whole; one with a file added is
-    # refused (tests/test_output_paths.py: the rule for every output)
+    # refused (tests/*/test_output_paths.py: the rule for every output)
     assert main([str(trained), "--attention_report", str(out), "--text", str(text), "--bptt", "32"]) == 0
     assert json.loads((out / "report.json").read_text())["segment_len"] == 32
     (out / "mine.txt").write_text("x")

@@ -1,9 +1,9 @@
-"""The paths that differ only on a GPU (issue 18, "Fails only on a GPU"), each checked here on the CPU with
-the smallest stand-in that reaches the code: CPU launch configs on a machine that has GPUs, DeepSpeed's
-fp16 gradient norm and its initial optimizer step, the non-finite guard and the stop flag (the host syncs
-of whole loop iterations are counted in tests/test_host_sync.py), pinned batches, the causal-mask cache,
-ONNX export of a model not in fp32 on the CPU. Tests marked `gpu` need a CUDA device and run through
-scripts/gpu_smoke.sh (`pytest -m gpu`)."""
+"""The paths that differ only on a GPU, each checked here on the CPU with the smallest stand-in that reaches
+the code: CPU launch configs on a machine that has GPUs, DeepSpeed's fp16 gradient norm and its initial
+optimizer step, the non-finite guard and the stop flag (the host syncs of whole loop iterations are counted in
+tests/integration/test_host_sync.py), pinned batches, the causal-mask cache, ONNX export of a model not in
+fp32 on the CPU. Tests marked `gpu` need a CUDA device and run through scripts/gpu_smoke.sh (`pytest -m
+gpu`)."""
 
 from __future__ import annotations
 

@@ -51,11 +51,12 @@ EXERCISED = {
     "deepspeed.yaml": "test_gpu_configs_dry_run",
     "multinode_ddp.yaml": "test_two_nodes_ddp_match_one_process, test_slurm_*, test_missing_*, test_killed_*",
     "multinode_deepspeed.yaml": "test_two_nodes_deepspeed_over_multinode_sh_match_one_process",
-    "cpu_ddp.yaml": "tests/test_train.py",
-    "cpu_deepspeed.yaml": "tests/test_train.py",
+    "cpu_ddp.yaml": "tests/integration/test_train.py",
+    "cpu_deepspeed.yaml": "tests/integration/test_train.py",
 }
-# As tests/test_train.py (helpers.EQUIV): dropout off, so that 2 ranks x 4 streams compute what 1 process x 8
-# streams does (dropout masks are drawn per rank); state resets on; validation split across the ranks.
+# As tests/integration/test_train.py (helpers.EQUIV): dropout off, so that 2 ranks x 4 streams compute what 1
+# process x 8 streams does (dropout masks are drawn per rank); state resets on; validation split across the
+# ranks.
 EQUIV = [*helpers.EQUIV, "--no_test_at_end"]
 
 

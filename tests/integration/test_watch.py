@@ -71,7 +71,8 @@ PEAK = 4e10
 def counted_step_flops(model: ModelConfig, corpus: Path, bptt: int, batch_size: int) -> int:
     """FLOPs of one training step as the trainer takes it (train.step.train_step: forward, backward,
     clipping, LAMB), with the memory full, counted by torch's FlopCounterMode. Its LSTMs run decomposed into
-    their matrix products (tests/test_flops.py's MatmulLSTM: the counter does not see nn.LSTM's kernel)."""
+    their matrix products (tests/unit/test_flops.py's MatmulLSTM: the counter does not see nn.LSTM's
+    kernel)."""
     from accelerate import Accelerator
     from torch.utils.flop_counter import FlopCounterMode
 

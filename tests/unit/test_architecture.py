@@ -51,7 +51,7 @@ def layer_of(module: str) -> str:
     for layer, prefixes in LAYERS.items():
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return layer
-    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: add it to LAYERS and "
+    raise AssertionError(f"{module} is in no layer of tests/unit/test_architecture.py: add it to LAYERS and "
                          "docs/architecture.md")
 
 

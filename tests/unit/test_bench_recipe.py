@@ -12,7 +12,7 @@ def test_recipe_variants_and_paired_statistics():
     assert (v.name, v.rev, v.flags) == ("after+unigram", "HEAD",
                                         ["--output_bias_init", "unigram", "--seed", "3"])
     assert Variant.parse("plain") == Variant("plain") and Variant.parse("x:--a 1").flags == ["--a", "1"]
-    # grouping by variant, a missing value dropped, the requested pair (statistics: tests/test_bench.py)
+    # grouping by variant, a missing value dropped, the requested pair (statistics: tests/*/test_bench.py)
     runs = [{"variant": n, "seed": s, "m": x} for n, s, x in
             [("a", 1, 2.0), ("b", 1, 2.1), ("a", 2, 2.4), ("b", 2, 2.3), ("a", 3, 2.2), ("b", 3, None)]]
     s = summarize(runs, ["a", "b"], [("a", "b")], lambda r: r["m"])
