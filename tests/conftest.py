@@ -11,6 +11,17 @@ import pytest
 
 from tests.helpers import run, shipped_text, tiny_config, train_cmd
 
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test in tests/integration/ starts processes (commands, launches, training runs): all are marked
+    `slow`, so `pytest -m "not slow"` is exactly tests/unit/."""
+    for item in items:
+        if INTEGRATION in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def shipped_corpus(tmp_path_factory):
