@@ -58,6 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL_MEMORY = 5000  # the original's num_max_positions (model.py), fixed
 INITIAL_WEIGHTS_ENV = "SHARNN_BENCH_INITIAL_WEIGHTS"
+WORK_MARKER = ".bench-sidebyside"  # marks a --work directory this benchmark made
 SETTINGS = ("fast", "torch", "fast-masks", "fast-attention")
 
 
@@ -383,8 +384,10 @@ def run_one(ctx: Context, setting: str, seed: int) -> dict:
         return json.loads(done.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
     run_dir.mkdir(parents=True)
-    result = (run_original if setting == "original" else
-              lambda c, s, d: run_sharnn(c, setting, s, d))(ctx, seed, run_dir)
+    if setting == "original":
+        result = run_original(ctx, seed, run_dir)
+    else:
+        result = run_sharnn(ctx, setting, seed, run_dir)
     result = {"setting": setting, "seed": seed, **result}
     atomic.write_json(done, result)
     return result
@@ -546,7 +549,8 @@ def check_args(args) -> str | None:
             return f"--text {p} does not exist"
     if args.work.exists() and not args.work.is_dir():
         return f"--work {args.work} is not a directory"
-    if args.work.is_dir() and any(args.work.iterdir()) and not (args.work / "corpus.json").exists():
+    ours = (args.work / WORK_MARKER).exists() or (args.work / "corpus.json").exists()
+    if args.work.is_dir() and any(args.work.iterdir()) and not ours:
         return f"--work {args.work} holds files this benchmark did not write: give a new or empty directory"
     return None
 
@@ -575,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dropout is not None:
         size = dataclasses.replace(size, dropout=args.dropout)
     args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / WORK_MARKER).touch()  # first: a --work whose corpus was cut off is still ours to finish
     corpus = write_corpus(args.work, size, args.text, args.pattern)
     write_standins(args.work / "standins", tensorboardx=True)
     ctx = Context(original=args.original, lamb=args.lamb, work=args.work, size=size, corpus=corpus,

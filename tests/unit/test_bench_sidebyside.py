@@ -234,3 +234,17 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, message)
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     if case == "work":
         assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_a_work_directory_it_made_is_taken_back_even_without_its_corpus(tmp_path, monkeypatch):
+    """Killed while cutting the corpus: the rerun finishes it instead of calling the directory foreign."""
+    original, lamb = checkouts(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / sbs.WORK_MARKER).touch()
+    (work / "original-data").mkdir()  # half written
+    reached = []
+    monkeypatch.setattr(sbs, "write_corpus", lambda *a: reached.append(a) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        sbs.main(["--original", str(original), "--lamb", str(lamb), "--work", str(work), "--size", "tiny"])
+    assert reached and reached[0][0] == work
