@@ -279,15 +279,11 @@ def main(argv: list[str] | None = None) -> int:
 def read_prompt_file(path: Path, limit: int = PROMPT_LIMIT) -> bytes:
     """The bytes of --prompt_file, read in pieces up to `limit` (SystemExit beyond it: a file that long, or
     one without an end such as /dev/zero, is not a prompt)."""
-    pieces, total = [], 0
-    with open(path, "rb", buffering=0) as f:
-        while piece := f.read(min(1 << 20, limit + 1 - total)):
-            pieces.append(piece)
-            total += len(piece)
-            if total > limit:
-                raise SystemExit(f"error: --prompt_file {path} holds more than {limit:,} bytes (or has no "
-                                 "end, as a device or an open pipe); give a shorter prompt")
-    return b"".join(pieces)
+    prompt = signals.read_head(path, limit + 1)
+    if len(prompt) > limit:
+        raise SystemExit(f"error: --prompt_file {path} holds more than {limit:,} bytes (or has no end, as a "
+                         "device or an open pipe); give a shorter prompt")
+    return prompt
 
 
 def check_sizes(cfg, device: torch.device, prompt_len: int, chunk: int, n_streams: int, n_bytes: int) -> None:

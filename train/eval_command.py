@@ -208,20 +208,6 @@ def check_json_output(path: Path, inputs: list) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
-def read_head(path: Path, n_bytes: int, chunk: int = 1 << 20) -> bytes:
-    """The first `n_bytes` of a file, pipe or device, read in pieces: never more than is used (an endless
-    input such as /dev/urandom or a pipe left open is read only that far)."""
-    pieces, total = [], 0
-    with open(path, "rb", buffering=0) as f:
-        while total < n_bytes:
-            piece = f.read(min(chunk, n_bytes - total))
-            if not piece:
-                break
-            pieces.append(piece)
-            total += len(piece)
-    return b"".join(pieces)
-
-
 def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
     """`--attention_report DIR`: sharnn.attention_report's report on one window of --text (or of the --split
     of
@@ -249,7 +235,7 @@ def write_attention_report(args, source: ModelSource, state_dict: dict) -> int:
             if args.text.is_file():
                 n_wanted = min(n_wanted, args.text.stat().st_size)
             check_window_fits(config, bptt, n_wanted, device)
-            data = read_head(args.text, n_wanted)
+            data = signals.read_head(args.text, n_wanted)
         except OSError as e:
             raise SystemExit(f"error: --text {args.text}: cannot read it ({e.strerror})") from None
     else:

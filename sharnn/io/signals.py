@@ -10,6 +10,9 @@
         a SIGKILL (or a power cut) left does not stay for ever. Only temporaries named with `temporary_name`
         (the writer's pid and host) are judged: a temporary of a live writer, of a writer on another machine
         (a shared filesystem), or of unknown origin is left alone.
+    read_head(path, n_bytes)
+        the first n_bytes of a file, pipe, FIFO or device, never reading more, and interruptible while it
+        waits for input (see its docstring).
 
 Signal handlers can only be set in the main thread: elsewhere `command` changes no handler. A handler another
 part of the command installs later (the trainer's StopSignal, which turns SIGTERM into a clean stop with a
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import select
 import shutil
 import signal
 import socket
@@ -35,6 +39,27 @@ from pathlib import Path
 
 TMP_MARK = ".tmp-"
 """A temporary sibling of NAME is `.NAME.tmp-...` (sharnn.io.atomic)."""
+
+
+def read_head(path: str | Path, n_bytes: int, chunk: int = 1 << 20) -> bytes:
+    """The first `n_bytes` of a file, pipe, FIFO or device, read in pieces: never more than is used (an
+    endless input such as /dev/urandom or a pipe left open is read only that far).
+
+    Before each read it waits for input in slices of 0.2 s. A signal that arrives just before a blocking
+    read() is handled by the C handler at once, but its Python handler (`command`'s KeyboardInterrupt) runs
+    only between bytecodes, and read() itself is not interrupted: a reader waiting on a quiet FIFO would
+    ignore SIGTERM until input came. Waking every 0.2 s runs the pending handler."""
+    pieces, total = [], 0
+    with open(path, "rb", buffering=0) as f:
+        while total < n_bytes:
+            while not select.select([f], [], [], 0.2)[0]:
+                pass
+            piece = f.read(min(chunk, n_bytes - total))
+            if not piece:
+                break
+            pieces.append(piece)
+            total += len(piece)
+    return b"".join(pieces)
 
 
 class _TermAsInterrupt:

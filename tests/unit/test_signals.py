@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -72,3 +73,49 @@ def test_a_later_handler_is_kept_and_the_previous_one_restored():
         return 0
 
     assert terminated() == 143 and signal.getsignal(signal.SIGTERM) is before
+
+
+class _Handled(Exception):
+    pass
+
+
+def test_a_signal_handled_while_read_head_waits_is_acted_on(tmp_path):
+    """A signal whose C handler runs while the main thread waits for a quiet FIFO (here: sent to another
+    thread, as a SIGTERM just before read() is) must still reach its Python handler within a fraction of a
+    second: a bare read() would wait for input (5 s here, for ever with a writer that stays silent)."""
+    from sharnn.io.signals import read_head
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def writer():
+        fd = os.open(fifo, os.O_WRONLY)  # returns once the reader has opened it
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # handled in this thread's C handler
+        time.sleep(5)
+        os.close(fd)
+
+    def handler(signum, frame):
+        raise _Handled
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(_Handled):
+            read_head(fifo, 100)
+        assert time.monotonic() - start < 2
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        thread.join()
+
+
+def test_read_head_reads_only_what_is_asked(tmp_path):
+    from sharnn.io.signals import read_head
+
+    path = tmp_path / "text"
+    path.write_bytes(b"abcdefgh" * 1000)
+    assert read_head(path, 10) == b"abcdefghab"
+    assert read_head(path, 10**6) == b"abcdefgh" * 1000
+    assert read_head("/dev/zero", 3 << 20, chunk=1 << 20) == bytes(3 << 20)
