@@ -44,7 +44,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -54,6 +53,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bench import original
+from bench.original import original_text
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL_MEMORY = 5000  # the original's num_max_positions (model.py), fixed
@@ -137,12 +139,6 @@ def cut_splits(text: bytes, size: Size) -> dict[str, bytes]:
         out[name] = head + text[pos:end]
         pos = end
     return out
-
-
-def original_text(data: bytes) -> str:
-    from bench.original import original_text as text
-
-    return text(data)
 
 
 def write_corpus(work: Path, size: Size, paths: list[Path], pattern: str) -> dict:
@@ -237,13 +233,12 @@ def replay(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------------------ runs
 def run_env(threads: int, pythonpath: list[Path] | None = None, **extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-               CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(str(p) for p in (pythonpath or [REPO])), **extra)
-    for key in ("ACCELERATE_USE_CPU", "SHARNN_CPU_KERNELS", "SHARNN_ATTENTION", INITIAL_WEIGHTS_ENV):
-        if key not in extra:
-            env.pop(key, None)
-    return env
+    """bench.original's environment (threads, CPU only, PYTHONPATH), without the caller's kernel settings:
+    each run's setting is its command's."""
+    env = original.run_env(threads, pythonpath or [REPO])
+    for key in ("SHARNN_CPU_KERNELS", "SHARNN_ATTENTION", INITIAL_WEIGHTS_ENV):
+        env.pop(key, None)
+    return {**env, **extra}
 
 
 def sharnn_command(module: str, *args: str) -> list[str]:

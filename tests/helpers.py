@@ -192,3 +192,15 @@ def random_array(n: int, seed: int = 0) -> np.ndarray:
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
     return random_array(n, seed).tobytes()
+
+
+def slow_jsonl(path: Path, rows: int = 60_000) -> Path:
+    """A JSON-lines dataset of `rows` random 200-character texts (12 MB): `sharnn-prepare hf json` takes
+    seconds over it, long enough to be signalled or killed while it writes."""
+    import random
+
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": "".join(rng.choice("abcdefgh ij\n") for _ in range(200))}) + "\n")
+    return path

@@ -1,14 +1,7 @@
-"""The README and docs/*.md name only what exists.
-
-- Every command in their shell code blocks (and every inline code span that starts with a command) uses
-  options that command accepts: sharnn-train/-eval/-export/-generate/-import/-prepare (with its
-  subcommands), `python -m MODULE` (train, bench.*, ...), `accelerate launch [opts] -m MODULE`, the launch
-  scripts (their arguments go to `-m train`) and `make TARGET`. An option is checked against the command's
-  own `--help` output, run once per command (in this process, through its entry point); the hyphenated
-  spellings the commands accept (`--mem-len` for `--mem_len`) count as the underscore one.
-- Files named under launch/ and scripts/ exist.
-- Python code blocks parse.
-- Relative links resolve to files of the repository, and `#anchors` to headings of the page they point to.
+"""The README and docs/*.md name only what exists: every command in their shell code blocks (and every
+inline code span that starts with a command) uses options that command accepts, checked against its own
+`--help` (run once per command); the hyphenated spellings count as the underscore ones. The checks that
+need no command (pages found, Python blocks, links, files named): tests/unit/test_docs.py.
 
 Fails listing every problem found, page and line."""
 

@@ -1,25 +1,6 @@
-"""Host syncs in the training loop: what would make the host wait for the GPU, counted over whole iterations
-of the real loop (train.loop.main, one process), and proof that the count catches a sync added to a
-micro-batch.
-
-What counts as a sync (`SyncCounter`):
-- at torch's dispatcher (a TorchDispatchMode): the ops whose result's size or value the host needs:
-  `_local_scalar_dense` (`.item()`, `float()`, `bool()`, `if tensor:`), `nonzero` (`torch.nonzero`,
-  `torch.where(c)`), `masked_select`, the `unique` family, `equal`, `is_nonzero`, `bincount`,
-  `repeat_interleave` without `output_size`, indexing or assigning with a boolean mask; and every copy from a
-  GPU to the host (`_to_copy`/`copy_` into a CPU tensor from another device);
-- at the Python level (a TorchFunctionMode), the calls that read a tensor on the host without passing through
-  the dispatcher on a CPU tensor: `.numpy()`, `.tolist()`, `np.asarray(tensor)`, formatting, and `.cpu()` or
-  `.to("cpu")` of a tensor that is not a host batch. On a CPU run "the device" is the CPU, so a `.cpu()`
-  there copies nothing, yet on a GPU it would be a device-to-host copy: it is counted by its call. A move
-  spelled `.to(torch.device("cpu"))` looks there like `.to(p.device)` (a move to the training device, no
-  sync on a GPU), so only the spellings `.cpu()` and `.to("cpu")` are counted on a CPU run; on a GPU the
-  dispatcher sees every copy to the host.
-The loader runs on the host (`StreamLoader.__next__` is not counted) and its batches are host tensors: their
-`.to(device)` is the upload to the GPU, not a sync.
-
-The CPU run uses torch's kernels (`--cpu_kernels torch`), the ops CUDA runs; sharnn's own CPU kernels draw
-dropout seeds on the host, where on a CPU there is no device to wait for."""
+"""Host syncs in the training loop under DeepSpeed (ZeRO 0 with LAMB, ZeRO 2 with AdamW): the count of
+tests/unit/test_host_sync.py (what counts as a sync, and the one-process loop) over whole iterations of the
+real loop with a DeepSpeed engine, which needs a launcher's process environment."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""Nothing of the user's is destroyed by an output path (issue 26): every command that writes to a path the
-user names refuses what it did not write there itself (sharnn.io.atomic.check_output), reads only what it
-uses, bounds its size options by the memory they need, and meets a full disk with one line.
-
-One test per command, each calling the real command (its `main` in-process, or a subprocess where it would
-otherwise hang or allocate without bound). The full-disk and mount-point cases mount a small tmpfs: they need
-root (CAP_SYS_ADMIN) and are skipped without it.
+"""Nothing of the user's is destroyed by an output path, in subprocesses: reading only the window of an
+endless input, size options bounded by the memory they need (under an address-space limit), and a full disk
+during training (a small tmpfs: needs root, CAP_SYS_ADMIN, else skipped). The in-process cases of every
+command: tests/unit/test_output_paths.py.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, slow_jsonl, subprocess_env
 
 BIN = Path(sys.executable).parent
 
@@ -58,14 +58,7 @@ def test_ctrl_c_while_sharnn_train_starts_is_one_line():
 
 def test_sigterm_during_prepare_hf_removes_its_temporary(tmp_path):
     """The issue's case: SIGTERM while `sharnn-prepare hf` writes left a hidden .OUT.tmp-* for ever."""
-    import json
-    import random
-
-    rng = random.Random(0)
-    data = tmp_path / "d.jsonl"
-    with data.open("w") as f:
-        for _ in range(60_000):
-            f.write(json.dumps({"text": "".join(rng.choice("abcdefgh ij\n") for _ in range(200))}) + "\n")
+    data = slow_jsonl(tmp_path / "d.jsonl")
     out = tmp_path / "corpus"
     proc = subprocess.Popen([str(BIN / "sharnn-prepare"), "hf", "json", "--data_files", str(data), "--out",
                              str(out)], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import subprocess_env
+from tests.helpers import slow_jsonl, subprocess_env
 
 BIN = Path(sys.executable).parent
 
@@ -20,14 +20,7 @@ pytestmark = pytest.mark.slow
 def test_sigkilled_prepare_leaves_a_temporary_the_next_run_removes(tmp_path):
     """SIGKILL (no cleanup possible) while `sharnn-prepare hf` writes: its .corpus.tmp-PID@HOST@* stays; the
     next prepare of the same output removes it, since the process it names has ended."""
-    import json
-    import random
-
-    rng = random.Random(0)
-    data = tmp_path / "d.jsonl"
-    with data.open("w") as f:
-        for _ in range(60_000):
-            f.write(json.dumps({"text": "".join(rng.choice("abcdefgh ij\n") for _ in range(200))}) + "\n")
+    data = slow_jsonl(tmp_path / "d.jsonl")
     out = tmp_path / "corpus"
     cmd = [str(BIN / "sharnn-prepare"), "hf", "json", "--data_files", str(data), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.DEVNULL,

@@ -1,11 +1,10 @@
 """The Hugging Face Hub (sharnn/io/hub.py), without the network: `SHARNN.from_pretrained` loads what
-`load_model`
-loads; repo ids from the Hub's cache (laid out as the Hub does, HF_HUB_OFFLINE) in load_model, sharnn-eval,
-sharnn-generate and --init_from; a missing repo is one `error:` line; the model card. Then against
-StandInHub, a stand-in of the Hub's HTTP API that answers as the Hub does (tokens, 409 for an existing repo,
-LFS and Xet storage for the weights, gated and private repos, revisions): `sharnn-export --push_to_hub` and
-`model.push_to_hub`, pushed twice, the files that arrive compared byte for byte; downloads, then loading
-offline from the cache; each refusal of the Hub as one error line."""
+`load_model` loads; repo ids from the Hub's cache (laid out as the Hub does, HF_HUB_OFFLINE) in load_model,
+sharnn-eval, sharnn-generate and --init_from; a missing repo is one `error:` line; the model card. Then
+against StandInHub, a stand-in of the Hub's HTTP API that answers as the Hub does (tokens, 409 for an
+existing repo, LFS and Xet storage for the weights, gated and private repos, revisions): `sharnn-export
+--push_to_hub` and `model.push_to_hub`, pushed twice, the files that arrive compared byte for byte;
+downloads, then loading offline from the cache; each refusal of the Hub as one error line."""
 
 from __future__ import annotations
 

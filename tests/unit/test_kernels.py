@@ -46,6 +46,21 @@ def test_attention_matches_sdpa_with_gradients(M):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def assert_dropped_attention(out, q, keys, segment, M: int, p: float, keep_weights, keep_values) -> None:
+    """`out` and its gradients (to q and the segment) are the reference formula with these masks: softmax of
+    the causal scores over M memory positions and the segment, weights and values each dropped by their mask
+    and scaled by 1/(1-p)."""
+    T, C = q.shape[0], q.shape[2]
+    scores = (q.transpose(0, 1) / math.sqrt(C)) @ keys.permute(1, 2, 0)
+    causal = torch.cat([torch.ones(T, M, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1) * keep_weights / (1 - p)
+    want = (weights @ (keys * keep_values / (1 - p)).transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, segment), g), torch.autograd.grad(want, (q, segment), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_attention_dropout_is_the_reference_formula(monkeypatch):
     """Dropout p on the weights and on the values, each rescaled by 1/(1-p); gradients through the same
     masks."""
@@ -61,16 +76,7 @@ def test_attention_dropout_is_the_reference_formula(monkeypatch):
     p = 0.3
     out = attend_cpu(q, keys, segment, p)
     keep_weights, keep_values = masks
-    T, C = q.shape[0], q.shape[2]
-    scores = (q.transpose(0, 1) / math.sqrt(C)) @ keys.permute(1, 2, 0)
-    causal = torch.cat([torch.ones(T, memory.shape[0], dtype=torch.bool),
-                        torch.ones(T, T, dtype=torch.bool).tril()], 1)
-    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1) * keep_weights / (1 - p)
-    want = (weights @ (keys * keep_values / (1 - p)).transpose(0, 1)).transpose(0, 1)
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, segment), g), torch.autograd.grad(want, (q, segment), g)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_dropped_attention(out, q, keys, segment, memory.shape[0], p, keep_weights, keep_values)
 
 
 # ------------------------------------------------------------- CUDA's attention, written out (any device)
@@ -130,16 +136,7 @@ def test_written_attention_dropout_is_the_reference_formula(monkeypatch):
     out = attend(q, keys, segment, p)
     keep_weights, keep_values = masks
     assert keep_weights.dtype == torch.bool and not keep_weights.all() and keep_weights.any()
-    T, C = q.shape[0], q.shape[2]
-    scores = (q.transpose(0, 1) / math.sqrt(C)) @ keys.permute(1, 2, 0)
-    causal = torch.cat([torch.ones(T, memory.shape[0], dtype=torch.bool),
-                        torch.ones(T, T, dtype=torch.bool).tril()], 1)
-    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1) * keep_weights / (1 - p)
-    want = (weights @ (keys * keep_values / (1 - p)).transpose(0, 1)).transpose(0, 1)
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, segment), g), torch.autograd.grad(want, (q, segment), g)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_dropped_attention(out, q, keys, segment, memory.shape[0], p, keep_weights, keep_values)
 
 
 def test_written_attention_and_sdpa_agree_in_expectation_with_dropout():

@@ -1,4 +1,4 @@
-"""Nothing of the user's is destroyed by an output path (issue 26): every command that writes to a path the
+"""Nothing of the user's is destroyed by an output path: every command that writes to a path the
 user names refuses what it did not write there itself (sharnn.io.atomic.check_output), reads only what it
 uses, bounds its size options by the memory they need, and meets a full disk with one line.
 
