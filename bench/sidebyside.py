@@ -3,6 +3,7 @@
     python -m bench.sidebyside --original ~/src/sha-rnn --lamb ~/src/pytorch-lamb --size emb128 \\
         --seeds 8 --work bench/out/sbs-emb128 --json bench/out/sbs-emb128.json [--jobs 2]
     python -m bench.sidebyside ... --setting original --setting fast --setting torch --setting torch/bf16
+    python -m bench.sidebyside pool A.json B.json [--json POOLED.json]   # records of other seeds, one table
 
 Each run is one process: the original's `main.py` (Smerity/sha-rnn 218d748, unmodified, run from the user's
 checkout with the apex stand-in of bench.original; pytorch-lamb 704f733) or sharnn's trainer with one kernel
@@ -35,7 +36,9 @@ and scored by `sharnn-eval` (exact; the two agree to the printed rounding, check
 compared. Per setting the table gives mean and standard deviation over seeds, and the difference from the
 original paired by seed with its standard error and 95% interval (the resolution reached). --work holds
 the corpus and every run; a run's result.json is written when it has finished, so a rerun with the same
---work skips finished runs and redoes interrupted ones. --json is rewritten after every run.
+--work skips finished runs and redoes interrupted ones. --json is rewritten after every run. Seeds can be
+spread over machines or days (--first_seed) and their records pooled into one table (`pool`: the same size,
+corpus and original's commits, disjoint seeds, checked).
 """
 
 from __future__ import annotations
@@ -94,9 +97,11 @@ SIZES = {
     # the issue's first size: one epoch is about 640 steps
     "emb128": Size(emsize=128, nhid=512, nlayers=4, batch=16, bptt=64, warmup=100, train_bytes=630_000,
                    valid_bytes=50_000, test_bytes=50_000),
-    # sharnn's `small` preset (lr, warmup, dropouts as there); one epoch is about 1,500 steps
-    "small": Size(emsize=256, nhid=1024, nlayers=4, batch=16, bptt=128, warmup=100, train_bytes=3_000_000,
-                  valid_bytes=100_000, test_bytes=100_000),
+    # sharnn's `small` model (lr, warmup, dropouts as its preset); one epoch is about 730 steps, well past
+    # the early plateau: at a memory of 5000 the original takes ~3.9 s a step on one thread, so a seed of
+    # the four default settings is ~2 core-hours (a 1,500-step epoch made it 4)
+    "small": Size(emsize=256, nhid=1024, nlayers=4, batch=16, bptt=128, warmup=100, train_bytes=1_500_000,
+                  valid_bytes=50_000, test_bytes=50_000),
 }
 
 
@@ -550,10 +555,107 @@ def check_args(args) -> str | None:
     return None
 
 
+# -------------------------------------------------------------------------------------------- pooling
+POOL_SAME = ("shape", "memory", "corpus", "original")  # what records must share to be pooled
+
+
+def pool_key(record: dict, key: str):
+    """The part of `key` that must match to pool: the corpus by its splits' bytes and the original by its
+    commits and files, wherever they were on the machine that ran it."""
+    value = record.get(key)
+    if key == "corpus" and isinstance(value, dict):
+        return {k: value.get(k) for k in ("train", "valid", "test")}
+    if key == "original" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "path"}
+    return value
+
+
+class PoolError(Exception):
+    pass
+
+
+def read_records(paths: list[Path]) -> list[dict]:
+    """The records at `paths`, each checked to be this benchmark's and to match the first (pool_key)."""
+    records = []
+    for path in paths:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise PoolError(f"{path}: not a readable JSON record ({e})") from None
+        if not (isinstance(record, dict)
+                and str(record.get("command", "")).startswith("python -m bench.sidebyside")):
+            raise PoolError(f"{path} is not a record of python -m bench.sidebyside (its --json)")
+        for key in POOL_SAME:
+            if records and pool_key(record, key) != pool_key(records[0], key):
+                raise PoolError(f"{path} and {paths[0]} differ in their {key}: pool only records of one "
+                                "benchmark (the same --size, --dropout, corpus and original's commits)")
+        records.append(record)
+    return records
+
+
+def pooled_runs(paths: list[Path], records: list[dict]) -> list[dict]:
+    """Every record's runs, sorted; a (setting, seed) in two records is refused."""
+    runs, source = [], {}
+    for path, record in zip(paths, records):
+        for run in record.get("runs") or []:
+            key = (run["setting"], run["seed"])
+            if key in source:
+                raise PoolError(f"{run['setting']} seed {run['seed']} is in both {source[key]} and {path}: "
+                                "pool records of other seeds (--first_seed)")
+            source[key] = path
+            runs.append(run)
+    return sorted(runs, key=lambda r: (r["seed"], r["setting"]))
+
+
+def pool(argv: list[str]) -> int:
+    """`python -m bench.sidebyside pool A.json B.json ... [--json OUT]`: one table over the runs of several
+    records of the same benchmark (the same size, corpus, memory and original; disjoint seeds, e.g. from
+    --first_seed on other machines or days), each run as its record has it."""
+    parser = argparse.ArgumentParser(prog="python -m bench.sidebyside pool",
+                                     description=pool.__doc__.split(": ", 1)[1])
+    parser.add_argument("records", type=Path, nargs="+", help="records written by --json")
+    parser.add_argument("--json", type=Path, help="write the pooled record here (atomically)")
+    args = parser.parse_args(argv)
+    from bench import check_output, written_by
+    from sharnn.io import atomic
+
+    try:
+        records = read_records(args.records)
+        runs = pooled_runs(args.records, records)
+    except PoolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    check_output(args.json, "--json", written_by("bench.sidebyside"), "record of python -m bench.sidebyside",
+                 inputs=[(f"record {i + 1}", p) for i, p in enumerate(args.records)])
+    settings = list(dict.fromkeys(st for r in records for st in r.get("settings") or []))
+    summary = summarize(runs, settings)
+    first = records[0]
+    problems = check_runs(runs, Size(**first["shape"]), first["corpus"])
+    sources = [{"path": str(p), "seeds": sorted({run["seed"] for run in r.get("runs") or []}),
+                **{k: r.get(k) for k in ("date", "command", "machine", "sharnn")}}
+               for p, r in zip(args.records, records)]
+    record = {**{k: first.get(k) for k in ("benchmark", "size", *POOL_SAME)},
+              "date": time.strftime("%Y-%m-%d"),
+              "command": "python -m bench.sidebyside pool " + " ".join(argv), "pooled_from": sources,
+              "settings": settings, "seeds": sorted({r["seed"] for r in runs}), "runs": runs,
+              "summary": summary, "problems": problems}
+    print(f"{len(runs)} runs from {len(records)} records; seeds {record['seeds']}")
+    for line in table(summary):
+        print(line)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if args.json:
+        atomic.write_json(args.json, record)
+        print(f"wrote {args.json}")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["replay"]:
         return replay(argv[1:])
+    if argv[:1] == ["pool"]:
+        return pool(argv[1:])
     args = parse_args(argv)
     args.settings = args.settings or ["original", "fast", "torch", "torch/bf16"]
     if "original" not in args.settings:

@@ -248,3 +248,87 @@ def test_a_work_directory_it_made_is_taken_back_even_without_its_corpus(tmp_path
     with pytest.raises(SystemExit):
         sbs.main(["--original", str(original), "--lamb", str(lamb), "--work", str(work), "--size", "tiny"])
     assert reached and reached[0][0] == work
+
+
+# -------------------------------------------------------------------------------------------- pooling
+def record(path: Path, runs: list[dict], **changes) -> Path:
+    """A record as --json writes it (the fields pool reads), with `changes` applied."""
+    corpus = {"train": {"n_bytes": 3008, "sha256": "a"}, "valid": {"n_bytes": 1600, "sha256": "b"},
+              "test": {"n_bytes": 800, "sha256": "c"}, "sources": ["/usr/lib/python3.11"], "pattern": "*.py"}
+    rec = {"benchmark": "bench.sidebyside", "command": "python -m bench.sidebyside --size tiny",
+           "size": "tiny",
+           "shape": sbs.dataclasses.asdict(sbs.SIZES["tiny"]), "memory": 5000, "corpus": corpus,
+           "original": {"path": "/src/sha-rnn", "commit": "218d748", "main_py_sha256": "m"},
+           "settings": ["original", "fast"], "runs": runs, "date": "2026-12-07", "sharnn": {"commit": "x"}}
+    for key, value in changes.items():
+        rec[key] = {**rec[key], **value} if isinstance(value, dict) else value
+    path.write_text(sbs.json.dumps(rec))
+    return path
+
+
+def seed_runs(seed: int, original: float, fast: float) -> list[dict]:
+    printed = {"valid": round(original * 399 / 400, 3), "test": round(original * 99 / 100, 3)}
+    return [result("original", seed, original, original, 59, printed=printed),
+            result("fast", seed, fast, fast, 59)]
+
+
+def test_pool_is_one_table_over_records_of_other_seeds(tmp_path, capsys):
+    a = record(tmp_path / "a.json", seed_runs(1, 2.0, 2.01) + seed_runs(2, 2.5, 2.53))
+    # another machine: the same bytes and commits at other paths
+    b = record(tmp_path / "b.json", seed_runs(3, 3.0, 3.02), corpus={"sources": ["/opt/py/lib"]},
+               original={"path": "/home/u/sha-rnn"}, sharnn={"commit": "y"})
+    assert sbs.main(["pool", str(a), str(b), "--json", str(tmp_path / "pooled.json")]) == 0
+    pooled = sbs.json.loads((tmp_path / "pooled.json").read_text())
+    d = pooled["summary"]["val_bpc"]["minus_original"]["fast"]
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.02)  # as the three seeds in one record
+    assert pooled["seeds"] == [1, 2, 3] and len(pooled["runs"]) == 6 and pooled["problems"] == []
+    assert [(s["seeds"], s["sharnn"]) for s in pooled["pooled_from"]] == [([1, 2], {"commit": "x"}),
+                                                                         ([3], {"commit": "y"})]
+    assert "+0.0200 +- " in capsys.readouterr().out
+    # the pooled record is this benchmark's: it can be pooled again, with a record of newer seeds, and its
+    # file rewritten by the next pool; never written over a record it reads
+    c = record(tmp_path / "c.json", seed_runs(4, 2.0, 2.02))
+    again = ["pool", str(tmp_path / "pooled.json"), str(c), "--json", str(tmp_path / "again.json")]
+    assert sbs.main(again) == 0 and sbs.main(again) == 0
+    assert sbs.json.loads((tmp_path / "again.json").read_text())["seeds"] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="the command reads"):
+        sbs.main(["pool", str(tmp_path / "pooled.json"), "--json", str(tmp_path / "pooled.json")])
+
+
+def test_pool_checks_its_runs_as_the_benchmark_does(tmp_path, capsys):
+    runs = seed_runs(1, 2.0, 2.01)
+    runs[1]["steps"] = 58
+    a = record(tmp_path / "a.json", runs)
+    assert sbs.main(["pool", str(a)]) == 1
+    assert "fast seed 1 took 58 steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"shape": {"emsize": 32}}, "differ in their shape"),
+    ({"corpus": {"valid": {"n_bytes": 1600, "sha256": "other"}}}, "differ in their corpus"),
+    ({"original": {"commit": "abc1234"}}, "differ in their original"),
+    ({"memory": 1000}, "differ in their memory"),
+    ({"runs": seed_runs(1, 2.2, 2.3)}, "original seed 1 is in both"),
+    ({"command": "python -m bench.original"}, "is not a record of python -m bench.sidebyside"),
+])
+def test_pool_refuses_records_of_another_benchmark_or_the_same_seeds(tmp_path, capsys, changes, message):
+    a = record(tmp_path / "a.json", seed_runs(1, 2.0, 2.01))
+    changes = {"runs": seed_runs(2, 2.0, 2.01), **changes}
+    b = record(tmp_path / "b.json", changes.pop("runs"), **changes)
+    out = tmp_path / "pooled.json"
+    assert sbs.main(["pool", str(a), str(b), "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_pool_refuses_an_unreadable_record_and_keeps_a_foreign_json(tmp_path, capsys):
+    a = record(tmp_path / "a.json", seed_runs(1, 2.0, 2.01))
+    (tmp_path / "bad.json").write_text("{not json")
+    assert sbs.main(["pool", str(a), str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: not a readable JSON record" in capsys.readouterr().err
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": true}')
+    with pytest.raises(SystemExit, match="error: .*notes.json"):
+        sbs.main(["pool", str(a), "--json", str(foreign)])
+    assert foreign.read_text() == '{"mine": true}'
