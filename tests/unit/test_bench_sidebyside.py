@@ -332,3 +332,36 @@ def test_pool_refuses_an_unreadable_record_and_keeps_a_foreign_json(tmp_path, ca
     with pytest.raises(SystemExit, match="error: .*notes.json"):
         sbs.main(["pool", str(a), "--json", str(foreign)])
     assert foreign.read_text() == '{"mine": true}'
+
+
+@pytest.mark.parametrize("native,extra,settings", [
+    (True, [], ["original", "fast", "torch", "torch/bf16"]),
+    (False, [], ["original", "fast", "torch"]),  # left out, said on stdout
+    (False, ["--force"], ["original", "fast", "torch", "torch/bf16"]),
+    (False, ["--setting", "fast"], ["original", "fast"]),
+])
+def test_bf16_runs_only_on_a_cpu_with_bf16_instructions_unless_forced(tmp_path, monkeypatch, capsys, native,
+                                                                      extra, settings):
+    import train.distributed
+
+    monkeypatch.setattr(train.distributed, "native_cpu_matmul", lambda precision: native)
+    seen = []
+    monkeypatch.setattr(sbs, "check_args", lambda args: seen.append(list(args.settings)) or "stop here")
+    original, lamb = checkouts(tmp_path)
+    argv = ["--original", str(original), "--lamb", str(lamb), "--work", str(tmp_path / "w"), *extra]
+    assert sbs.main(argv) == 2 and seen == [settings]
+    assert ("torch/bf16 left out: this CPU has no bf16 matrix instructions" in capsys.readouterr().out) == (
+        not native and not extra)
+
+
+def test_an_asked_bf16_setting_on_a_cpu_without_bf16_instructions_is_refused(tmp_path, monkeypatch, capsys):
+    import train.distributed
+
+    monkeypatch.setattr(train.distributed, "native_cpu_matmul", lambda precision: precision == "fp32")
+    original, lamb = checkouts(tmp_path)
+    work = tmp_path / "w"
+    argv = ["--original", str(original), "--lamb", str(lamb), "--work", str(work), "--setting", "torch/bf16"]
+    assert sbs.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no bf16 matrix instructions" in err[0] and "--force" in err[0]
+    assert not work.exists()
