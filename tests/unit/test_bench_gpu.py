@@ -129,7 +129,7 @@ def test_lstm_case_reads_the_dtype_the_kernel_computed_in_and_the_kernel(monkeyp
     import train.distributed
 
     if not train.distributed.native_cpu_matmul("bf16"):
-        pytest.skip("this CPU has no bf16 instructions: torch runs the bf16 LSTM step by step, not oneDNN's RNN op")
+        pytest.skip("no bf16 instructions on this CPU: torch runs the bf16 LSTM step by step, not oneDNN")
     case = gpu.lstm_case(CPU, "bf16", "autocast", d_model=16, T=4, B=2)
     assert case["status"] == "passed", case
     assert case["computed"] == ["bfloat16"] and case["promised"] == "bfloat16"
