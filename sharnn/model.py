@@ -40,6 +40,7 @@ from sharnn.kernels import (
     causal_mask,
     check_settings,
     dropout,
+    get_cpu_kernels,
     forget_kept,
     kept,
     lstm_packed,
@@ -95,13 +96,15 @@ class Boom(nn.Module):
 
 
 def lstm_dtype(lstm: nn.LSTM, x: Tensor) -> torch.dtype:
-    """The dtype the LSTM computes in (the README's precision table): under CPU autocast the autocast dtype
-    (oneDNN's bf16 LSTM); everywhere else its weights' dtype: float32, or the 16-bit weights DeepSpeed's
-    bf16/fp16 engine keeps (fp16 with DeepSpeed's loss scaling). Under CUDA autocast the LSTM runs outside it,
-    in float32: torch's autocast wrapper for cuDNN RNNs casts input, weights and state to fp16 whatever dtype
-    autocast was asked for (aten/src/ATen/cudnn/AutocastRNN.cpp), which under bf16 means an fp16 LSTM with
-    no loss scaler, its small gradients flushed to zero."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    """The dtype the LSTM computes in (the README's precision table): under CPU autocast with the CPU's own
+    kernels (`set_cpu_kernels`, every setting but "torch") the autocast dtype (oneDNN's bf16 LSTM, fast);
+    everywhere else its weights' dtype: float32, or the 16-bit weights DeepSpeed's bf16/fp16 engine keeps
+    (fp16 with DeepSpeed's loss scaling). Under CUDA autocast the LSTM runs outside it, in float32: torch's
+    autocast wrapper for cuDNN RNNs casts input, weights and state to fp16 whatever dtype autocast was asked
+    for (aten/src/ATen/cudnn/AutocastRNN.cpp), which under bf16 means an fp16 LSTM with no loss scaler, its
+    small gradients flushed to zero. The CPU setting "torch" is the CUDA formulation, so it runs the LSTM
+    outside CPU autocast in float32 too."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and get_cpu_kernels() != "torch":
         return torch.get_autocast_dtype("cpu")
     return lstm.weight_ih_l0.dtype
 
@@ -248,8 +251,9 @@ class Block(nn.Module):
         device = h.device.type
         if packed_lstm_ok(self.lstm, h_in):  # CPU without gradient: oneDNN's LSTM, weights reordered once
             x, hidden = lstm_packed(self.lstm, h_in, hidden)
-        elif device != "cpu" and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):  # see lstm_dtype: never cuDNN's fp16 autocast wrapper
+        elif torch.is_autocast_enabled(device) and (device != "cpu" or dtype != torch.get_autocast_dtype("cpu")):
+            # see lstm_dtype: never cuDNN's fp16 autocast wrapper; on a CPU under "torch", as on CUDA
+            with torch.autocast(device, enabled=False):
                 x, hidden = self.lstm(h_in, hidden)
         else:
             x, hidden = self.lstm(h_in, hidden)

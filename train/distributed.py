@@ -230,13 +230,15 @@ def native_cpu_matmul(precision: str) -> bool:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def promised_lstm_dtype(precision: str, device_type: str, deepspeed: bool) -> torch.dtype:
+def promised_lstm_dtype(precision: str, device_type: str, deepspeed: bool,
+                        cpu_kernels: str = "fast") -> torch.dtype:
     """The dtype the README promises the LSTM computes in (its precision table). Under accelerate's autocast
     (one process, DDP) the LSTM computes in the autocast dtype on a CPU (oneDNN) and in float32 on a GPU
-    (cuDNN's autocast wrapper would run it in fp16, see sharnn.model.lstm_dtype); under DeepSpeed's bf16/fp16
-    engine in the module's 16-bit dtype (fp16 with DeepSpeed's loss scaling)."""
+    (cuDNN's autocast wrapper would run it in fp16, see sharnn.model.lstm_dtype) and on a CPU under
+    `--cpu_kernels torch` (the CUDA formulation); under DeepSpeed's bf16/fp16 engine in the module's 16-bit
+    dtype (fp16 with DeepSpeed's loss scaling)."""
     dtype = DTYPES[precision]
-    return dtype if deepspeed or device_type == "cpu" else torch.float32
+    return dtype if deepspeed or (device_type == "cpu" and cpu_kernels != "torch") else torch.float32
 
 
 class lstm_kernel_dtypes(TorchDispatchMode):
@@ -285,7 +287,10 @@ def check_precision(precision: str, device: torch.device, deepspeed: bool = Fals
             raise SystemExit("error: --precision fp16: DeepSpeed's CPU accelerator refuses fp16 on this CPU "
                              "(oneDNN has no fp16 kernels here: they need AVX512-FP16 or AMX-FP16). Use "
                              "--precision fp32, or bf16 with launch/cpu_ddp.yaml.")
-    dtype, promised = DTYPES[precision], promised_lstm_dtype(precision, device.type, deepspeed)
+    from sharnn.kernels import get_cpu_kernels
+
+    dtype = DTYPES[precision]
+    promised = promised_lstm_dtype(precision, device.type, deepspeed, get_cpu_kernels())
     block = Block(ModelConfig(d_model=64, d_ff=128, n_layer=1, attn="none", mem_len=8), use_attn=False)
     block = block.to(device, dtype if deepspeed else torch.float32)
     x = torch.randn(8, 2, 64, device=device, dtype=dtype if deepspeed else torch.float32, requires_grad=True)

@@ -72,16 +72,61 @@ def test_under_cuda_autocast_the_lstm_runs_outside_it_in_float32(cuda_autocast_b
     assert torch.is_autocast_enabled("cuda")  # and the rest of the model is still under autocast
 
 
-def test_under_cpu_autocast_the_lstm_computes_in_bf16():
-    """On a CPU autocast reaches oneDNN's LSTM (aten.mkldnn_rnn_layer) with its weights cast: bf16 really
-    computes in bf16, as the README says."""
+@pytest.fixture
+def cpu_kernels():
+    """Set sharnn's CPU kernels for one test: `cpu_kernels(name)`; the previous setting comes back after."""
+    from sharnn import kernels
+
+    previous = kernels.get_cpu_kernels()
+    yield kernels.set_cpu_kernels
+    kernels.set_cpu_kernels(previous)
+
+
+@pytest.mark.parametrize("setting", ["fast", "fast-masks", "fast-attention"])
+def test_under_cpu_autocast_the_lstm_computes_in_bf16(cpu_kernels, setting):
+    """On a CPU, with the CPU's own kernels, autocast reaches oneDNN's LSTM (aten.mkldnn_rnn_layer) with its
+    weights cast: bf16 really computes in bf16, as the README says."""
     from train.distributed import lstm_kernel_dtypes
 
+    cpu_kernels(setting)
     block = Block(tiny_config(n_layer=1, attn="none"), use_attn=False)
     x = torch.randn(5, 2, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16), lstm_kernel_dtypes() as seen:
         out, _ = block.recur(x, None)
     assert seen.dtypes == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("carried", [False, True])
+def test_under_cpu_autocast_with_torch_s_kernels_the_lstm_runs_in_float32_as_on_cuda(cpu_kernels, carried):
+    """Before: `--cpu_kernels torch`, the CUDA formulation on a CPU, ran the LSTM in bf16 under bf16
+    autocast (oneDNN), where a GPU runs it outside autocast in float32: the CPU side-by-side benchmark's
+    torch/bf16 measured a model no GPU trains. Now its LSTM kernels receive float32 only, with autocast off
+    (the carried state too), while the rest of the block stays under autocast."""
+    from train.distributed import lstm_kernel_dtypes
+
+    cpu_kernels("torch")
+    block = Block(tiny_config(n_layer=1, attn="none"), use_attn=False)
+    x = torch.randn(5, 2, 16, requires_grad=True)
+    hidden = (torch.zeros(1, 2, 16, dtype=torch.bfloat16),) * 2 if carried else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with lstm_kernel_dtypes() as seen:
+            out, (h, c) = block.recur(x, hidden)
+        assert torch.is_autocast_enabled("cpu")
+    assert seen.dtypes == {torch.float32}
+    assert h.dtype == c.dtype == torch.float32
+    out.float().sum().backward()
+    assert torch.isfinite(block.lstm.weight_hh_l0.grad).all()
+
+
+def test_the_precision_check_promises_float32_for_torch_s_kernels_on_a_cpu(cpu_kernels):
+    """The start-up check follows the setting: with `--cpu_kernels torch` it checks for (and reports) a
+    float32 LSTM under bf16, as on a GPU; with "fast", oneDNN's bf16 LSTM."""
+    from train import distributed
+
+    cpu_kernels("torch")
+    assert "computes in float32" in distributed.check_precision("bf16", torch.device("cpu"))
+    cpu_kernels("fast")
+    assert "computes in bfloat16" in distributed.check_precision("bf16", torch.device("cpu"))
 
 
 def test_the_precision_check_refuses_an_lstm_that_computes_in_another_dtype(monkeypatch):
@@ -112,6 +157,8 @@ def test_promised_lstm_precision_per_device_and_setup():
     assert promised_lstm_dtype("bf16", "cuda", deepspeed=False) == f32  # never cuDNN's fp16 wrapper
     assert promised_lstm_dtype("fp16", "cuda", deepspeed=False) == f32
     assert promised_lstm_dtype("bf16", "cpu", deepspeed=False) == bf16
+    assert promised_lstm_dtype("bf16", "cpu", deepspeed=False, cpu_kernels="torch") == f32  # as on a GPU
+    assert promised_lstm_dtype("bf16", "cpu", deepspeed=True, cpu_kernels="torch") == bf16  # as on a GPU
     assert promised_lstm_dtype("bf16", "cuda", deepspeed=True) == bf16  # DeepSpeed's bf16 weights
     assert promised_lstm_dtype("fp16", "cuda", deepspeed=True) == f16  # with DeepSpeed's loss scaling
 
