@@ -40,8 +40,8 @@ from sharnn.kernels import (
     causal_mask,
     check_settings,
     dropout,
-    get_cpu_kernels,
     forget_kept,
+    get_cpu_kernels,
     kept,
     lstm_packed,
     packed_lstm_ok,
@@ -251,7 +251,7 @@ class Block(nn.Module):
         device = h.device.type
         if packed_lstm_ok(self.lstm, h_in):  # CPU without gradient: oneDNN's LSTM, weights reordered once
             x, hidden = lstm_packed(self.lstm, h_in, hidden)
-        elif torch.is_autocast_enabled(device) and (device != "cpu" or dtype != torch.get_autocast_dtype("cpu")):
+        elif torch.is_autocast_enabled(device) and (device != "cpu" or dtype == torch.float32):
             # see lstm_dtype: never cuDNN's fp16 autocast wrapper; on a CPU under "torch", as on CUDA
             with torch.autocast(device, enabled=False):
                 x, hidden = self.lstm(h_in, hidden)
