@@ -129,10 +129,13 @@ def test_the_precision_check_promises_float32_for_torch_s_kernels_on_a_cpu(cpu_k
     assert "computes in bfloat16" in distributed.check_precision("bf16", torch.device("cpu"))
 
 
-def test_the_precision_check_refuses_an_lstm_that_computes_in_another_dtype(monkeypatch):
+def test_the_precision_check_refuses_an_lstm_that_computes_in_another_dtype(monkeypatch, cpu_kernels):
     """The start-up check compares what the LSTM's kernels received with what the README promises. Stand-in:
-    an nn.LSTM that computes in fp16 whatever it is given, as cuDNN's autocast wrapper does under bf16."""
+    an nn.LSTM that computes in fp16 whatever it is given, as cuDNN's autocast wrapper does under bf16. With
+    the CPU's own kernels, which promise bf16 (set here: an earlier test may leave another setting)."""
     import train.distributed as distributed
+
+    cpu_kernels("fast")
 
     def as_fp16(self, x, hx=None):
         with torch.autocast("cpu", enabled=False):
